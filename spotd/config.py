@@ -1,0 +1,297 @@
+"""Configuration: TOML file, then ``SPOTD_<SECTION>_<KEY>`` environment, then command-line overrides.
+
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and the fix
+(the CLI turns it into exit code 78).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from spotd.errors import ConfigError
+
+__all__ = ["DEFAULT_CONFIG_PATH", "Config", "load_config"]
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/spotd/spotd.toml")
+#: sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH: Final = 107
+#: SPOTD_* variables that are not config keys (read by the client and the CLI).
+NON_CONFIG_ENV: Final = frozenset({"SPOTD_SOCKET", "SPOTD_CONFIG"})
+
+
+@dataclass(frozen=True, slots=True)
+class ImdsConfig:
+    endpoint: str = "http://169.254.169.254"
+    poll_interval: float = 1.0
+    timeout: float = 1.0
+    token_ttl: int = 21600
+    allow_v1: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SocketConfig:
+    path: str = "/run/spotd/spotd.sock"
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    uri: str = ""
+    endpoint_url: str = ""
+    region: str = ""
+    keep: int = 3
+    part_size: int = 64 * 1024 * 1024
+    concurrency: int = 32
+    checksum: str = "auto"  # auto | crc64nvme | crc32c | crc32 | sha256
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = "0.0.0.0:9127"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    on_rebalance: str = "checkpoint"  # checkpoint | notify | ignore
+    restore_on_start: bool = True
+    deadline_margin: float = 10.0
+    maintenance_lead: float = 600.0
+    shutdown_grace: float = 30.0
+    drill_timeout: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    mode: str = "client"  # client | watch
+    settle: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "auto"  # auto | json | console
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    job_id: str = "default"
+    checkpoint_dir: str = "/opt/ml/checkpoints"
+    imds: ImdsConfig = field(default_factory=ImdsConfig)
+    socket: SocketConfig = field(default_factory=SocketConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> Config:
+        """``cfg.replace(**{"store.uri": "file:///x", "job_id": "j"})`` with validation."""
+        return _build(_merge(self.as_dict(), _dotted_to_nested(overrides), source="override"))
+
+
+_SECTIONS: Final[dict[str, type]] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in fields(Config)
+    if f.default_factory is not dataclasses.MISSING
+}
+_TOP_KEYS: Final = [f.name for f in fields(Config) if f.name not in _SECTIONS]
+
+
+def _field_types(cls: type) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(cls)}
+
+
+def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
+    """Check (or, for environment strings, convert) a value against its declared type."""
+    if from_text and isinstance(value, str):
+        try:
+            if kind == "bool":
+                lowered = value.strip().lower()
+                if lowered in {"1", "true", "yes", "on"}:
+                    return True
+                if lowered in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            if kind == "int":
+                return int(value)
+            if kind == "float":
+                return float(value)
+        except ValueError:
+            raise ConfigError(key, f"{value!r} is not a {kind}", f"give {key} a {kind} value") from None
+        return value
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(
+            key, f"expected a {kind}, got {type(value).__name__} {value!r}", f"write {key} as a TOML {kind}"
+        )
+    return float(value) if kind == "float" else value
+
+
+def _known_keys() -> list[str]:
+    keys = list(_TOP_KEYS)
+    for section, cls in _SECTIONS.items():
+        keys += [f"{section}.{name}" for name in _field_types(cls)]
+    return keys
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, _known_keys(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}remove it (known keys: see docs/configuration.md or `spotd run --help`)"
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], *, source: str, from_text: bool = False) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in update.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, f"must be a table [{key}] in {source}", f"write it as [{key}] with keys below")
+            types = _field_types(_SECTIONS[key])
+            for sub, subvalue in value.items():
+                dotted = f"{key}.{sub}"
+                if sub not in types:
+                    raise ConfigError(dotted, f"unknown key in {source}", _suggest(dotted))
+                out[key][sub] = _coerce(dotted, types[sub], subvalue, from_text=from_text)
+        elif key in _TOP_KEYS:
+            out[key] = _coerce(key, "str", value, from_text=from_text)
+        else:
+            raise ConfigError(key, f"unknown key in {source}", _suggest(key))
+    return out
+
+
+def _dotted_to_nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            nested.setdefault(section, {})[sub] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``SPOTD_STORE_URI`` → ``store.uri``; ``SPOTD_JOB_ID`` → ``job_id``."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith("SPOTD_") or name in NON_CONFIG_ENV:
+            continue
+        rest = name[len("SPOTD_") :].lower()
+        if rest in _TOP_KEYS:
+            out[rest] = value
+            continue
+        for section in _SECTIONS:
+            if rest.startswith(section + "_"):
+                out.setdefault(section, {})[rest[len(section) + 1 :]] = value
+                break
+        else:
+            raise ConfigError(name, "environment variable names no config key", _suggest(rest.replace("_", ".", 1)))
+    return out
+
+
+def _build(data: dict[str, Any]) -> Config:
+    cfg = Config(
+        **{k: data[k] for k in _TOP_KEYS},
+        **{section: cls(**data[section]) for section, cls in _SECTIONS.items()},
+    )
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, problem: str, fix: str) -> None:
+        if not ok:
+            raise ConfigError(key, problem, fix)
+
+    need(bool(cfg.job_id.strip()), "job_id", "is empty", "set job_id to a stable name for this training job")
+    need(
+        "/" not in cfg.job_id and cfg.job_id not in {".", ".."},
+        "job_id",
+        f"{cfg.job_id!r} contains '/'",
+        "use letters, digits, '-', '_' or '.'",
+    )
+    need(bool(cfg.checkpoint_dir), "checkpoint_dir", "is empty", "set it to the directory your trainer saves into")
+    need(cfg.imds.poll_interval > 0, "imds.poll_interval", f"{cfg.imds.poll_interval} is not > 0", "use e.g. 1.0")
+    need(cfg.imds.timeout > 0, "imds.timeout", f"{cfg.imds.timeout} is not > 0", "use e.g. 1.0")
+    need(1 <= cfg.imds.token_ttl <= 21600, "imds.token_ttl", "must be 1..21600 seconds", "use 21600")
+    scheme = urlsplit(cfg.imds.endpoint).scheme
+    need(scheme in {"http", "https"}, "imds.endpoint", f"{cfg.imds.endpoint!r} is not an http URL",
+         "use http://169.254.169.254 or http://[fd00:ec2::254]")
+    path_len = len(os.fsencode(cfg.socket.path))
+    need(0 < path_len <= MAX_SOCKET_PATH, "socket.path", f"is {path_len} bytes; a Unix socket path holds at most "
+         f"{MAX_SOCKET_PATH}", "choose a shorter path such as /run/spotd/spotd.sock")
+    need(cfg.store.keep >= 1, "store.keep", f"{cfg.store.keep} keeps nothing", "keep at least 1 (default 3)")
+    need(cfg.store.part_size >= 5 * 1024 * 1024, "store.part_size", "S3 parts must be at least 5 MiB",
+         "use 67108864 (64 MiB)")
+    need(cfg.store.concurrency >= 1, "store.concurrency", "must be >= 1", "use 32")
+    need(cfg.store.checksum in {"auto", "crc64nvme", "crc32c", "crc32", "sha256"}, "store.checksum",
+         f"{cfg.store.checksum!r} is not supported", "use auto, crc64nvme, crc32c, crc32 or sha256")
+    if cfg.store.uri:
+        scheme = urlsplit(cfg.store.uri).scheme
+        need(scheme in {"s3", "file"}, "store.uri", f"{cfg.store.uri!r} is neither s3:// nor file://",
+             "use s3://bucket/prefix (or file:///path for a local store)")
+    if cfg.metrics.listen:
+        host, sep, port = cfg.metrics.listen.rpartition(":")
+        need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536, "metrics.listen",
+             f"{cfg.metrics.listen!r} is not host:port", "use 0.0.0.0:9127, or \"\" to turn metrics off")
+    need(cfg.policy.on_rebalance in {"checkpoint", "notify", "ignore"}, "policy.on_rebalance",
+         f"{cfg.policy.on_rebalance!r} is not an option", "use checkpoint, notify or ignore")
+    for key in ("deadline_margin", "maintenance_lead", "shutdown_grace", "drill_timeout"):
+        value = getattr(cfg.policy, key)
+        need(value >= 0, f"policy.{key}", f"{value} is negative", "use a number of seconds >= 0")
+    need(cfg.sync.mode in {"client", "watch"}, "sync.mode", f"{cfg.sync.mode!r} is not an option",
+         "use client (trainers report saves) or watch (spotd watches checkpoint_dir)")
+    need(cfg.sync.settle > 0, "sync.settle", f"{cfg.sync.settle} is not > 0", "use e.g. 5.0")
+    need(cfg.log.format in {"auto", "json", "console"}, "log.format", f"{cfg.log.format!r} is not an option",
+         "use auto, json or console")
+    need(cfg.log.level.lower() in {"debug", "info", "warning", "error"}, "log.level",
+         f"{cfg.log.level!r} is not a level", "use debug, info, warning or error")
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load the effective config.
+
+    ``path`` None means ``$SPOTD_CONFIG`` or /etc/spotd/spotd.toml if it exists (a missing default file is
+    fine: environment and defaults then apply). An explicitly named file must exist.
+    """
+    environ = os.environ if environ is None else environ
+    data = Config().as_dict()
+    explicit = path is not None or "SPOTD_CONFIG" in environ
+    file = Path(path if path is not None else environ.get("SPOTD_CONFIG", DEFAULT_CONFIG_PATH))
+    if file.exists() or explicit:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", f"{file} does not exist", "create it or point --config at the right file")\
+                from None
+        except PermissionError:
+            raise ConfigError("--config", f"{file} is not readable", "fix its permissions (chmod 0640)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{file} is not valid TOML ({exc})", "fix the syntax at that line") from None
+        data = _merge(data, raw, source=str(file))
+    data = _merge(data, _env_overrides(environ), source="environment", from_text=True)
+    if overrides:
+        data = _merge(data, _dotted_to_nested(overrides), source="command line")
+    return _build(data)

@@ -1,0 +1,100 @@
+"""The exception taxonomy.
+
+Every spotd error is a :class:`SpotdError`; each also inherits the built-in it means, so callers that
+only know the standard library (``except ConnectionError``) still catch it. Messages say what is
+wrong *and* how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumMismatch",
+    "CommitError",
+    "ConfigError",
+    "DaemonAlreadyRunning",
+    "ImdsError",
+    "ImdsMalformed",
+    "ImdsUnavailable",
+    "PathEscape",
+    "ProtocolError",
+    "RestoreError",
+    "SpotdError",
+    "StoreAccessError",
+    "StoreError",
+    "UploadError",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h; systemd shows it as "CONFIG"
+
+
+class SpotdError(Exception):
+    """Base of every error spotd raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(SpotdError, ValueError):
+    """A configuration key is unknown, of the wrong type, or impossible."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"config key {key!r}: {problem}; fix: {fix}")
+
+
+class ImdsError(SpotdError):
+    """The instance metadata service misbehaved."""
+
+
+class ImdsUnavailable(ImdsError, ConnectionError):
+    """IMDS did not answer (refused, timeout, 5xx after retries)."""
+
+
+class ImdsMalformed(ImdsError, ValueError):
+    """IMDS answered with a body spotd cannot parse; it is never acted on."""
+
+
+class ProtocolError(SpotdError, ValueError):
+    """A socket frame is not valid NDJSON of the spotd protocol."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class DaemonAlreadyRunning(SpotdError, RuntimeError):
+    """Another spotd answers on the configured socket."""
+
+
+class StoreError(SpotdError):
+    """The checkpoint store failed."""
+
+
+class StoreAccessError(StoreError, PermissionError):
+    """The store cannot be reached or a permission is missing."""
+
+
+class UploadError(StoreError, OSError):
+    """Uploading a checkpoint file failed after retries."""
+
+
+class CommitError(StoreError):
+    """Writing MANIFEST.json or LATEST failed; the checkpoint is not committed."""
+
+
+class RestoreError(StoreError):
+    """No committed checkpoint could be downloaded and verified."""
+
+
+class ChecksumMismatch(RestoreError):
+    """A restored file's size or checksum differs from its manifest."""
+
+
+class PathEscape(StoreError, PermissionError):
+    """A reported checkpoint path resolves outside ``checkpoint_dir``."""

@@ -1,0 +1,135 @@
+"""The Prometheus metrics of design.md, on an injected registry so tests use a fresh one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from spotd.events import Phase
+
+__all__ = ["Metrics"]
+
+# Detection is sub-second; checkpoint and upload run from seconds to the two-minute window and beyond.
+_FAST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+_SLOW_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 300.0, 600.0)
+
+
+class _SecondsUntilInterruption(Collector):
+    """Derived at scrape time, so it counts down without a task updating it."""
+
+    def __init__(self, deadline: Callable[[], float], clock: Callable[[], float]) -> None:
+        self._deadline = deadline
+        self._clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "spotd_seconds_until_interruption",
+            "Seconds until the announced interruption (0 when none is announced or it has passed).",
+        )
+        deadline = self._deadline()
+        family.add_metric([], max(0.0, deadline - self._clock()) if deadline else 0.0)
+        yield family
+
+
+class Metrics:
+    """Every spotd metric. Labels stay low-cardinality: no request ids, paths or instance ids."""
+
+    __slots__ = (
+        "checkpoint_failures",
+        "checkpoint_requests",
+        "checkpoint_seconds",
+        "detect_seconds",
+        "imds_malformed",
+        "imds_requests",
+        "imds_up",
+        "interruption_deadline",
+        "last_durable_step",
+        "last_durable_timestamp",
+        "maintenance_events",
+        "notice_to_durable_seconds",
+        "notices",
+        "phase",
+        "registry",
+        "restore_seconds",
+        "socket_errors",
+        "trainers",
+        "upload_bytes",
+        "upload_failures",
+        "upload_seconds",
+    )
+
+    def __init__(self, *, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.imds_requests = Counter(
+            "spotd_imds_requests", "IMDS requests by logical path and HTTP code (or timeout/error).",
+            ["path", "code"], registry=r,
+        )
+        self.imds_malformed = Counter(
+            "spotd_imds_malformed", "IMDS answers that could not be parsed and were not acted on.", ["path"],
+            registry=r,
+        )
+        self.notices = Counter(
+            "spotd_notices", "Interruption signals seen, once per distinct notice.", ["kind", "action"], registry=r
+        )
+        self.checkpoint_requests = Counter(
+            "spotd_checkpoint_requests", "Checkpoint requests sent to trainers, by reason.", ["reason"], registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "spotd_checkpoint_failures", "Trainers that reported a failed checkpoint.", registry=r
+        )
+        self.upload_bytes = Counter("spotd_upload_bytes", "Bytes uploaded to the checkpoint store.", registry=r)
+        self.upload_failures = Counter(
+            "spotd_upload_failures", "Checkpoint uploads or commits that failed after retries.", registry=r
+        )
+        self.socket_errors = Counter(
+            "spotd_socket_errors", "Bad frames and broken connections on the trainer socket.", ["code"], registry=r
+        )
+        self.detect_seconds = Histogram(
+            "spotd_detect_seconds", "Notice issued (or first seen) to trainers asked.", buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "spotd_checkpoint_seconds", "Request sent to trainer's 'saved'.", buckets=_SLOW_BUCKETS, registry=r
+        )
+        self.upload_seconds = Histogram(
+            "spotd_upload_seconds", "'saved' received to checkpoint committed.", buckets=_SLOW_BUCKETS, registry=r
+        )
+        self.notice_to_durable_seconds = Histogram(
+            "spotd_notice_to_durable_seconds", "Notice seen to every trainer's checkpoint committed.",
+            buckets=_SLOW_BUCKETS, registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "spotd_restore_seconds", "Restore on boot: download and verify.", buckets=_SLOW_BUCKETS, registry=r
+        )
+        self.phase = Gauge("spotd_phase", "1 for the current phase, 0 for the others.", ["phase"], registry=r)
+        self.trainers = Gauge("spotd_trainers", "Training processes connected.", registry=r)
+        self.interruption_deadline = Gauge(
+            "spotd_interruption_deadline_timestamp_seconds",
+            "Unix time at which the instance goes away (0 when no notice).", registry=r,
+        )
+        self.last_durable_timestamp = Gauge(
+            "spotd_last_durable_checkpoint_timestamp_seconds", "Unix time of the newest committed checkpoint.",
+            registry=r,
+        )
+        self.last_durable_step = Gauge("spotd_last_durable_step", "Training step of the newest committed checkpoint.",
+                                       registry=r)
+        self.imds_up = Gauge("spotd_imds_up", "1 while IMDS answers, 0 when it does not.", registry=r)
+        self.maintenance_events = Gauge(
+            "spotd_maintenance_events", "Active scheduled maintenance events that stop or reboot the instance.",
+            ["code"], registry=r,
+        )
+        r.register(_SecondsUntilInterruption(lambda: self.interruption_deadline._value.get(), clock))
+        self.set_phase(Phase.STARTING)
+        # Counters with labels appear only once used; touch the label sets a dashboard queries.
+        self.upload_bytes.inc(0)
+        self.upload_failures.inc(0)
+        self.checkpoint_failures.inc(0)
+
+    def set_phase(self, phase: Phase) -> None:
+        for p in Phase:
+            self.phase.labels(phase=p.value).set(1 if p is phase else 0)

@@ -1,0 +1,44 @@
+"""Small helpers for tests: free ports and waiting on a condition with a deadline (never a fixed sleep)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+async def async_wait_until(
+    predicate: Callable[[], T | Awaitable[T]], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
+) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        await asyncio.sleep(interval_s)
