@@ -1,0 +1,7 @@
+"""``python -m spotd``."""
+
+import sys
+
+from spotd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,287 @@
+"""The ``spotd`` command. Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spotd import __version__
+from spotd.config import Config, load_config
+from spotd.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SpotdError
+from spotd.events import parse_time
+
+__all__ = ["main"]
+
+EPILOG = """\
+configuration: /etc/spotd/spotd.toml (or --config PATH, or $SPOTD_CONFIG); every key can be overridden
+by SPOTD_<SECTION>_<KEY> environment variables, e.g. SPOTD_STORE_URI=s3://bucket/prefix.
+exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration.
+"""
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", default=None,
+        help="TOML config file (default: $SPOTD_CONFIG, else /etc/spotd/spotd.toml if it exists)",
+    )
+
+
+def _load(args: argparse.Namespace, **overrides: Any) -> Config:
+    return load_config(args.config, overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    import os
+
+    if os.environ.get("SPOTD_SOCKET"):
+        return os.environ["SPOTD_SOCKET"]
+    return _load(args).socket.path
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from spotd.app import run_daemon
+    from spotd.logs import configure_logging
+
+    cfg = _load(args)
+    if not cfg.store.uri:
+        raise ConfigError("store.uri", "is not set, so checkpoints would die with the instance",
+                          "set store.uri = \"s3://bucket/prefix\" in the config or SPOTD_STORE_URI")
+    configure_logging(fmt=cfg.log.format, level=cfg.log.level)
+    return run_daemon(cfg)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from spotd.client import control
+
+    try:
+        reply = control("status", socket_path=_socket_path(args), timeout=args.timeout)
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        print(f"spotd status: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    reply.pop("op", None)
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        print(render_status(reply))
+    return EXIT_OK
+
+
+def _ago(text: str | None) -> str:
+    if not text:
+        return ""
+    seconds = (datetime.now(UTC) - parse_time(text)).total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def render_status(s: dict[str, Any]) -> str:
+    inst = s.get("instance") or {}
+    rows = [
+        ("phase", s.get("phase", "?")),
+        ("job", s.get("job_id", "?")),
+        ("instance", f"{inst.get('id')} ({inst.get('type')}, {inst.get('az')}, {inst.get('life_cycle')})"),
+        ("imds", "up" if s.get("imds_up") else "DOWN (no notice can be seen)"),
+        ("store", s.get("store", "?")),
+        ("checkpoint dir", s.get("checkpoint_dir", "?")),
+    ]
+    trainers = s.get("trainers") or []
+    rows.append(("trainers", str(len(trainers)) if trainers else "none connected"))
+    for t in trainers:
+        rank = "" if t.get("rank") is None else f", rank {t['rank']}/{t.get('world_size')}"
+        rows.append(("", f"{t.get('name')} (pid {t.get('pid')}{rank})"))
+    req = s.get("request")
+    if req:
+        state = "done" if req.get("finished") else f"waiting on {', '.join(req.get('outstanding') or []) or '-'}"
+        rows.append(("request", f"{req.get('reason')} final={req.get('final')} deadline {req.get('deadline')}"
+                                f" ({state})"))
+    notices = s.get("notices") or []
+    rows.append(("notices", ", ".join(f"{n['kind']}:{n['action']}" for n in notices) if notices else "none"))
+    last = s.get("last_durable")
+    if last:
+        rows.append(("last durable", f"{last.get('name')} step {last.get('step')} {_ago(last.get('time'))}"))
+    else:
+        rows.append(("last durable", "none yet"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from spotd.client import control
+
+    try:
+        reply = control("drill", socket_path=_socket_path(args), timeout=args.timeout, reason=args.reason,
+                        wait=True)
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        print(f"spotd checkpoint: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        print(f"request {reply.get('request_id')}: {reply.get('trainers', 0)} trainer(s) asked")
+        for d in reply.get("durable") or []:
+            print(f"  durable  {d['trainer']}: {d['name']} (step {d.get('step')})")
+        for m in reply.get("missing") or []:
+            print(f"  missing  {m}")
+        for lost in reply.get("lost") or []:
+            print(f"  lost     {lost}")
+        if reply.get("notice_to_durable_seconds") is not None:
+            print(f"  request to durable: {reply['notice_to_durable_seconds']:.2f} s, {reply.get('bytes', 0)} bytes")
+    return EXIT_OK if reply.get("ok") else EXIT_FAILURE
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from spotd.store import open_store
+
+    cfg = _load(args)
+    if not cfg.store.uri:
+        raise ConfigError("store.uri", "is not set", "set store.uri in the config or SPOTD_STORE_URI")
+    return cfg, open_store(cfg)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        cfg, store = _store(args)
+        try:
+            manifests = await store.list()
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps([json.loads(m.to_json()) for m in manifests], indent=2))
+            return EXIT_OK
+        if not manifests:
+            print(f"no committed checkpoints for job {cfg.job_id!r} in {store.uri}")
+            return EXIT_OK
+        print(f"{'NAME':<48} {'STEP':>9} {'SIZE':>10} {'FILES':>5}  CREATED")
+        for m in manifests:
+            step = "-" if m.step is None else str(m.step)
+            print(f"{m.name:<48} {step:>9} {_human(m.total_bytes):>10} {len(m.files):>5}  "
+                  f"{m.created_at.isoformat(timespec='seconds')}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        from spotd.progress import Progress
+
+        cfg, store = _store(args)
+        dest = Path(args.to or cfg.checkpoint_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        bar: Progress | None = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = Progress(total=total, label="restore")
+            bar.update(done)
+
+        try:
+            result = await store.restore(dest, name=args.name, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+            await store.close()
+        for skipped in result.skipped:
+            print(f"skipped {skipped}: failed verification", file=sys.stderr)
+        m = result.manifest
+        print(f"restored {m.name} (step {m.step}): {result.files} files, {_human(result.bytes)} "
+              f"in {result.seconds:.2f} s into {dest}, every file verified")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return str(n)
+
+
+# -- parser -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spotd",
+        description="Keep GPU training on EC2 spot instances from losing work.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"spotd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _config_arg(p)
+        p.set_defaults(func=fn)
+        return p
+
+    add("run", cmd_run, "run the daemon in the foreground (what systemd runs)")
+
+    p = add("status", cmd_status, "show phase, notice, trainers and the last durable checkpoint of the running daemon")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
+
+    p = add("checkpoint", cmd_checkpoint, "ask every trainer to checkpoint now and upload it (a drill)")
+    p.add_argument("--reason", default="drill", help="free text recorded in the logs (default: drill)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for durable (default 600)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = add("list", cmd_list, "list committed checkpoints in the store, newest first")
+    p.add_argument("--json", action="store_true", help="print the manifests as JSON")
+
+    p = add("restore", cmd_restore, "download a committed checkpoint and verify every file")
+    p.add_argument("--to", metavar="DIR", help="destination directory (default: checkpoint_dir)")
+    p.add_argument("--name", help="checkpoint name from `spotd list` (default: the newest)")
+
+    from spotd import simulator
+
+    p = add("simulate-imds", lambda a: simulator.main(a), "run an IMDSv2 simulator for drills and tests")
+    simulator.add_arguments(p)
+
+    try:
+        from spotd import demo
+    except ImportError:  # pragma: no cover - demo is part of the package
+        demo = None  # type: ignore[assignment]
+    if demo is not None:
+        p = add("demo", lambda a: demo.main(a), "the whole story on this machine, nothing to configure")
+        demo.add_arguments(p)
+
+    from spotd import install
+
+    p = add("install", lambda a: install.main(a), "install the systemd units, config and spotd user")
+    install.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"spotd: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SpotdError as exc:
+        print(f"spotd {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
