@@ -1,0 +1,597 @@
+"""The training-side client: stdlib, :mod:`spotd.protocol` and :mod:`spotd.errors` only.
+
+::
+
+    guard = spotd.client.connect("train")
+    for step in range(steps):
+        train_step()
+        if guard.checkpoint_requested:
+            path = save_checkpoint(guard.checkpoint_dir, step)
+            guard.saved(path, step=step)
+            if guard.request and guard.request.final:
+                guard.wait_durable(timeout=guard.request.seconds_left())
+                break
+
+Training never fails because spotd is absent or dies: the guard warns once and then behaves as
+"never requested", reconnecting in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+from spotd import protocol
+from spotd.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "CheckpointRequest",
+    "Guard",
+    "SpotdUnavailableWarning",
+    "connect",
+    "control",
+]
+
+DEFAULT_SOCKET: Final = "/run/spotd/spotd.sock"
+_FIX: Final = "is spotd running? systemctl status spotd; or set SPOTD_SOCKET to its socket path"
+#: Longest a training step can be held up by a stuck daemon on one write; also the reader's poll.
+_IO_TIMEOUT_S: Final = 0.5
+_HANDSHAKE_TIMEOUT_S: Final = 2.0
+_JOIN_TIMEOUT_S: Final = 3.0
+_ANSWERED_KEEP: Final = 256
+
+log = logging.getLogger("spotd.client")
+
+
+class SpotdUnavailableWarning(RuntimeWarning):
+    """spotd does not answer: training goes on without emergency checkpoints."""
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """The daemon asks for a checkpoint before ``deadline``; ``final`` means the instance is going away."""
+
+    request_id: str
+    reason: str
+    deadline: datetime
+    final: bool
+
+    def seconds_left(self) -> float:
+        return max(0.0, (self.deadline - datetime.now(UTC)).total_seconds())
+
+
+def _parse_deadline(value: Any) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        # An unreadable deadline must not cost the checkpoint: treat it as "now", i.e. hurry.
+        log.warning("spotd sent an unreadable deadline %r; treating it as now", value)
+        return datetime.now(UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class _Wire:
+    """A connected socket and the bytes read past the last frame."""
+
+    __slots__ = ("buf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def read_frame(self, deadline: float | None) -> dict[str, Any] | None:
+        """The next frame. With a deadline: TimeoutError when it passes. Without: None after one poll."""
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buf[: end + 1])
+                del self.buf[: end + 1]
+                return protocol.decode(line)
+            if len(self.buf) >= protocol.MAX_LINE:
+                raise ProtocolError(protocol.E_TOO_LONG, f"spotd sent a frame over {protocol.MAX_LINE} bytes")
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("spotd did not answer in time")
+                self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                if deadline is None:
+                    return None
+                raise
+            if not data:
+                raise ConnectionResetError("spotd closed the connection")
+            self.buf += data
+
+    def shutdown(self) -> None:
+        """Wake a blocked reader without closing the fd under it (only the reader closes)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _open(path: str, hello: dict[str, Any], deadline: float) -> tuple[_Wire, dict[str, Any]]:
+    """Connect, say hello, return the wire and the welcome."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.connect(path)
+        sock.sendall(protocol.encode(hello))
+        wire = _Wire(sock)
+        frame = wire.read_frame(deadline)
+        assert frame is not None
+        if frame["op"] == "error":
+            raise ProtocolError(
+                str(frame.get("code", "error")), f"spotd refused the hello: {frame.get('message', '')}"
+            )
+        if frame["op"] != "welcome":
+            raise ProtocolError(protocol.E_BAD_FRAME, f"spotd answered hello with {frame['op']!r}")
+        return wire, frame
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def _socket_path(socket_path: str | None) -> str:
+    return socket_path or os.environ.get("SPOTD_SOCKET") or DEFAULT_SOCKET
+
+
+class Guard:
+    """A training process's link to spotd. Cheap to poll; never raises because spotd is gone.
+
+    ``request`` is the most recent checkpoint request; it stays set after ``saved()`` (so a trainer can
+    read ``request.final``) while ``checkpoint_requested`` goes back to False.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_answered",
+        "_checkpoint_dir",
+        "_closed",
+        "_cond",
+        "_connected",
+        "_ever_connected",
+        "_hello",
+        "_inert",
+        "_interval_s",
+        "_last_save",
+        "_path",
+        "_request",
+        "_requested",
+        "_save_state",
+        "_send_lock",
+        "_status_lock",
+        "_status_q",
+        "_stop",
+        "_thread",
+        "_welcome",
+        "_wire",
+    )
+
+    def __init__(
+        self,
+        *,
+        socket_path: str,
+        name: str,
+        rank: int | None,
+        world_size: int | None,
+        reconnect_interval_s: float,
+    ) -> None:
+        self._path = socket_path
+        self._hello: dict[str, Any] = {
+            "op": "hello",
+            "v": protocol.PROTOCOL_VERSION,
+            "name": name,
+            "pid": os.getpid(),
+            "rank": rank,
+            "world_size": world_size,
+            "role": "trainer",
+        }
+        self._interval_s = reconnect_interval_s
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self._status_q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wire: _Wire | None = None
+        self._connected = False
+        self._ever_connected = False
+        self._welcome: dict[str, Any] | None = None
+        self._checkpoint_dir: str | None = None
+        self._request: CheckpointRequest | None = None
+        self._requested = False
+        self._answered: dict[str, None] = {}  # insertion-ordered set of request ids already answered
+        self._last_save: dict[str, Any] | None = None
+        self._save_state = "none"  # none | pending | durable | failed
+        self._inert = False
+        self._closed = False
+        _GUARDS.add(self)
+
+    # -- what a training loop reads ----------------------------------------------------------------
+
+    @property
+    def checkpoint_requested(self) -> bool:
+        return self._requested and not self._inert
+
+    @property
+    def request(self) -> CheckpointRequest | None:
+        return None if self._inert else self._request
+
+    @property
+    def connected(self) -> bool:
+        return self._connected and not self._inert
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        return self._checkpoint_dir
+
+    @property
+    def welcome(self) -> dict[str, Any] | None:
+        return self._welcome
+
+    # -- what a training loop calls ----------------------------------------------------------------
+
+    def saved(self, path: str | os.PathLike[str], step: int | None = None) -> None:
+        """Report a checkpoint written under ``checkpoint_dir`` (relative, or absolute inside it)."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step must be an int or None, not {type(step).__name__}")
+        if self._inert:
+            return
+        with self._cond:
+            request_id = self._take_request()
+            frame = {"op": "saved", "request_id": request_id, "path": os.fspath(path), "step": step}
+            self._last_save = frame
+            self._save_state = "pending"
+        self._send(frame)
+
+    def failed(self, message: str) -> None:
+        """Report that the requested checkpoint could not be written."""
+        if self._inert:
+            return
+        with self._cond:
+            request_id = self._take_request()
+        self._send({"op": "failed", "request_id": request_id, "message": str(message)})
+
+    def wait_durable(self, timeout: float | None = None) -> bool:
+        """True once spotd says the last saved checkpoint is in the store.
+
+        False on timeout, when spotd refused it, or when no daemon is connected (a save made while
+        disconnected is re-sent on reconnect; call again then).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._inert or self._closed or self._last_save is None or not self._connected:
+                    return False
+                if self._save_state != "pending":
+                    return self._save_state == "durable"
+                remaining = _IO_TIMEOUT_S if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The daemon's status reply, or None without a daemon or after ``timeout``."""
+        if self._inert or not self._connected:
+            return None
+        with self._status_lock:
+            while True:  # a reply that arrived after an earlier call gave up
+                try:
+                    self._status_q.get_nowait()
+                except queue.Empty:
+                    break
+            if not self._send({"op": "status"}):
+                return None
+            try:
+                return self._status_q.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._inert:
+            return
+        wire = self._wire
+        if wire is not None:
+            wire.shutdown()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_JOIN_TIMEOUT_S)
+        with self._cond:
+            self._connected = False
+            self._cond.notify_all()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _take_request(self) -> str | None:
+        """The id of the request a save or failure answers, if one is open; marks it answered."""
+        request = self._request
+        if not self._requested or request is None:
+            return None
+        self._requested = False
+        self._answered[request.request_id] = None
+        while len(self._answered) > _ANSWERED_KEEP:
+            del self._answered[next(iter(self._answered))]
+        return request.request_id
+
+    def _start(self) -> BaseException | None:
+        """First connection attempt in the caller's thread, then the reader thread; returns why it failed."""
+        error: BaseException | None = None
+        try:
+            wire, welcome = _open(self._path, self._hello, time.monotonic() + _HANDSHAKE_TIMEOUT_S)
+        except (OSError, ProtocolError) as exc:
+            error = exc
+        else:
+            self._on_connected(wire, welcome)
+        self._thread = threading.Thread(
+            target=self._run, name=f"spotd-guard-{self._hello['name']}", daemon=True
+        )
+        self._thread.start()
+        return error
+
+    def _on_connected(self, wire: _Wire, welcome: dict[str, Any]) -> None:
+        wire.sock.settimeout(_IO_TIMEOUT_S)
+        with self._cond:
+            self._wire = wire
+            self._connected = True
+            self._ever_connected = True
+            self._welcome = welcome
+            directory = welcome.get("checkpoint_dir")
+            self._checkpoint_dir = directory if isinstance(directory, str) else None
+            # The daemon may have restarted and never seen it: say it again.
+            resend = self._last_save if self._save_state == "pending" else None
+            self._cond.notify_all()
+        if resend is not None:
+            self._send(resend)
+
+    def _on_disconnected(self, wire: _Wire, reason: BaseException) -> None:
+        with self._cond:
+            if self._wire is wire:
+                self._wire = None
+            self._connected = False
+            self._cond.notify_all()
+        wire.close()
+        self._status_q.put(None)
+        if not self._closed:
+            log.warning("lost the connection to spotd at %s (%s); reconnecting", self._path, reason)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                wire = self._wire
+                if wire is None:
+                    if self._stop.wait(self._interval_s):
+                        break
+                    try:
+                        wire, welcome = _open(
+                            self._path, self._hello, time.monotonic() + _HANDSHAKE_TIMEOUT_S
+                        )
+                    except (OSError, ProtocolError) as exc:
+                        log.debug("spotd not reachable at %s: %s", self._path, exc)
+                        continue
+                    if self._stop.is_set():
+                        wire.close()
+                        break
+                    self._on_connected(wire, welcome)
+                    log.info("connected to spotd at %s", self._path)
+                    continue
+                try:
+                    frame = wire.read_frame(None)
+                except (OSError, ProtocolError) as exc:
+                    self._on_disconnected(wire, exc)
+                    continue
+                if frame is not None:
+                    self._dispatch(frame)
+        except Exception:
+            # Training must never notice; the guard just stops asking.
+            log.exception("spotd client thread failed; checkpoint requests will not be seen")
+        finally:
+            wire = self._wire
+            if wire is not None and not self._inert:
+                wire.close()
+            with self._cond:
+                self._wire = None
+                self._connected = False
+                self._cond.notify_all()
+
+    def _send(self, frame: dict[str, Any]) -> bool:
+        wire = self._wire
+        if wire is None or self._inert or self._closed:
+            return False
+        try:
+            data = protocol.encode(frame)
+        except ProtocolError as exc:
+            log.warning("not sent to spotd: %s", exc)
+            return False
+        try:
+            with self._send_lock:
+                wire.sock.sendall(data)
+        except OSError as exc:
+            # Stuck or gone: drop the connection; the reader thread reconnects and re-sends the save.
+            log.warning("sending %r to spotd failed (%s); reconnecting", frame["op"], exc)
+            wire.shutdown()
+            return False
+        return True
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        op = frame["op"]
+        if op == "checkpoint":
+            request_id = frame.get("request_id")
+            if not isinstance(request_id, str):
+                log.warning("ignoring a checkpoint frame without a request_id: %r", frame)
+                return
+            with self._cond:
+                if request_id in self._answered:
+                    return  # re-sent after a reconnect, already saved
+                self._request = CheckpointRequest(
+                    request_id=request_id,
+                    reason=str(frame.get("reason", "")),
+                    deadline=_parse_deadline(frame.get("deadline")),
+                    final=bool(frame.get("final", False)),
+                )
+                self._requested = True
+        elif op in ("durable", "error"):
+            with self._cond:
+                matched = self._matches_last_save(frame)
+                if matched:
+                    self._save_state = "durable" if op == "durable" else "failed"
+                    self._cond.notify_all()
+            if op == "error":
+                log.warning("spotd error %s: %s", frame.get("code"), frame.get("message"))
+                if not matched:
+                    self._status_q.put(None)  # it may be the answer to a pending status()
+        elif op == "status":
+            self._status_q.put(frame)
+
+    def _matches_last_save(self, frame: dict[str, Any]) -> bool:
+        last = self._last_save
+        if last is None or self._save_state != "pending":
+            return False
+        path = frame.get("path")
+        if isinstance(path, str):
+            return self._resolve(path) == self._resolve(last["path"])
+        request_id = frame.get("request_id")
+        return request_id is not None and request_id == last["request_id"]
+
+    def _resolve(self, path: str) -> str:
+        if not os.path.isabs(path) and self._checkpoint_dir:
+            path = os.path.join(self._checkpoint_dir, path)
+        return os.path.normpath(path)
+
+    def _become_inert(self) -> None:
+        """In a forked child: the parent's thread is gone and its socket is not ours to write."""
+        self._inert = True
+        self._requested = False
+        self._connected = False
+        # Locks may have been held by a parent thread at fork time; never touch them again.
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop.set()
+        self._thread = None
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            # Closes only the child's copy of the fd, so the daemon still sees the parent's exit.
+            wire.close()
+
+
+_GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for guard in list(_GUARDS):
+        guard._become_inert()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def connect(
+    name: str = "train",
+    *,
+    socket_path: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    reconnect_interval_s: float = 1.0,
+) -> Guard:
+    """Register this process with spotd. Without a daemon: one SpotdUnavailableWarning, then a quiet guard.
+
+    The socket is ``socket_path``, else ``$SPOTD_SOCKET``, else /run/spotd/spotd.sock; rank and world size
+    default to ``$RANK`` and ``$WORLD_SIZE`` (set by torchrun).
+    """
+    guard = Guard(
+        socket_path=_socket_path(socket_path),
+        name=name,
+        rank=rank if rank is not None else _env_int("RANK"),
+        world_size=world_size if world_size is not None else _env_int("WORLD_SIZE"),
+        reconnect_interval_s=reconnect_interval_s,
+    )
+    error = guard._start()
+    if error is not None:
+        warnings.warn(
+            f"spotd is not reachable at {guard._path} ({error}); training continues without emergency "
+            f"checkpoints and reconnects in the background. {_FIX}",
+            SpotdUnavailableWarning,
+            stacklevel=2,
+        )
+    return guard
+
+
+def control(
+    op: str, *, socket_path: str | None = None, timeout: float = 10.0, **fields: Any
+) -> dict[str, Any]:
+    """One request as a control client (``spotd status``, ``spotd checkpoint``); returns the reply.
+
+    Raises ConnectionError naming the socket and the fix when nobody answers, TimeoutError when the daemon
+    is too slow, and ProtocolError (with its ``code``) when the daemon answers with an error.
+    """
+    path = _socket_path(socket_path)
+    deadline = time.monotonic() + timeout
+    hello = {
+        "op": "hello",
+        "v": protocol.PROTOCOL_VERSION,
+        "name": "spotd-cli",
+        "pid": os.getpid(),
+        "role": "control",
+    }
+    try:
+        wire, _ = _open(path, hello, deadline)
+    except PermissionError as exc:
+        raise ConnectionError(
+            f"no permission to use the spotd socket {path}: add your user to the socket's group "
+            "(socket.group) or run as root"
+        ) from exc
+    except TimeoutError as exc:
+        raise TimeoutError(f"spotd at {path} did not answer within {timeout}s; {_FIX}") from exc
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach spotd at {path} ({exc.strerror or exc}); {_FIX}") from exc
+    try:
+        wire.sock.sendall(protocol.encode({"op": op, **fields}))
+        while True:
+            frame = wire.read_frame(deadline)
+            assert frame is not None
+            if frame["op"] == "error":
+                raise ProtocolError(str(frame.get("code", "error")), str(frame.get("message", "")))
+            if frame["op"] == op:
+                return frame
+    except TimeoutError as exc:
+        raise TimeoutError(f"spotd at {path} did not answer {op!r} within {timeout}s") from exc
+    finally:
+        wire.close()
