@@ -98,8 +98,11 @@ class Daemon:
     async def _run(self) -> int:
         cfg = self._config
         self._imds = ImdsClient(
-            endpoint=cfg.imds.endpoint, timeout_s=cfg.imds.timeout, token_ttl_s=cfg.imds.token_ttl,
-            allow_v1=cfg.imds.allow_v1, metrics=self._metrics,
+            endpoint=cfg.imds.endpoint,
+            timeout_s=cfg.imds.timeout,
+            token_ttl_s=cfg.imds.token_ttl,
+            allow_v1=cfg.imds.allow_v1,
+            metrics=self._metrics,
         )
         identity = await self._identity()
         self._store = open_store(cfg, executor=self._executor, metrics=self._metrics)
@@ -108,9 +111,10 @@ class Daemon:
             config=cfg, store=self._store, metrics=self._metrics, identity=identity, imds_up=lambda: imds.up
         )
         coordinator = self._coordinator
-        Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        self._ipc = IpcServer(path=cfg.socket.path, handler=coordinator, metrics=self._metrics,
-                              group=cfg.socket.group)
+        await asyncio.to_thread(Path(cfg.checkpoint_dir).mkdir, parents=True, exist_ok=True)
+        self._ipc = IpcServer(
+            path=cfg.socket.path, handler=coordinator, metrics=self._metrics, group=cfg.socket.group
+        )
         coordinator.attach(self._ipc)
         await self._ipc.start()
         await self._start_metrics()
@@ -123,26 +127,40 @@ class Daemon:
                 log.warning("store.recovered", aborted_uploads=aborted)
             await self._restore_on_boot(coordinator)
         except (StoreError, OSError) as exc:
-            log.error("startup.store_failed", error=str(exc),
-                      fix="check store.uri, credentials and the IAM policy (docs/iam-policy.json); "
-                          "systemd retries spotd, and the training unit waits for it")
+            log.error(
+                "startup.store_failed",
+                error=str(exc),
+                fix="check store.uri, credentials and the IAM policy (docs/iam-policy.json); "
+                "systemd retries spotd, and the training unit waits for it",
+            )
             return EXIT_FAILURE
         coordinator.set_phase(Phase.TRAINING)
         self._notifier.ready(f"watching IMDS; socket {cfg.socket.path}")
-        log.info("daemon.ready", socket=cfg.socket.path, metrics_port=self.metrics_port,
-                 instance_id=identity.instance_id, store=self._store.uri)
+        log.info(
+            "daemon.ready",
+            socket=cfg.socket.path,
+            metrics_port=self.metrics_port,
+            instance_id=identity.instance_id,
+            store=self._store.uri,
+        )
         monitors: list[Monitor] = [
             SpotMonitor(imds=self._imds),
             RebalanceMonitor(imds=self._imds),
             MaintenanceMonitor(imds=self._imds, lead_s=cfg.policy.maintenance_lead, metrics=self._metrics),
         ]
-        loop_ = MonitorLoop(monitors=monitors, interval_s=cfg.imds.poll_interval, on_notice=self._on_notice,
-                            metrics=self._metrics)
+        loop_ = MonitorLoop(
+            monitors=monitors,
+            interval_s=cfg.imds.poll_interval,
+            on_notice=self._on_notice,
+            metrics=self._metrics,
+        )
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(loop_.run(), name="monitors")]
             interval = self._notifier.watchdog_interval()
             if interval:
-                tasks.append(tg.create_task(watchdog_loop(self._notifier, interval_s=interval), name="watchdog"))
+                tasks.append(
+                    tg.create_task(watchdog_loop(self._notifier, interval_s=interval), name="watchdog")
+                )
             if cfg.sync.mode == "watch":
                 tasks.append(tg.create_task(self._watch(coordinator), name="watch"))
             await self._stop.wait()
@@ -168,8 +186,11 @@ class Daemon:
             log.warning("imds.identity_unavailable", error=str(exc) or type(exc).__name__)
             identity = InstanceIdentity()
         if identity.life_cycle not in ("spot", "unknown"):
-            log.warning("instance.not_spot", life_cycle=identity.life_cycle,
-                        note="spot interruption notices will not come; rebalance and maintenance still watched")
+            log.warning(
+                "instance.not_spot",
+                life_cycle=identity.life_cycle,
+                note="spot interruption notices will not come; rebalance and maintenance still watched",
+            )
         return identity
 
     async def _restore_on_boot(self, coordinator: Coordinator) -> None:
@@ -207,8 +228,15 @@ class Daemon:
         seconds = time.monotonic() - started
         self._metrics.restore_seconds.observe(seconds)
         coordinator._write_marker(result.manifest)
-        log.info("restore.done", name=result.manifest.name, step=result.manifest.step, files=result.files,
-                 bytes=result.bytes, seconds=round(seconds, 3), skipped=list(result.skipped))
+        log.info(
+            "restore.done",
+            name=result.manifest.name,
+            step=result.manifest.step,
+            files=result.files,
+            bytes=result.bytes,
+            seconds=round(seconds, 3),
+            skipped=list(result.skipped),
+        )
 
     async def _watch(self, coordinator: Coordinator) -> None:
         from spotd.watch import Watcher
@@ -216,8 +244,11 @@ class Daemon:
         async def ready(path: Path) -> None:
             await coordinator.commit_path(path, trainer="watch")
 
-        watcher = Watcher(checkpoint_dir=Path(self._config.checkpoint_dir), settle_s=self._config.sync.settle,
-                          on_ready=ready)
+        watcher = Watcher(
+            checkpoint_dir=Path(self._config.checkpoint_dir),
+            settle_s=self._config.sync.settle,
+            on_ready=ready,
+        )
         await watcher.run()
 
     async def _start_metrics(self) -> None:
@@ -251,8 +282,11 @@ class Daemon:
         last_ok = imds.last_ok if imds else None
         age = None if last_ok is None else time.monotonic() - last_ok
         healthy = age is not None and age <= max(limit, self._config.imds.timeout * 3)
-        body = {"ok": healthy, "imds_last_ok_seconds_ago": None if age is None else round(age, 3),
-                "phase": status.get("phase")}
+        body = {
+            "ok": healthy,
+            "imds_last_ok_seconds_ago": None if age is None else round(age, 3),
+            "phase": status.get("phase"),
+        }
         return web.json_response(body, status=200 if healthy else 503)
 
     async def _close(self) -> None:
@@ -282,6 +316,10 @@ def run_daemon(config: Config) -> int:
     started = datetime.now(UTC)
     daemon = Daemon(config=config)
     code = asyncio.run(daemon.run())
-    log.info("daemon.exit", code=code, ran_seconds=round((datetime.now(UTC) - started).total_seconds(), 1),
-             pid=os.getpid())
+    log.info(
+        "daemon.exit",
+        code=code,
+        ran_seconds=round((datetime.now(UTC) - started).total_seconds(), 1),
+        pid=os.getpid(),
+    )
     return code

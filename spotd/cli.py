@@ -27,7 +27,9 @@ exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration.
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="PATH", default=None,
+        "--config",
+        metavar="PATH",
+        default=None,
         help="TOML config file (default: $SPOTD_CONFIG, else /etc/spotd/spotd.toml if it exists)",
     )
 
@@ -44,15 +46,18 @@ def _socket_path(args: argparse.Namespace) -> str:
     return _load(args).socket.path
 
 
-# -- commands ---------------------------------------------------------------------------------------------------
+# -- commands ------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from spotd.app import run_daemon
     from spotd.logs import configure_logging
 
     cfg = _load(args)
     if not cfg.store.uri:
-        raise ConfigError("store.uri", "is not set, so checkpoints would die with the instance",
-                          "set store.uri = \"s3://bucket/prefix\" in the config or SPOTD_STORE_URI")
+        raise ConfigError(
+            "store.uri",
+            "is not set, so checkpoints would die with the instance",
+            'set store.uri = "s3://bucket/prefix" in the config or SPOTD_STORE_URI',
+        )
     configure_logging(fmt=cfg.log.format, level=cfg.log.level)
     return run_daemon(cfg)
 
@@ -101,9 +106,15 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(("", f"{t.get('name')} (pid {t.get('pid')}{rank})"))
     req = s.get("request")
     if req:
-        state = "done" if req.get("finished") else f"waiting on {', '.join(req.get('outstanding') or []) or '-'}"
-        rows.append(("request", f"{req.get('reason')} final={req.get('final')} deadline {req.get('deadline')}"
-                                f" ({state})"))
+        state = (
+            "done" if req.get("finished") else f"waiting on {', '.join(req.get('outstanding') or []) or '-'}"
+        )
+        rows.append(
+            (
+                "request",
+                f"{req.get('reason')} final={req.get('final')} deadline {req.get('deadline')} ({state})",
+            )
+        )
     notices = s.get("notices") or []
     rows.append(("notices", ", ".join(f"{n['kind']}:{n['action']}" for n in notices) if notices else "none"))
     last = s.get("last_durable")
@@ -119,8 +130,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from spotd.client import control
 
     try:
-        reply = control("drill", socket_path=_socket_path(args), timeout=args.timeout, reason=args.reason,
-                        wait=True)
+        reply = control(
+            "drill", socket_path=_socket_path(args), timeout=args.timeout, reason=args.reason, wait=True
+        )
     except (ConnectionError, OSError, TimeoutError) as exc:
         print(f"spotd checkpoint: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -135,7 +147,10 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         for lost in reply.get("lost") or []:
             print(f"  lost     {lost}")
         if reply.get("notice_to_durable_seconds") is not None:
-            print(f"  request to durable: {reply['notice_to_durable_seconds']:.2f} s, {reply.get('bytes', 0)} bytes")
+            print(
+                f"  request to durable: {reply['notice_to_durable_seconds']:.2f} s, "
+                f"{reply.get('bytes', 0)} bytes"
+            )
     return EXIT_OK if reply.get("ok") else EXIT_FAILURE
 
 
@@ -164,8 +179,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{'NAME':<48} {'STEP':>9} {'SIZE':>10} {'FILES':>5}  CREATED")
         for m in manifests:
             step = "-" if m.step is None else str(m.step)
-            print(f"{m.name:<48} {step:>9} {_human(m.total_bytes):>10} {len(m.files):>5}  "
-                  f"{m.created_at.isoformat(timespec='seconds')}")
+            print(
+                f"{m.name:<48} {step:>9} {_human(m.total_bytes):>10} {len(m.files):>5}  "
+                f"{m.created_at.isoformat(timespec='seconds')}"
+            )
         return EXIT_OK
 
     return asyncio.run(go())
@@ -177,7 +194,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
         cfg, store = _store(args)
         dest = Path(args.to or cfg.checkpoint_dir)
-        dest.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
         bar: Progress | None = None
 
         def progress(done: int, total: int) -> None:
@@ -195,8 +212,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         for skipped in result.skipped:
             print(f"skipped {skipped}: failed verification", file=sys.stderr)
         m = result.manifest
-        print(f"restored {m.name} (step {m.step}): {result.files} files, {_human(result.bytes)} "
-              f"in {result.seconds:.2f} s into {dest}, every file verified")
+        print(
+            f"restored {m.name} (step {m.step}): {result.files} files, {_human(result.bytes)} "
+            f"in {result.seconds:.2f} s into {dest}, every file verified"
+        )
         return EXIT_OK
 
     return asyncio.run(go())
@@ -211,7 +230,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-# -- parser -----------------------------------------------------------------------------------------------------
+# -- parser --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spotd",
@@ -223,15 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _config_arg(p)
         p.set_defaults(func=fn)
         return p
 
     add("run", cmd_run, "run the daemon in the foreground (what systemd runs)")
 
-    p = add("status", cmd_status, "show phase, notice, trainers and the last durable checkpoint of the running daemon")
+    p = add(
+        "status",
+        cmd_status,
+        "show phase, notice, trainers and the last durable checkpoint of the running daemon",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
 

@@ -157,12 +157,16 @@ def _suggest(key: str) -> str:
     return f"{hint}remove it (known keys: see docs/configuration.md or `spotd run --help`)"
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], *, source: str, from_text: bool = False) -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any], update: Mapping[str, Any], *, source: str, from_text: bool = False
+) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for key, value in update.items():
         if key in _SECTIONS:
             if not isinstance(value, Mapping):
-                raise ConfigError(key, f"must be a table [{key}] in {source}", f"write it as [{key}] with keys below")
+                raise ConfigError(
+                    key, f"must be a table [{key}] in {source}", f"write it as [{key}] with keys below"
+                )
             types = _field_types(_SECTIONS[key])
             for sub, subvalue in value.items():
                 dotted = f"{key}.{sub}"
@@ -202,7 +206,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 out.setdefault(section, {})[rest[len(section) + 1 :]] = value
                 break
         else:
-            raise ConfigError(name, "environment variable names no config key", _suggest(rest.replace("_", ".", 1)))
+            raise ConfigError(
+                name, "environment variable names no config key", _suggest(rest.replace("_", ".", 1))
+            )
     return out
 
 
@@ -227,42 +233,92 @@ def _validate(cfg: Config) -> None:
         f"{cfg.job_id!r} contains '/'",
         "use letters, digits, '-', '_' or '.'",
     )
-    need(bool(cfg.checkpoint_dir), "checkpoint_dir", "is empty", "set it to the directory your trainer saves into")
-    need(cfg.imds.poll_interval > 0, "imds.poll_interval", f"{cfg.imds.poll_interval} is not > 0", "use e.g. 1.0")
+    need(
+        bool(cfg.checkpoint_dir),
+        "checkpoint_dir",
+        "is empty",
+        "set it to the directory your trainer saves into",
+    )
+    need(
+        cfg.imds.poll_interval > 0,
+        "imds.poll_interval",
+        f"{cfg.imds.poll_interval} is not > 0",
+        "use e.g. 1.0",
+    )
     need(cfg.imds.timeout > 0, "imds.timeout", f"{cfg.imds.timeout} is not > 0", "use e.g. 1.0")
     need(1 <= cfg.imds.token_ttl <= 21600, "imds.token_ttl", "must be 1..21600 seconds", "use 21600")
     scheme = urlsplit(cfg.imds.endpoint).scheme
-    need(scheme in {"http", "https"}, "imds.endpoint", f"{cfg.imds.endpoint!r} is not an http URL",
-         "use http://169.254.169.254 or http://[fd00:ec2::254]")
+    need(
+        scheme in {"http", "https"},
+        "imds.endpoint",
+        f"{cfg.imds.endpoint!r} is not an http URL",
+        "use http://169.254.169.254 or http://[fd00:ec2::254]",
+    )
     path_len = len(os.fsencode(cfg.socket.path))
-    need(0 < path_len <= MAX_SOCKET_PATH, "socket.path", f"is {path_len} bytes; a Unix socket path holds at most "
-         f"{MAX_SOCKET_PATH}", "choose a shorter path such as /run/spotd/spotd.sock")
+    need(
+        0 < path_len <= MAX_SOCKET_PATH,
+        "socket.path",
+        f"is {path_len} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+        "choose a shorter path such as /run/spotd/spotd.sock",
+    )
     need(cfg.store.keep >= 1, "store.keep", f"{cfg.store.keep} keeps nothing", "keep at least 1 (default 3)")
-    need(cfg.store.part_size >= 5 * 1024 * 1024, "store.part_size", "S3 parts must be at least 5 MiB",
-         "use 67108864 (64 MiB)")
+    need(
+        cfg.store.part_size >= 5 * 1024 * 1024,
+        "store.part_size",
+        "S3 parts must be at least 5 MiB",
+        "use 67108864 (64 MiB)",
+    )
     need(cfg.store.concurrency >= 1, "store.concurrency", "must be >= 1", "use 32")
-    need(cfg.store.checksum in {"auto", "crc64nvme", "crc32c", "crc32", "sha256"}, "store.checksum",
-         f"{cfg.store.checksum!r} is not supported", "use auto, crc64nvme, crc32c, crc32 or sha256")
+    need(
+        cfg.store.checksum in {"auto", "crc64nvme", "crc32c", "crc32", "sha256"},
+        "store.checksum",
+        f"{cfg.store.checksum!r} is not supported",
+        "use auto, crc64nvme, crc32c, crc32 or sha256",
+    )
     if cfg.store.uri:
         scheme = urlsplit(cfg.store.uri).scheme
-        need(scheme in {"s3", "file"}, "store.uri", f"{cfg.store.uri!r} is neither s3:// nor file://",
-             "use s3://bucket/prefix (or file:///path for a local store)")
+        need(
+            scheme in {"s3", "file"},
+            "store.uri",
+            f"{cfg.store.uri!r} is neither s3:// nor file://",
+            "use s3://bucket/prefix (or file:///path for a local store)",
+        )
     if cfg.metrics.listen:
-        host, sep, port = cfg.metrics.listen.rpartition(":")
-        need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536, "metrics.listen",
-             f"{cfg.metrics.listen!r} is not host:port", "use 0.0.0.0:9127, or \"\" to turn metrics off")
-    need(cfg.policy.on_rebalance in {"checkpoint", "notify", "ignore"}, "policy.on_rebalance",
-         f"{cfg.policy.on_rebalance!r} is not an option", "use checkpoint, notify or ignore")
+        _, sep, port = cfg.metrics.listen.rpartition(":")
+        need(
+            bool(sep) and port.isdigit() and 0 <= int(port) < 65536,
+            "metrics.listen",
+            f"{cfg.metrics.listen!r} is not host:port",
+            'use 0.0.0.0:9127, or "" to turn metrics off',
+        )
+    need(
+        cfg.policy.on_rebalance in {"checkpoint", "notify", "ignore"},
+        "policy.on_rebalance",
+        f"{cfg.policy.on_rebalance!r} is not an option",
+        "use checkpoint, notify or ignore",
+    )
     for key in ("deadline_margin", "maintenance_lead", "shutdown_grace", "drill_timeout"):
         value = getattr(cfg.policy, key)
         need(value >= 0, f"policy.{key}", f"{value} is negative", "use a number of seconds >= 0")
-    need(cfg.sync.mode in {"client", "watch"}, "sync.mode", f"{cfg.sync.mode!r} is not an option",
-         "use client (trainers report saves) or watch (spotd watches checkpoint_dir)")
+    need(
+        cfg.sync.mode in {"client", "watch"},
+        "sync.mode",
+        f"{cfg.sync.mode!r} is not an option",
+        "use client (trainers report saves) or watch (spotd watches checkpoint_dir)",
+    )
     need(cfg.sync.settle > 0, "sync.settle", f"{cfg.sync.settle} is not > 0", "use e.g. 5.0")
-    need(cfg.log.format in {"auto", "json", "console"}, "log.format", f"{cfg.log.format!r} is not an option",
-         "use auto, json or console")
-    need(cfg.log.level.lower() in {"debug", "info", "warning", "error"}, "log.level",
-         f"{cfg.log.level!r} is not a level", "use debug, info, warning or error")
+    need(
+        cfg.log.format in {"auto", "json", "console"},
+        "log.format",
+        f"{cfg.log.format!r} is not an option",
+        "use auto, json or console",
+    )
+    need(
+        cfg.log.level.lower() in {"debug", "info", "warning", "error"},
+        "log.level",
+        f"{cfg.log.level!r} is not a level",
+        "use debug, info, warning or error",
+    )
 
 
 def load_config(
@@ -284,12 +340,17 @@ def load_config(
         try:
             raw = tomllib.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError("--config", f"{file} does not exist", "create it or point --config at the right file")\
-                from None
+            raise ConfigError(
+                "--config", f"{file} does not exist", "create it or point --config at the right file"
+            ) from None
         except PermissionError:
-            raise ConfigError("--config", f"{file} is not readable", "fix its permissions (chmod 0640)") from None
+            raise ConfigError(
+                "--config", f"{file} is not readable", "fix its permissions (chmod 0640)"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("--config", f"{file} is not valid TOML ({exc})", "fix the syntax at that line") from None
+            raise ConfigError(
+                "--config", f"{file} is not valid TOML ({exc})", "fix the syntax at that line"
+            ) from None
         data = _merge(data, raw, source=str(file))
     data = _merge(data, _env_overrides(environ), source="environment", from_text=True)
     if overrides:

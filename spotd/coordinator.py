@@ -1,4 +1,4 @@
-"""The domain: a Notice becomes checkpoint requests, each ``saved`` becomes a commit, each commit a ``durable``.
+"""The domain: a Notice becomes checkpoint requests, a ``saved`` becomes a commit, a commit a ``durable``.
 
 One *episode* per notice acted on (a spot interruption, a maintenance event, SIGTERM, a rebalance under
 ``on_rebalance = "checkpoint"``, or a ``spotd checkpoint`` drill). Every trainer connected when the episode
@@ -185,12 +185,15 @@ class Coordinator:
         if notice.final and notice.not_after is not None:
             self._metrics.interruption_deadline.set(notice.not_after.timestamp())
         current = self.current
-        if current is not None and not current.finished:
-            if current.final or not notice.final:
-                # Already asked; a second signal (SIGTERM after the ITN) must not restart the trainers' saves.
-                log.info("notice.coalesced", kind=notice.kind.value, action=notice.action,
-                         request_id=current.request_id)
-                return current
+        if current is not None and not current.finished and (current.final or not notice.final):
+            # Already asked; a second signal (SIGTERM after the ITN) must not restart the trainers' saves.
+            log.info(
+                "notice.coalesced",
+                kind=notice.kind.value,
+                action=notice.action,
+                request_id=current.request_id,
+            )
+            return current
         return await self._start_episode(notice)
 
     def _deadline_for(self, notice: Notice) -> datetime:
@@ -269,8 +272,11 @@ class Coordinator:
         lost: list[str] = [f"{name}: no checkpoint before the deadline" for name in missing]
         lost += [f"{s.trainer}: upload failed ({s.error})" for s in failed_uploads]
         lost += [f"{episode.asked.get(sid, sid)}: {msg}" for sid, msg in episode.failed.items()]
-        lost += [f"{episode.asked[sid]}: disconnected before saving" for sid in episode.gone if sid in episode.asked
-                 and sid not in episode.saves]
+        lost += [
+            f"{episode.asked[sid]}: disconnected before saving"
+            for sid in episode.gone
+            if sid in episode.asked and sid not in episode.saves
+        ]
         if not episode.asked:
             lost.append("no trainer was connected")
         ok = not lost
@@ -352,7 +358,8 @@ class Coordinator:
         if not source.exists():
             raise ProtocolError(
                 protocol.E_PATH,
-                f"{raw_path!r} does not exist under {self._checkpoint_dir}; report the path after the file is written",
+                f"{raw_path!r} does not exist under {self._checkpoint_dir}; "
+                "report the path after the file is written",
             )
         episode = self.current if self.current and request_id == self.current.request_id else None
         save = _Save(session.id, session.name, raw_path, frame.get("step"), self._clock())
@@ -362,7 +369,11 @@ class Coordinator:
             if episode.final and self._phase is Phase.INTERRUPTED:
                 self.set_phase(Phase.UPLOADING)
         log.info(
-            "checkpoint.saved", trainer=session.name, path=raw_path, step=save.step, request_id=request_id,
+            "checkpoint.saved",
+            trainer=session.name,
+            path=raw_path,
+            step=save.step,
+            request_id=request_id,
             emergency=episode is not None,
         )
         info = CommitInfo(
@@ -382,8 +393,15 @@ class Coordinator:
     async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
         """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer."""
         info = CommitInfo(
-            job_id=self._config.job_id, step=step, trainer=trainer, rank=None, world_size=None, request_id=None,
-            reason="watch", instance_id=self._identity.instance_id, final=False,
+            job_id=self._config.job_id,
+            step=step,
+            trainer=trainer,
+            rank=None,
+            world_size=None,
+            request_id=None,
+            reason="watch",
+            instance_id=self._identity.instance_id,
+            final=False,
         )
         save = _Save("watch", trainer, str(source), step, self._clock())
         return await self._commit(None, source, info, Priority.BACKGROUND, save, None)
@@ -398,17 +416,30 @@ class Coordinator:
         episode: Episode | None,
     ) -> Manifest | None:
         try:
-            manifest = await self._store.commit(source, checkpoint_dir=self._checkpoint_dir, info=info,
-                                                priority=priority)
+            manifest = await self._store.commit(
+                source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
+            )
         except (StoreError, OSError) as exc:
             save.error = str(exc)
-            log.error("checkpoint.upload_failed", trainer=info.trainer, path=save.path, error=str(exc),
-                      local_kept=True, fix="check S3 reachability and permissions; the local checkpoint is kept")
+            log.error(
+                "checkpoint.upload_failed",
+                trainer=info.trainer,
+                path=save.path,
+                error=str(exc),
+                local_kept=True,
+                fix="check S3 reachability and permissions; the local checkpoint is kept",
+            )
             if session is not None and self._ipc is not None:
-                await self._ipc.send(session, {
-                    "op": "error", "code": protocol.E_STORE, "request_id": info.request_id, "path": save.path,
-                    "message": f"upload failed, local checkpoint kept: {exc}",
-                })
+                await self._ipc.send(
+                    session,
+                    {
+                        "op": "error",
+                        "code": protocol.E_STORE,
+                        "request_id": info.request_id,
+                        "path": save.path,
+                        "message": f"upload failed, local checkpoint kept: {exc}",
+                    },
+                )
             if episode is not None:
                 episode.done.set()
             return None
@@ -417,15 +448,27 @@ class Coordinator:
         self.set_last_durable(manifest)
         self._write_marker(manifest)
         log.info(
-            "checkpoint.durable", trainer=info.trainer, name=manifest.name, step=manifest.step,
-            bytes=manifest.total_bytes, files=len(manifest.files),
-            seconds=round(save.committed_at - save.saved_at, 3), request_id=info.request_id,
+            "checkpoint.durable",
+            trainer=info.trainer,
+            name=manifest.name,
+            step=manifest.step,
+            bytes=manifest.total_bytes,
+            files=len(manifest.files),
+            seconds=round(save.committed_at - save.saved_at, 3),
+            request_id=info.request_id,
         )
         if session is not None and self._ipc is not None:
-            await self._ipc.send(session, {
-                "op": "durable", "request_id": info.request_id, "path": save.path, "step": manifest.step,
-                "name": manifest.name, "uri": self._store.uri,
-            })
+            await self._ipc.send(
+                session,
+                {
+                    "op": "durable",
+                    "request_id": info.request_id,
+                    "path": save.path,
+                    "step": manifest.step,
+                    "name": manifest.name,
+                    "uri": self._store.uri,
+                },
+            )
         if episode is not None:
             episode.done.set()
         return manifest
@@ -447,8 +490,12 @@ class Coordinator:
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
         message = frame.get("message") or "trainer reported a failed checkpoint"
         self._metrics.checkpoint_failures.inc()
-        log.error("checkpoint.trainer_failed", trainer=session.name, message=message,
-                  request_id=frame.get("request_id"))
+        log.error(
+            "checkpoint.trainer_failed",
+            trainer=session.name,
+            message=message,
+            request_id=frame.get("request_id"),
+        )
         episode = self.current
         if episode is not None and frame.get("request_id") == episode.request_id:
             episode.failed[session.id] = message
@@ -460,8 +507,12 @@ class Coordinator:
     async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
         reason = frame.get("reason") or "drill"
         notice = Notice(
-            kind=NoticeKind.DRILL, action="checkpoint", key=f"drill:{uuid.uuid4().hex}", detected_at=self._wall(),
-            final=False, detail={"reason": reason},
+            kind=NoticeKind.DRILL,
+            action="checkpoint",
+            key=f"drill:{uuid.uuid4().hex}",
+            detected_at=self._wall(),
+            final=False,
+            detail={"reason": reason},
         )
         episode = await self.handle_notice(notice)
         if episode is None:
@@ -470,8 +521,11 @@ class Coordinator:
             # _watch_episode closes it under its own deadline (policy.drill_timeout).
             await episode.closed.wait()
         record = self._episode_record(episode, [])
-        ok = bool(episode.asked) and not episode.outstanding() and not episode.failed and all(
-            s.manifest is not None for s in episode.saves.values()
+        ok = (
+            bool(episode.asked)
+            and not episode.outstanding()
+            and not episode.failed
+            and all(s.manifest is not None for s in episode.saves.values())
         )
         return {"ok": ok, **record, "missing": episode.outstanding()}
 
@@ -517,8 +571,12 @@ class Coordinator:
             "notices": list(self._seen_notices),
             "last_durable": None
             if last is None
-            else {"name": last.name, "step": last.step, "time": format_time(last.created_at),
-                  "bytes": last.total_bytes},
+            else {
+                "name": last.name,
+                "step": last.step,
+                "time": format_time(last.created_at),
+                "bytes": last.total_bytes,
+            },
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -529,10 +587,14 @@ class Coordinator:
         task.add_done_callback(_log_task_error)
 
     async def last_chance(self, *, grace_s: float) -> None:
-        """SIGTERM: a final notice with deadline now + grace; returns when it is handled or the grace is up."""
+        """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
         now = self._wall()
         notice = Notice(
-            kind=NoticeKind.SHUTDOWN, action="sigterm", key="shutdown", detected_at=now, final=True,
+            kind=NoticeKind.SHUTDOWN,
+            action="sigterm",
+            key="shutdown",
+            detected_at=now,
+            final=True,
             not_after=now + timedelta(seconds=grace_s),
         )
         if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.finished):

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from spotd.errors import EXIT_FAILURE, EXIT_OK
 
@@ -33,23 +33,29 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--step-sleep", type=float, default=0.02, help="seconds per step, to give time to watch")
-    parser.add_argument("--seed", type=int, default=None, help="choose the interruption step (default: random)")
+    parser.add_argument(
+        "--step-sleep", type=float, default=0.02, help="seconds per step, to give time to watch"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="choose the interruption step (default: random)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
-    parser.add_argument("--workdir", default=None, help="directory for the demo's files (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", default=None, help="directory for the demo's files (default: a temp dir)"
+    )
 
 
 class _Stream:
     """Reads a subprocess pipe on a thread; JSON lines become events a step can wait for."""
 
-    def __init__(self, stream: TextIO, on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, stream: IO[str], on_line: Callable[[str], None] | None = None) -> None:
         self.lines: list[str] = []
         self._on_line = on_line
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self._thread.start()
 
-    def _pump(self, stream: TextIO) -> None:
+    def _pump(self, stream: IO[str]) -> None:
         for line in iter(stream.readline, ""):
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
@@ -100,15 +106,24 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTD_")}
-    env.update(AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1",
-               AWS_EC2_METADATA_DISABLED="true", PYTHONUNBUFFERED="1")
+    env.update(
+        AWS_ACCESS_KEY_ID="demo",
+        AWS_SECRET_ACCESS_KEY="demo",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
 
 def _start_s3(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
     import urllib.request
 
     deadline = time.monotonic() + 30
@@ -129,33 +144,55 @@ def _write_config(path: Path, *, imds: str, sock: str, ckpt: Path, s3: str) -> N
         f'[socket]\npath = "{sock}"\n'
         f'[store]\nuri = "s3://{BUCKET}/runs"\nendpoint_url = "{s3}"\nregion = "us-east-1"\n'
         f'[metrics]\nlisten = "127.0.0.1:0"\n'
-        f'[policy]\ndeadline_margin = 10.0\nshutdown_grace = 10.0\n'
+        f"[policy]\ndeadline_margin = 10.0\nshutdown_grace = 10.0\n"
         f'[log]\nformat = "json"\nlevel = "info"\n'
     )
 
 
 def _start_daemon(config: Path) -> tuple[subprocess.Popen[str], _Stream]:
-    proc = subprocess.Popen([sys.executable, "-m", "spotd", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spotd", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     assert proc.stderr is not None
     logs = _Stream(proc.stderr)
-    logs.wait(lambda ev: any(e["event"] == "daemon.ready" for e in ev) or proc.poll() is not None,
-              timeout_s=60, what="the daemon to be ready")
+    logs.wait(
+        lambda ev: any(e["event"] == "daemon.ready" for e in ev) or proc.poll() is not None,
+        timeout_s=60,
+        what="the daemon to be ready",
+    )
     if proc.poll() is not None:
         raise RuntimeError("the daemon exited:\n" + "\n".join(logs.lines[-20:]))
     return proc, logs
 
 
-def _start_trainer(args: argparse.Namespace, *, sock: str, ckpt: Path, out: Path,
-                   no_daemon: bool = False) -> tuple[subprocess.Popen[str], _Stream]:
-    cmd = [sys.executable, str(EXAMPLE), "--steps", str(args.steps), "--every-steps", "100",
-           "--checkpoint-dir", str(ckpt), "--out", str(out), "--seed", "0"]
+def _start_trainer(
+    args: argparse.Namespace, *, sock: str, ckpt: Path, out: Path, no_daemon: bool = False
+) -> tuple[subprocess.Popen[str], _Stream]:
+    cmd = [
+        sys.executable,
+        str(EXAMPLE),
+        "--steps",
+        str(args.steps),
+        "--every-steps",
+        "100",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--seed",
+        "0",
+    ]
     if no_daemon:
         cmd += ["--no-daemon"]
     else:
         cmd += ["--step-sleep", str(args.step_sleep)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(SPOTD_SOCKET=sock))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(SPOTD_SOCKET=sock)
+    )
     assert proc.stdout is not None and proc.stderr is not None
     _Stream(proc.stderr)  # drained so a chatty trainer never blocks
     return proc, _Stream(proc.stdout)
@@ -194,8 +231,11 @@ def main(args: argparse.Namespace) -> int:
         import moto  # noqa: F401
         import torch  # noqa: F401
     except ImportError as exc:
-        print(f"spotd demo needs torch and moto: {exc}. Run scripts/demo, or pip install 'spotd[demo]' "
-              "'torch==2.13.0'", file=sys.stderr)
+        print(
+            f"spotd demo needs torch and moto: {exc}. Run scripts/demo, or pip install 'spotd[demo]' "
+            "'torch==2.13.0'",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     if not EXAMPLE.exists():
         print(f"spotd demo needs {EXAMPLE}: run it from a checkout of the spotd repository", file=sys.stderr)
@@ -225,15 +265,21 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
     procs: list[subprocess.Popen[Any]] = []
     try:
         say("reference: the same job, uninterrupted, to compare the final weights with")
-        ref_proc, ref_out = _start_trainer(args, sock="/nonexistent", ckpt=work / "reference", out=work / "ref.pt",
-                                           no_daemon=True)
+        ref_proc, _ = _start_trainer(
+            args, sock="/nonexistent", ckpt=work / "reference", out=work / "ref.pt", no_daemon=True
+        )
         procs.append(ref_proc)
         s3_port = _free_port()
         s3_url = f"http://127.0.0.1:{s3_port}"
         s3 = _start_s3(s3_port)
         procs.append(s3)
-        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="demo",
-                     aws_secret_access_key="demo").create_bucket(Bucket=BUCKET)
+        boto3.client(
+            "s3",
+            endpoint_url=s3_url,
+            region_name="us-east-1",
+            aws_access_key_id="demo",
+            aws_secret_access_key="demo",
+        ).create_bucket(Bucket=BUCKET)
         say(f"S3 server (moto) on {s3_url}, bucket s3://{BUCKET}")
         if ref_proc.wait(120) != 0:
             raise RuntimeError("the reference training run failed")
@@ -251,22 +297,35 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
             say(f"instance 1: spotd running; training {args.steps} steps, periodic checkpoint every 100")
             t1, out1 = _start_trainer(args, sock=sock, ckpt=ckpt1, out=work / "unused.pt")
             procs.append(t1)
-            out1.wait(lambda ev: [e for e in ev if e["event"] == "started"], timeout_s=60, what="training start")
-            out1.wait(lambda ev: [e for e in ev if e["event"] == "saved"], timeout_s=120,
-                      what="the first periodic checkpoint")
+            out1.wait(
+                lambda ev: [e for e in ev if e["event"] == "started"], timeout_s=60, what="training start"
+            )
+            out1.wait(
+                lambda ev: [e for e in ev if e["event"] == "saved"],
+                timeout_s=120,
+                what="the first periodic checkpoint",
+            )
             say("periodic checkpoint at step 100 uploaded in the background")
             # A random moment after it: the emergency checkpoint must carry the steps since.
             time.sleep(delay)
             say("EC2: spot interruption notice (terminate in 2 minutes)")
             sim.arm_instance_action("terminate", after_s=0, lead_s=120)
-            stopped = out1.wait(lambda ev: [e for e in ev if e["event"] in ("stopped", "finished")], timeout_s=60,
-                                what="the trainer to stop")[0]
+            stopped = out1.wait(
+                lambda ev: [e for e in ev if e["event"] in ("stopped", "finished")],
+                timeout_s=60,
+                what="the trainer to stop",
+            )[0]
             if stopped["event"] != "stopped":
                 raise RuntimeError("training finished before the interruption; use more --steps")
-            handled = logs1.wait(lambda ev: [e for e in ev if e["event"] == "interruption.handled"], timeout_s=60,
-                                 what="the interruption to be handled")[0]
-            say(f"trainer saved at step {stopped['step']} and stopped; checkpoint durable in S3 "
-                f"({handled['bytes']} bytes, notice→durable {handled['notice_to_durable_seconds']:.2f} s)")
+            handled = logs1.wait(
+                lambda ev: [e for e in ev if e["event"] == "interruption.handled"],
+                timeout_s=60,
+                what="the interruption to be handled",
+            )[0]
+            say(
+                f"trainer saved at step {stopped['step']} and stopped; checkpoint durable in S3 "
+                f"({handled['bytes']} bytes, notice→durable {handled['notice_to_durable_seconds']:.2f} s)"
+            )
             t1.wait(30)
             _stop(d1)
             say("instance 1 terminated: its disk is gone")
@@ -281,14 +340,21 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
             if not restored:
                 raise RuntimeError("the replacement instance restored nothing")
             r = restored[0]
-            say(f"instance 2: spotd restored {r['name']} ({r['bytes']} bytes, verified) in {r['seconds']:.2f} s")
+            say(
+                f"instance 2: spotd restored {r['name']} ({r['bytes']} bytes, verified) "
+                f"in {r['seconds']:.2f} s"
+            )
             t2, out2 = _start_trainer(args, sock=sock, ckpt=ckpt2, out=work / "resumed.pt")
             procs.append(t2)
-            start2 = out2.wait(lambda ev: [e for e in ev if e["event"] == "started"], timeout_s=60,
-                               what="training to resume")[0]
+            start2 = out2.wait(
+                lambda ev: [e for e in ev if e["event"] == "started"], timeout_s=60, what="training to resume"
+            )[0]
             say(f"training resumed at step {start2['step']}")
-            fin = out2.wait(lambda ev: [e for e in ev if e["event"] == "finished"], timeout_s=300,
-                            what="training to finish")[0]
+            fin = out2.wait(
+                lambda ev: [e for e in ev if e["event"] == "finished"],
+                timeout_s=300,
+                what="training to finish",
+            )[0]
             t2.wait(30)
             _stop(d2)
             say(f"training finished at step {fin['step']}")

@@ -62,66 +62,101 @@ class Metrics:
         "upload_seconds",
     )
 
-    def __init__(self, *, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.imds_requests = Counter(
-            "spotd_imds_requests", "IMDS requests by logical path and HTTP code (or timeout/error).",
-            ["path", "code"], registry=r,
+            "spotd_imds_requests",
+            "IMDS requests by logical path and HTTP code (or timeout/error).",
+            ["path", "code"],
+            registry=r,
         )
         self.imds_malformed = Counter(
-            "spotd_imds_malformed", "IMDS answers that could not be parsed and were not acted on.", ["path"],
+            "spotd_imds_malformed",
+            "IMDS answers that could not be parsed and were not acted on.",
+            ["path"],
             registry=r,
         )
         self.notices = Counter(
-            "spotd_notices", "Interruption signals seen, once per distinct notice.", ["kind", "action"], registry=r
+            "spotd_notices",
+            "Interruption signals seen, once per distinct notice.",
+            ["kind", "action"],
+            registry=r,
         )
         self.checkpoint_requests = Counter(
-            "spotd_checkpoint_requests", "Checkpoint requests sent to trainers, by reason.", ["reason"], registry=r
+            "spotd_checkpoint_requests",
+            "Checkpoint requests sent to trainers, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.checkpoint_failures = Counter(
             "spotd_checkpoint_failures", "Trainers that reported a failed checkpoint.", registry=r
         )
-        self.upload_bytes = Counter("spotd_upload_bytes", "Bytes uploaded to the checkpoint store.", registry=r)
+        self.upload_bytes = Counter(
+            "spotd_upload_bytes", "Bytes uploaded to the checkpoint store.", registry=r
+        )
         self.upload_failures = Counter(
             "spotd_upload_failures", "Checkpoint uploads or commits that failed after retries.", registry=r
         )
         self.socket_errors = Counter(
-            "spotd_socket_errors", "Bad frames and broken connections on the trainer socket.", ["code"], registry=r
+            "spotd_socket_errors",
+            "Bad frames and broken connections on the trainer socket.",
+            ["code"],
+            registry=r,
         )
         self.detect_seconds = Histogram(
-            "spotd_detect_seconds", "Notice issued (or first seen) to trainers asked.", buckets=_FAST_BUCKETS,
+            "spotd_detect_seconds",
+            "Notice issued (or first seen) to trainers asked.",
+            buckets=_FAST_BUCKETS,
             registry=r,
         )
         self.checkpoint_seconds = Histogram(
-            "spotd_checkpoint_seconds", "Request sent to trainer's 'saved'.", buckets=_SLOW_BUCKETS, registry=r
+            "spotd_checkpoint_seconds",
+            "Request sent to trainer's 'saved'.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
         )
         self.upload_seconds = Histogram(
-            "spotd_upload_seconds", "'saved' received to checkpoint committed.", buckets=_SLOW_BUCKETS, registry=r
+            "spotd_upload_seconds",
+            "'saved' received to checkpoint committed.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
         )
         self.notice_to_durable_seconds = Histogram(
-            "spotd_notice_to_durable_seconds", "Notice seen to every trainer's checkpoint committed.",
-            buckets=_SLOW_BUCKETS, registry=r,
+            "spotd_notice_to_durable_seconds",
+            "Notice seen to every trainer's checkpoint committed.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
         )
         self.restore_seconds = Histogram(
-            "spotd_restore_seconds", "Restore on boot: download and verify.", buckets=_SLOW_BUCKETS, registry=r
+            "spotd_restore_seconds",
+            "Restore on boot: download and verify.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
         )
         self.phase = Gauge("spotd_phase", "1 for the current phase, 0 for the others.", ["phase"], registry=r)
         self.trainers = Gauge("spotd_trainers", "Training processes connected.", registry=r)
         self.interruption_deadline = Gauge(
             "spotd_interruption_deadline_timestamp_seconds",
-            "Unix time at which the instance goes away (0 when no notice).", registry=r,
-        )
-        self.last_durable_timestamp = Gauge(
-            "spotd_last_durable_checkpoint_timestamp_seconds", "Unix time of the newest committed checkpoint.",
+            "Unix time at which the instance goes away (0 when no notice).",
             registry=r,
         )
-        self.last_durable_step = Gauge("spotd_last_durable_step", "Training step of the newest committed checkpoint.",
-                                       registry=r)
+        self.last_durable_timestamp = Gauge(
+            "spotd_last_durable_checkpoint_timestamp_seconds",
+            "Unix time of the newest committed checkpoint.",
+            registry=r,
+        )
+        self.last_durable_step = Gauge(
+            "spotd_last_durable_step", "Training step of the newest committed checkpoint.", registry=r
+        )
         self.imds_up = Gauge("spotd_imds_up", "1 while IMDS answers, 0 when it does not.", registry=r)
         self.maintenance_events = Gauge(
-            "spotd_maintenance_events", "Active scheduled maintenance events that stop or reboot the instance.",
-            ["code"], registry=r,
+            "spotd_maintenance_events",
+            "Active scheduled maintenance events that stop or reboot the instance.",
+            ["code"],
+            registry=r,
         )
         r.register(_SecondsUntilInterruption(lambda: self.interruption_deadline._value.get(), clock))
         self.set_phase(Phase.STARTING)

@@ -110,6 +110,7 @@ def validate_client_frame(message: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError(E_BAD_FRAME, f"{op!r} field {name!r} has the wrong type")
     if op == "hello" and message["v"] != PROTOCOL_VERSION:
         raise ProtocolError(
-            E_VERSION, f"protocol version {message['v']} is not supported; this daemon speaks v{PROTOCOL_VERSION}"
+            E_VERSION,
+            f"protocol version {message['v']} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
         )
     return message

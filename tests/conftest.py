@@ -11,7 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 pytest_plugins = sorted(
-    f"tests.fixtures.{p.stem}" for p in (pathlib.Path(__file__).parent / "fixtures").glob("*.py") if p.stem != "__init__"
+    f"tests.fixtures.{p.stem}"
+    for p in (pathlib.Path(__file__).parent / "fixtures").glob("*.py")
+    if p.stem != "__init__"
 )
 
 

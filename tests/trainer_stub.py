@@ -46,8 +46,15 @@ def main() -> int:
             (root / rel).write_bytes(os.urandom(args.size))
             if req is not None and guard.checkpoint_requested:
                 handled.add(req.request_id)
-                emit("requested", step=step, request_id=req.request_id, final=req.final, reason=req.reason,
-                     deadline=req.deadline.isoformat(), received=time.time())
+                emit(
+                    "requested",
+                    step=step,
+                    request_id=req.request_id,
+                    final=req.final,
+                    reason=req.reason,
+                    deadline=req.deadline.isoformat(),
+                    received=time.time(),
+                )
             guard.saved(rel, step=step)
             ok = guard.wait_durable(timeout=30)
             emit("durable", ok=ok, step=step, path=rel)

@@ -17,7 +17,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
+) -> T:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -30,7 +32,11 @@ def wait_until(predicate: Callable[[], T], *, timeout_s: float = 10.0, interval_
 
 
 async def async_wait_until(
-    predicate: Callable[[], T | Awaitable[T]], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
+    predicate: Callable[[], T | Awaitable[T]],
+    *,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.02,
+    what: str = "",
 ) -> T:
     deadline = time.monotonic() + timeout_s
     while True:
