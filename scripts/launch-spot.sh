@@ -6,8 +6,8 @@
 #       scripts/launch-spot.sh
 #
 # DRY_RUN=1 asks EC2 to validate the request (--dry-run) without launching. CREATE_PROFILE=1 creates the
-# IAM role and instance profile from docs/iam-policy.json first (its placeholder YOUR-BUCKET becomes
-# $BUCKET). Needs the AWS CLI v2 and credentials allowed to run instances (and IAM, for CREATE_PROFILE).
+# IAM role and instance profile from docs/iam-policy.json first (its placeholders BUCKET and PREFIX
+# become $BUCKET and spotd, the user-data's prefix). Needs the AWS CLI v2 and credentials allowed to run instances (and IAM, for CREATE_PROFILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ if [ "$CREATE_PROFILE" = 1 ]; then
     if ! aws iam get-role --role-name "$PROFILE_NAME" >/dev/null 2>&1; then
         aws iam create-role --role-name "$PROFILE_NAME" --assume-role-policy-document "$trust" >/dev/null
     fi
-    policy="$(sed "s/YOUR-BUCKET/${BUCKET}/g" docs/iam-policy.json)"
+    policy="$(sed -e "s/BUCKET/${BUCKET}/g" -e "s|PREFIX|spotd|g" docs/iam-policy.json)"
     aws iam put-role-policy --role-name "$PROFILE_NAME" --policy-name spotd --policy-document "$policy"
     if ! aws iam get-instance-profile --instance-profile-name "$PROFILE_NAME" >/dev/null 2>&1; then
         aws iam create-instance-profile --instance-profile-name "$PROFILE_NAME" >/dev/null

@@ -166,6 +166,7 @@ class Daemon:
             await self._stop.wait()
             log.info("daemon.stopping", phase=coordinator.phase.value)
             self._notifier.stopping()
+            self._notifier.extend_timeout(cfg.policy.shutdown_grace * 1.5 + 5.0)
             # Stop watching IMDS first: the shutdown notice below is the last one we act on.
             for task in tasks:
                 task.cancel()
@@ -211,6 +212,8 @@ class Daemon:
             log.info("restore.up_to_date", name=on_disk)
             return
         self._notifier.status(f"restoring {newest.name}")
+        # A large checkpoint may take longer than TimeoutStartSec allows by default.
+        self._notifier.extend_timeout(600.0)
         started = time.monotonic()
         last_error: Exception | None = None
         for attempt in range(1, RESTORE_ATTEMPTS + 1):
