@@ -7,7 +7,8 @@
 #
 # DRY_RUN=1 asks EC2 to validate the request (--dry-run) without launching. CREATE_PROFILE=1 creates the
 # IAM role and instance profile from docs/iam-policy.json first (its placeholders BUCKET and PREFIX
-# become $BUCKET and spotd, the user-data's prefix). Needs the AWS CLI v2 and credentials allowed to run instances (and IAM, for CREATE_PROFILE).
+# become $BUCKET and spotd, the user-data's prefix). Needs the AWS CLI v2 and credentials allowed to
+# run instances (and IAM, for CREATE_PROFILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
