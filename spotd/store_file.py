@@ -1,0 +1,226 @@
+"""The ``file://`` store: the S3 protocol on a local directory (tests, NFS/EFS mounts, drills).
+
+Every file is written under a temporary name, fsynced, renamed, and its directory fsynced; MANIFEST.json
+is published with ``os.link`` so an existing one is never overwritten (the If-None-Match of S3).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from spotd.errors import StoreAccessError, StoreError, UploadError
+from spotd.store import CHUNK, TMP_PREFIX, Priority, _BaseStore, _Exists, _fsync_dir, _Hasher, _LocalFile
+
+if TYPE_CHECKING:
+    from spotd.metrics import Metrics
+
+__all__ = ["FileStore"]
+
+
+class FileStore(_BaseStore):
+    __slots__ = ("_root",)
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        job_id: str,
+        keep: int = 3,
+        checksum: str = "auto",
+        executor: concurrent.futures.Executor | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        parts = urlsplit(uri)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
+            raise StoreError(
+                f"store.uri {uri!r} is not a file:///absolute/path URI; fix: use file:///var/spotd/store"
+            )
+        super().__init__(
+            uri=uri,
+            job_id=job_id,
+            keep=keep,
+            checksum=checksum,
+            executor=executor,
+            metrics=metrics,
+            workers=8,
+        )
+        self._root = Path(unquote(parts.path))
+
+    def _path(self, key: str) -> Path:
+        return self._root / key
+
+    # ---- blocking helpers (run on the executor)
+
+    def _write_atomic(self, key: str, data: bytes, if_absent: bool) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            if if_absent:
+                try:
+                    os.link(tmp, target)  # fails if target exists: never overwrite a commit
+                except FileExistsError:
+                    raise _Exists(key) from None
+            else:
+                os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _walk(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirs, filenames in os.walk(base):
+            for name in filenames:
+                if not name.startswith(TMP_PREFIX):
+                    out.append(Path(dirpath, name).relative_to(self._root).as_posix())
+        return sorted(out)
+
+    def _unlink(self, keys: Sequence[str]) -> None:
+        parents = set()
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+            parents.add(self._path(key).parent)
+        ckpts = self._path(self._prefix)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            # Remove directories left empty, up to (not including) the checkpoints directory.
+            p = parent
+            while p != ckpts and p.is_relative_to(ckpts):
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+                p = p.parent
+
+    def _copy(self, file: _LocalFile, key: str, progress: Callable[[int], None] | None) -> str:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
+        hasher = _Hasher(self._algo)
+        size = 0
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            with open(file.path, "rb") as src, open(tmp, "wb") as dst:
+                while n := src.readinto(buf):
+                    hasher.update(view[:n])
+                    dst.write(view[:n])
+                    size += n
+                    if progress is not None:
+                        progress(n)
+                dst.flush()
+                os.fsync(dst.fileno())
+            if size != file.size:
+                raise UploadError(
+                    f"{file.rel} changed while uploading ({file.size} → {size} bytes); "
+                    "fix: report a checkpoint only after it is fully written"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        return hasher.value()
+
+    def _copy_out(self, key: str, dest: Path, progress: Callable[[int], None] | None) -> None:
+        src = self._path(key)
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            while chunk := fin.read(CHUNK):
+                fout.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+
+    # ---- primitives
+
+    async def _put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        try:
+            await self._run(self._write_atomic, key, data, if_absent)
+        except OSError as exc:
+            raise StoreError(f"writing {self._path(key)} failed: {exc}") from exc
+
+    async def _get(self, key: str) -> bytes | None:
+        return await self._run(self._read, key)
+
+    async def _list(self, prefix: str) -> list[str]:
+        return await self._run(self._walk, prefix)
+
+    async def _delete(self, keys: Sequence[str]) -> None:
+        await self._run(self._unlink, list(keys))
+
+    async def _upload(
+        self, file: _LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
+    ) -> str:
+        try:
+            return await self._run(self._copy, file, key, _threadsafe(progress))
+        except UploadError:
+            raise
+        except OSError as exc:
+            raise UploadError(f"copying {file.rel} to {self._path(key)} failed: {exc}") from exc
+
+    async def _download(self, key: str, dest: Path, progress: Callable[[int], None] | None) -> None:
+        try:
+            await self._run(self._copy_out, key, dest, _threadsafe(progress))
+        except OSError as exc:
+            raise StoreError(f"reading {self._path(key)} failed: {exc}") from exc
+
+    # ---- protocol
+
+    async def check_access(self) -> None:
+        def probe() -> None:
+            self._write_atomic(f"{self._job}/.spotd-access-probe", b"ok", False)
+            self._path(f"{self._job}/.spotd-access-probe").unlink()
+
+        try:
+            await self._run(probe)
+        except OSError as exc:
+            raise StoreAccessError(
+                f"cannot write to the store directory {self._root}/{self._job}: {exc}; "
+                "fix: create it and let the spotd user write to it, or change store.uri"
+            ) from exc
+
+    async def recover(self) -> int:
+        """Remove temporary files a crash left behind; committed checkpoints are never touched."""
+
+        def sweep() -> int:
+            base = self._path(self._job)
+            count = 0
+            if base.is_dir():
+                for dirpath, _dirs, filenames in os.walk(base):
+                    for name in filenames:
+                        if name.startswith(TMP_PREFIX):
+                            Path(dirpath, name).unlink(missing_ok=True)
+                            count += 1
+            return count
+
+        return await self._run(sweep)
+
+
+def _threadsafe(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """Progress callbacks run on the loop thread, whatever thread reports them."""
+    if progress is None:
+        return None
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def report(n: int) -> None:
+        loop.call_soon_threadsafe(progress, n)
+
+    return report

@@ -1,0 +1,308 @@
+"""The store contract, run against both backends: file:// and s3:// (moto's server mode)."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotd.config import Config
+from spotd.errors import PathEscape, RestoreError, StoreError
+from spotd.metrics import Metrics
+from spotd.store import CheckpointStore, CommitInfo, Manifest, _BaseStore, hash_file, open_store
+from tests.fixtures.s3 import S3Bucket
+
+JOB = "job1"
+
+
+def info(step: int | None = 1, *, rank: int | None = None, world_size: int | None = None) -> CommitInfo:
+    return CommitInfo(
+        job_id=JOB,
+        step=step,
+        trainer="train",
+        rank=rank,
+        world_size=world_size,
+        request_id=None,
+        reason="periodic",
+        instance_id="i-0123",
+        final=False,
+    )
+
+
+@dataclass
+class Backend:
+    kind: str
+    root: Path  # file store root (file) or unused
+    bucket: S3Bucket | None
+    make: Callable[..., CheckpointStore]
+
+    def corrupt(self, manifest: Manifest, path: str) -> None:
+        key = f"{JOB}/checkpoints/{manifest.name}/{path}"
+        if self.bucket is not None:
+            body = self.bucket.client.get_object(Bucket=self.bucket.name, Key=f"pfx/{key}")["Body"].read()
+            self.bucket.client.put_object(Bucket=self.bucket.name, Key=f"pfx/{key}", Body=b"X" + body[1:])
+        else:
+            target = self.root / key
+            data = bytearray(target.read_bytes())
+            data[0] ^= 0xFF
+            target.write_bytes(bytes(data))
+
+    def objects(self) -> list[str]:
+        if self.bucket is not None:
+            return [k.removeprefix("pfx/") for k in self.bucket.keys("pfx/")]
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def add_orphan(self, name: str) -> None:
+        key = f"{JOB}/checkpoints/{name}/model.pt"
+        if self.bucket is not None:
+            self.bucket.client.put_object(Bucket=self.bucket.name, Key=f"pfx/{key}", Body=b"half")
+        else:
+            (self.root / key).parent.mkdir(parents=True)
+            (self.root / key).write_bytes(b"half")
+
+
+@pytest.fixture(params=["file", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    root = tmp_path / "store"
+    if request.param == "file":
+        uri = f"file://{root}"
+        bucket = None
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        uri = bucket.uri()
+
+    def make(**overrides: Any) -> CheckpointStore:
+        extra = {"store.endpoint_url": bucket.endpoint_url} if bucket else {}
+        cfg = Config().replace(
+            **{
+                "job_id": JOB,
+                "store.uri": uri,
+                "store.part_size": 5 * 1024 * 1024,
+                "store.concurrency": 8,
+                **extra,
+                **overrides,
+            }
+        )
+        return open_store(cfg, metrics=Metrics())
+
+    return Backend(kind=request.param, root=root, bucket=bucket, make=make)
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[CheckpointStore]:
+    s = backend.make()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def ckdir(tmp_path: Path) -> Path:
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    return d
+
+
+def write_big(path: Path, size: int) -> None:
+    """A sparse file with random blocks scattered through it: fast to create, not all zeros."""
+    block = os.urandom(1024 * 1024)
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for offset in range(0, size, 16 * 1024 * 1024):
+            fh.seek(offset)
+            fh.write(block[: min(len(block), size - offset)])
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+async def test_large_single_file_commit_and_restore(
+    backend: Backend, store: CheckpointStore, ckdir: Path, tmp_path: Path
+) -> None:
+    """A 200 MB file commits data, MANIFEST and LATEST with its checksum, and restores byte-identical."""
+    write_big(ckdir / "model.pt", 200 * 1024 * 1024)
+    m = await store.commit(ckdir / "model.pt", checkpoint_dir=ckdir, info=info(500))
+    assert [f.path for f in m.files] == ["model.pt"] and m.total_bytes == 200 * 1024 * 1024
+    assert m.files[0].checksum == hash_file(ckdir / "model.pt", "crc32")[1]
+    keys = backend.objects()
+    assert f"{JOB}/checkpoints/{m.name}/model.pt" in keys
+    assert f"{JOB}/checkpoints/{m.name}/MANIFEST.json" in keys and f"{JOB}/LATEST" in keys
+    dest = tmp_path / "restored"
+    result = await store.restore(dest)
+    assert result.manifest == m and result.skipped == () and result.bytes == m.total_bytes
+    assert filecmp.cmp(ckdir / "model.pt", dest / "model.pt", shallow=False)
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]
+
+
+async def test_hundred_file_directory_commit_and_restore(
+    backend: Backend, store: CheckpointStore, ckdir: Path, tmp_path: Path
+) -> None:
+    """A 100-file directory checkpoint commits every file with a checksum and restores byte-identical."""
+    step_dir = ckdir / "step_000100"
+    for i in range(100):
+        sub = step_dir / f"shard{i % 4}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"part{i:03d}.bin").write_bytes(os.urandom(1 + i * 97))
+    m = await store.commit(step_dir, checkpoint_dir=ckdir, info=info(100))
+    assert len(m.files) == 100 and all(f.checksum.startswith("crc32:") for f in m.files)
+    entry = next(f for f in m.files if f.path == "step_000100/shard1/part001.bin")
+    crc = zlib.crc32((step_dir / "shard1/part001.bin").read_bytes()).to_bytes(4, "big")
+    import base64
+
+    assert entry.checksum == "crc32:" + base64.b64encode(crc).decode()
+    assert [x.name for x in await store.list()] == [m.name]
+    dest = tmp_path / "restored"
+    await store.restore(dest)
+    assert same_tree(ckdir, dest)
+
+
+async def test_corrupted_object_falls_back(
+    backend: Backend, store: CheckpointStore, ckdir: Path, tmp_path: Path
+) -> None:
+    """A damaged object makes restore fall back to the previous commit and name the skipped one."""
+    (ckdir / "a.pt").write_bytes(b"old" * 1000)
+    old = await store.commit(ckdir / "a.pt", checkpoint_dir=ckdir, info=info(1))
+    (ckdir / "a.pt").write_bytes(b"new" * 1000)
+    new = await store.commit(ckdir / "a.pt", checkpoint_dir=ckdir, info=info(2))
+    backend.corrupt(new, "a.pt")
+    result = await store.restore(tmp_path / "r")
+    assert result.manifest.name == old.name and result.skipped == (new.name,)
+    assert (tmp_path / "r" / "a.pt").read_bytes() == b"old" * 1000
+    backend.corrupt(old, "a.pt")
+    with pytest.raises(RestoreError, match="could be downloaded and verified"):
+        await store.restore(tmp_path / "r2")
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink_file", "symlink_in_dir"])
+async def test_path_escapes_refused(
+    backend: Backend, store: CheckpointStore, ckdir: Path, tmp_path: Path, case: str
+) -> None:
+    """Paths that escape checkpoint_dir are refused with PathEscape and nothing is uploaded."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not upload")
+    if case == "dotdot":
+        source = ckdir / ".." / "secret.txt"
+    elif case == "absolute":
+        source = secret
+    elif case == "symlink_file":
+        source = ckdir / "link.pt"
+        source.symlink_to(secret)
+    else:
+        source = ckdir / "step1"
+        source.mkdir()
+        (source / "ok.bin").write_bytes(b"ok")
+        (source / "leak").symlink_to(secret)
+    with pytest.raises(PathEscape, match=str(ckdir)):
+        await store.commit(source, checkpoint_dir=ckdir, info=info())
+    assert backend.objects() == [] or all("/checkpoints/" not in k for k in backend.objects())
+
+
+async def test_retention_keeps_keep_and_ignores_orphans(
+    backend: Backend, ckdir: Path, tmp_path: Path
+) -> None:
+    """With keep=2 only the two newest commits remain; a directory without MANIFEST is invisible."""
+    store = backend.make(**{"store.keep": 2})
+    try:
+        names = []
+        for step in range(4):
+            (ckdir / "m.pt").write_bytes(os.urandom(100 + step))
+            names.append((await store.commit(ckdir / "m.pt", checkpoint_dir=ckdir, info=info(step))).name)
+        assert [m.name for m in await store.list()] == names[:1:-1]
+        assert not [k for k in backend.objects() if names[0] in k or names[1] in k]
+        backend.add_orphan("29991231T000000.000000Z-s000000099-train-ffff")  # newer than every commit
+        listed = await store.list()
+        assert [m.name for m in listed] == [names[3], names[2]]
+        result = await store.restore(tmp_path / "r")
+        assert result.manifest.name == names[3]
+    finally:
+        await store.close()
+
+
+async def test_multi_rank_restore_is_consistent(
+    backend: Backend, store: CheckpointStore, ckdir: Path, tmp_path: Path
+) -> None:
+    """Newest restore takes every rank of the newest complete step, skipping a step with a rank missing."""
+    for step, ranks in ((10, (0, 1)), (20, (0,))):
+        for r in ranks:
+            (ckdir / f"s{step}-r{r}.pt").write_bytes(f"{step}/{r}".encode())
+            await store.commit(
+                ckdir / f"s{step}-r{r}.pt", checkpoint_dir=ckdir, info=info(step, rank=r, world_size=2)
+            )
+    result = await store.restore(tmp_path / "r")
+    assert result.manifest.step == 10 and result.files == 2
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["s10-r0.pt", "s10-r1.pt"]
+
+
+async def test_restore_by_name_and_unknown_name(store: CheckpointStore, ckdir: Path, tmp_path: Path) -> None:
+    """restore(name=...) restores that commit; an unknown name is a RestoreError naming `spotd list`."""
+    (ckdir / "a.pt").write_bytes(b"1")
+    first = await store.commit(ckdir / "a.pt", checkpoint_dir=ckdir, info=info(1))
+    (ckdir / "a.pt").write_bytes(b"2")
+    await store.commit(ckdir / "a.pt", checkpoint_dir=ckdir, info=info(2))
+    await store.restore(tmp_path / "r", name=first.name)
+    assert (tmp_path / "r" / "a.pt").read_bytes() == b"1"
+    with pytest.raises(RestoreError, match="spotd list"):
+        await store.restore(tmp_path / "r", name="nope")
+
+
+async def test_restore_empty_store_is_clear_error(store: CheckpointStore, tmp_path: Path) -> None:
+    """Restoring from an empty store raises RestoreError saying there is nothing to restore."""
+    with pytest.raises(RestoreError, match="nothing to restore"):
+        await store.restore(tmp_path / "r")
+
+
+async def test_access_recover_and_events(backend: Backend, store: CheckpointStore) -> None:
+    """check_access passes on a usable store, recover() finds nothing to abort, write_event stores a record."""
+    await store.check_access()
+    assert await store.recover() == 0
+    key = await store.write_event({"instance_id": "i-0123", "notice": "spot"})
+    assert key.startswith(f"{JOB}/events/") and key.endswith("-i-0123.json") and key in backend.objects()
+
+
+async def test_manifest_never_overwritten(backend: Backend, store: CheckpointStore) -> None:
+    """A second MANIFEST.json write to the same checkpoint is refused by the store (If-None-Match: *)."""
+    from spotd.store import _Exists
+
+    assert isinstance(store, _BaseStore)
+    await store._put(f"{JOB}/checkpoints/x/MANIFEST.json", b"{}", if_absent=True)
+    with pytest.raises(_Exists):
+        await store._put(f"{JOB}/checkpoints/x/MANIFEST.json", b"{}", if_absent=True)
+
+
+def test_manifest_json_roundtrip_and_errors() -> None:
+    """Manifests survive a JSON round trip; bad ones raise StoreError naming the problem and the fix."""
+    from datetime import UTC, datetime
+
+    from spotd.store import FileEntry
+
+    m = Manifest(
+        name="n",
+        job_id="j",
+        step=3,
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        instance_id="i",
+        trainer="t",
+        rank=None,
+        world_size=None,
+        request_id="r",
+        reason="spot",
+        files=(FileEntry(path="a/b.pt", size=3, checksum="crc32:AAAAAA=="),),
+    )
+    assert Manifest.from_json(m.to_json()) == m
+    with pytest.raises(StoreError, match=r"not JSON.*fix"):
+        Manifest.from_json(b"{")
+    evil = m.to_json().replace(b'"a/b.pt"', b'"../../etc/passwd"')
+    with pytest.raises(StoreError, match="not a relative path"):
+        Manifest.from_json(evil)
+    with pytest.raises(StoreError, match="upgrade spotd"):
+        Manifest.from_json(m.to_json().replace(b'"format": 1', b'"format": 9'))
