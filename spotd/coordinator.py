@@ -32,6 +32,11 @@ __all__ = ["Coordinator", "Episode"]
 
 log = get_logger("spotd.coordinator")
 
+#: Whole-commit retries for periodic checkpoints (each S3 request is already retried by the store).
+COMMIT_ATTEMPTS = 4
+COMMIT_BACKOFF_S = 1.0
+COMMIT_BACKOFF_MAX_S = 15.0
+
 #: Where the daemon remembers, inside checkpoint_dir, which committed checkpoint the disk already holds.
 STATE_DIR = ".spotd"
 RESTORED_MARKER = "restored.json"
@@ -416,9 +421,7 @@ class Coordinator:
         episode: Episode | None,
     ) -> Manifest | None:
         try:
-            manifest = await self._store.commit(
-                source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
-            )
+            manifest = await self._commit_with_retries(source, info, priority, episode)
         except (StoreError, OSError) as exc:
             save.error = str(exc)
             log.error(
@@ -472,6 +475,38 @@ class Coordinator:
         if episode is not None:
             episode.done.set()
         return manifest
+
+    async def _commit_with_retries(
+        self, source: Path, info: CommitInfo, priority: Priority, episode: Episode | None
+    ) -> Manifest:
+        """The store retries each request; this retries the whole commit while it can still matter.
+
+        An emergency commit keeps trying until its episode's deadline (a late upload still beats none);
+        a periodic one gives up after ``COMMIT_ATTEMPTS`` and leaves the local checkpoint in place.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._store.commit(
+                    source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
+                )
+            except (StoreError, OSError) as exc:
+                backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (attempt - 1))
+                if episode is not None:
+                    left = (episode.deadline - self._wall()).total_seconds()
+                    if left <= backoff_s or episode.finished:
+                        raise
+                elif attempt >= COMMIT_ATTEMPTS:
+                    raise
+                log.warning(
+                    "checkpoint.upload_retry",
+                    trainer=info.trainer,
+                    attempt=attempt,
+                    error=str(exc),
+                    retry_in_seconds=backoff_s,
+                )
+                await asyncio.sleep(backoff_s)
 
     def _write_marker(self, manifest: Manifest) -> None:
         """Remember that the disk holds this committed checkpoint, so a restart does not download it again."""
