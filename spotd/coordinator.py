@@ -66,6 +66,7 @@ class Episode:
     started: float  # monotonic, when the notice was handed to us
     asked: dict[str, str] = field(default_factory=dict)  # session id → trainer name
     asked_at: float | None = None
+    asked_wall: datetime | None = None
     saves: dict[str, _Save] = field(default_factory=dict)  # session id → its save for this request
     failed: dict[str, str] = field(default_factory=dict)  # session id → message
     gone: set[str] = field(default_factory=set)  # asked, then disconnected without saving
@@ -234,8 +235,8 @@ class Coordinator:
         self._metrics.checkpoint_requests.labels(reason=_reason_label(notice)).inc()
         sent = await self._ipc.broadcast(episode.frame()) if self._ipc and trainers else 0
         episode.asked_at = self._clock()
-        lag = (self._wall() - notice.detected_at).total_seconds()
-        self._metrics.detect_seconds.observe(max(0.0, lag))
+        episode.asked_wall = self._wall()
+        self._metrics.detect_seconds.observe(_detect_seconds(notice, episode.asked_wall))
         log.info(
             "checkpoint.requested",
             request_id=episode.request_id,
@@ -309,7 +310,7 @@ class Coordinator:
         def rounded(value: float | None) -> float | None:
             return None if value is None else round(value, 3)
 
-        detect = (self._wall() - notice.detected_at).total_seconds() - (self._clock() - asked_at)
+        detect = _detect_seconds(notice, episode.asked_wall or notice.detected_at)
         return {
             "request_id": episode.request_id,
             "kind": notice.kind.value,
@@ -321,7 +322,7 @@ class Coordinator:
             "notice_time": format_time(notice.not_after) if notice.not_after else None,
             "detected_at": format_time(notice.detected_at),
             "deadline": format_time(episode.deadline),
-            "detect_seconds": rounded(max(0.0, detect)),
+            "detect_seconds": rounded(detect),
             "checkpoint_seconds": rounded(max(saved_at) - asked_at if saved_at else None),
             "upload_seconds": rounded(
                 max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None
@@ -651,6 +652,25 @@ class Coordinator:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
+
+
+#: EC2 issues the spot interruption notice two minutes before the action time it announces.
+SPOT_NOTICE_LEAD = timedelta(minutes=2)
+
+
+def _detect_seconds(notice: Notice, asked: datetime) -> float:
+    """Seconds from the notice being issued to the trainers being asked.
+
+    IMDS does not say when a spot notice appeared; EC2 issues it two minutes before its action time, so
+    that is the estimate (hibernate and a moved notice time can make it < 0: clamped). Rebalance carries
+    its noticeTime. Others (maintenance, SIGTERM, drills) count from when spotd saw them.
+    """
+    issued = notice.detected_at
+    if notice.issued_at is not None:
+        issued = notice.issued_at
+    elif notice.kind is NoticeKind.SPOT and notice.not_after is not None and notice.action != "hibernate":
+        issued = min(notice.detected_at, notice.not_after - SPOT_NOTICE_LEAD)
+    return max(0.0, (asked - issued).total_seconds())
 
 
 def _reason_label(notice: Notice) -> str:

@@ -362,7 +362,7 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
         identical = _same_state(work / "ref.pt", work / "resumed.pt")
         lost = stopped["step"] - start2["step"]
         rows = [
-            ("detection (notice seen → trainer asked)", f"{handled['detect_seconds']:.3f} s"),
+            ("detection (notice issued → trainer asked)", f"{handled['detect_seconds']:.3f} s"),
             ("checkpoint (asked → saved)", f"{handled['checkpoint_seconds']:.3f} s"),
             ("upload (saved → committed in S3)", f"{handled['upload_seconds']:.3f} s"),
             ("notice → durable", f"{handled['notice_to_durable_seconds']:.3f} s"),
