@@ -654,23 +654,14 @@ class Coordinator:
             await asyncio.wait(pending, timeout=1.0)
 
 
-#: EC2 issues the spot interruption notice two minutes before the action time it announces.
-SPOT_NOTICE_LEAD = timedelta(minutes=2)
-
-
 def _detect_seconds(notice: Notice, asked: datetime) -> float:
-    """Seconds from the notice being issued to the trainers being asked.
+    """Seconds from the poll that saw the notice to the trainers being asked.
 
-    IMDS does not say when a spot notice appeared; EC2 issues it two minutes before its action time, so
-    that is the estimate (hibernate and a moved notice time can make it < 0: clamped). Rebalance carries
-    its noticeTime. Others (maintenance, SIGTERM, drills) count from when spotd saw them.
+    When EC2 issued a spot notice is not knowable from IMDS (its ``time`` is the action time, at coarse
+    resolution), so the polling share is measured by bench/detect.py against the simulator, not here.
+    Rebalance carries its noticeTime, but that is also coarse; it is logged, not mixed in.
     """
-    issued = notice.detected_at
-    if notice.issued_at is not None:
-        issued = notice.issued_at
-    elif notice.kind is NoticeKind.SPOT and notice.not_after is not None and notice.action != "hibernate":
-        issued = min(notice.detected_at, notice.not_after - SPOT_NOTICE_LEAD)
-    return max(0.0, (asked - issued).total_seconds())
+    return max(0.0, (asked - notice.detected_at).total_seconds())
 
 
 def _reason_label(notice: Notice) -> str:
