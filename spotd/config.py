@@ -153,8 +153,13 @@ def _suggest(key: str) -> str:
     import difflib
 
     close = difflib.get_close_matches(key, _known_keys(), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{hint}remove it (known keys: see docs/configuration.md or `spotd run --help`)"
+    if close:
+        return f"did you mean {close[0]!r}? otherwise remove it"
+    section = key.split(".", 1)[0]
+    if "." in key and section in _SECTIONS:
+        known = ", ".join(_field_types(_SECTIONS[section]))
+        return f"remove it; [{section}] takes {known}"
+    return f"remove it; known keys: {', '.join(_known_keys())}"
 
 
 def _merge(

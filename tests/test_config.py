@@ -1,0 +1,105 @@
+"""Configuration: TOML, then SPOTD_* environment, then command-line overrides; every mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spotd.config import Config, load_config
+from spotd.errors import EXIT_CONFIG, ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spotd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_design_md():
+    """With nothing configured the defaults are design.md's."""
+    cfg = load_config(environ={})
+    assert cfg.checkpoint_dir == "/opt/ml/checkpoints"
+    assert cfg.imds.endpoint == "http://169.254.169.254" and cfg.imds.poll_interval == 1.0
+    assert cfg.socket.path == "/run/spotd/spotd.sock"
+    assert cfg.store.keep == 3 and cfg.metrics.listen == "0.0.0.0:9127"
+    assert cfg.policy.on_rebalance == "checkpoint" and cfg.policy.restore_on_start is True
+
+
+def test_environment_overrides_the_file_and_overrides_win(tmp_path):
+    """SPOTD_<SECTION>_<KEY> beats the file, and command-line overrides beat both."""
+    path = write(
+        tmp_path, 'job_id = "file"\n[store]\nuri = "s3://b/file"\nkeep = 5\n[imds]\npoll_interval = 2.0\n'
+    )
+    cfg = load_config(
+        path,
+        environ={
+            "SPOTD_STORE_URI": "s3://b/env",
+            "SPOTD_JOB_ID": "env",
+            "SPOTD_POLICY_RESTORE_ON_START": "false",
+        },
+        overrides={"job_id": "flag"},
+    )
+    assert cfg.store.uri == "s3://b/env" and cfg.store.keep == 5
+    assert cfg.job_id == "flag" and cfg.imds.poll_interval == 2.0
+    assert cfg.policy.restore_on_start is False
+
+
+def test_environment_values_are_converted_to_the_key_type():
+    """Environment strings become ints, floats and booleans, and a bad one names the key."""
+    cfg = load_config(
+        environ={"SPOTD_STORE_KEEP": "7", "SPOTD_IMDS_TIMEOUT": "0.5", "SPOTD_IMDS_ALLOW_V1": "no"}
+    )
+    assert (cfg.store.keep, cfg.imds.timeout, cfg.imds.allow_v1) == (7, 0.5, False)
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={"SPOTD_STORE_KEEP": "many"})
+    assert err.value.key == "store.keep" and "int" in str(err.value)
+
+
+def test_client_variables_are_not_config_keys():
+    """SPOTD_SOCKET (read by the client) is not mistaken for an unknown config key."""
+    assert load_config(environ={"SPOTD_SOCKET": "/tmp/x.sock"}).socket.path == "/run/spotd/spotd.sock"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fix_mentions"),
+    [
+        ("[imds]\npoll_intervall = 1.0\n", "imds.poll_intervall", "imds.poll_interval"),
+        ("[imds]\nxyzzy = 1\n", "imds.xyzzy", "poll_interval"),
+        ("colour = 'red'\n", "colour", "job_id"),
+        ("[imds]\npoll_interval = 'fast'\n", "imds.poll_interval", "float"),
+        ("[imds]\npoll_interval = -1.0\n", "imds.poll_interval", "1.0"),
+        ("[store]\nkeep = 0\n", "store.keep", "at least 1"),
+        ("[store]\nuri = 'gs://bucket'\n", "store.uri", "s3://"),
+        ("[store]\npart_size = 1024\n", "store.part_size", "MiB"),
+        ("[metrics]\nlisten = 'localhost'\n", "metrics.listen", "0.0.0.0:9127"),
+        ("[policy]\non_rebalance = 'panic'\n", "policy.on_rebalance", "notify"),
+        ("[sync]\nmode = 'rsync'\n", "sync.mode", "watch"),
+        ("job_id = 'a/b'\n", "job_id", "letters"),
+        ("imds = 3\n", "imds", "[imds]"),
+        (f"[socket]\npath = '/tmp/{'x' * 120}'\n", "socket.path", "shorter"),
+    ],
+)
+def test_every_mistake_names_the_key_and_the_fix(tmp_path, text, key, fix_mentions):
+    """Unknown keys, wrong types and impossible values raise ConfigError naming the key, with a fix."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), environ={})
+    assert err.value.key == key
+    assert fix_mentions in err.value.fix
+    assert err.value.exit_code == EXIT_CONFIG
+
+
+def test_a_named_file_must_exist_and_parse(tmp_path):
+    """An explicit --config that is missing or not TOML is a ConfigError that says so."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", environ={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "job_id = \n"), environ={})
+
+
+def test_replace_validates_like_loading():
+    """Config.replace applies dotted overrides and refuses impossible values."""
+    cfg = Config().replace(**{"store.uri": "file:///tmp/s", "imds.poll_interval": 0.25})
+    assert cfg.store.uri == "file:///tmp/s" and cfg.imds.poll_interval == 0.25
+    with pytest.raises(ConfigError):
+        cfg.replace(**{"imds.poll_interval": 0})
