@@ -254,6 +254,15 @@ class Guard:
     def welcome(self) -> dict[str, Any] | None:
         return self._welcome
 
+    @property
+    def ever_connected(self) -> bool:
+        """A daemon answered at least once: from then on a save is durable only when it says so."""
+        return self._ever_connected
+
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
     # -- what a training loop calls ----------------------------------------------------------------
 
     def saved(self, path: str | os.PathLike[str], step: int | None = None) -> None:

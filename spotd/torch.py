@@ -144,6 +144,7 @@ class Checkpointer:
 
     __slots__ = (
         "_by_step",
+        "_daemon_seen",
         "_dir",
         "_every_s",
         "_every_steps",
@@ -162,6 +163,7 @@ class Checkpointer:
         "_rank",
         "_scaler",
         "_scheduler",
+        "_socket_path",
         "_state",
         "_weights_only",
         "_world_size",
@@ -209,7 +211,15 @@ class Checkpointer:
         self._weights_only = weights_only
         self._on_save = on_save
         self._own_guard = guard is AUTO
-        self._guard: Guard | None = _connect(name) if isinstance(guard, _Auto) else guard
+        if isinstance(guard, _Auto):
+            self._socket_path: str | None = _default_socket_path()
+            self._guard: Guard | None = _connect(name, self._socket_path)
+        else:
+            self._guard = guard
+            path = getattr(guard, "socket_path", None) if guard is not None else None
+            self._socket_path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        # Sticky: once a daemon is known to exist, a save is durable only when it says so.
+        self._daemon_seen = False
         self._rank, self._world_size = _rank_and_world()
         self._dir = _resolve_dir(checkpoint_dir, self._guard) / name
         self._by_step: dict[int, _Local] = {}
@@ -238,10 +248,10 @@ class Checkpointer:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
         found = self._scan()
-        connected = self._guard_connected()
+        expected = self._daemon_expected()
         # A file found on disk may be a restore from the store or an unreported local save: without a daemon
         # either counts for retention; with one, it waits for a newer durable save before being deleted.
-        self._by_step = {s: _Local(step=s, path=p, durable=not connected) for s, p in found}
+        self._by_step = {s: _Local(step=s, path=p, durable=not expected) for s, p in found}
         self._last_save_t = time.monotonic()
         failures: list[str] = []
         for step, path in sorted(found, reverse=True):
@@ -281,6 +291,8 @@ class Checkpointer:
         """Call after finishing ``step``. Saves when due or asked; True means stop now (final request)."""
         done = step + 1
         guard = self._guard
+        if not self._daemon_seen and self._guard_connected():
+            self._daemon_seen = True  # cheap to read every step, so a short-lived connection is not missed
         request = self._pending_request(guard)
         if request is not None and guard is not None:
             self._handled_request = request.request_id
@@ -299,11 +311,7 @@ class Checkpointer:
             if not final:
                 return False
             timeout_s = max(0.0, float(request.seconds_left()))
-            try:
-                durable = guard.wait_durable(timeout=timeout_s)
-            except Exception as exc:  # the daemon's trouble must not turn into a crash of training
-                log.warning("waiting for durability failed: %s", exc)
-                durable = False
+            durable = self._wait_guard_durable(timeout_s)
             if durable:
                 self._mark_durable(done)
                 self._apply_retention()
@@ -323,15 +331,14 @@ class Checkpointer:
         return self._save(step, reason="manual", request_id=None)
 
     def wait_durable(self, timeout: float | None = None) -> bool:
-        """True once the daemon committed the last save; at once without a daemon (nothing to wait for)."""
-        if not self._guard_connected() or self._pending_step is None:
-            return True
-        assert self._guard is not None
-        try:
-            durable = self._guard.wait_durable(timeout=timeout)
-        except Exception as exc:
-            log.warning("waiting for durability failed: %s", exc)
-            return False
+        """True once the daemon committed the last save; at once without a daemon (nothing to wait for).
+
+        While the daemon is away this keeps waiting (the client re-sends the save when it is back) until
+        ``timeout``; with ``timeout=None`` it returns False at once rather than hang on a daemon that is gone.
+        """
+        if self._pending_step is None:
+            return True  # nothing saved since the last durable one, or no daemon (saves count as durable)
+        durable = self._wait_guard_durable(timeout)
         if durable:
             self._mark_durable(self._pending_step)
             self._apply_retention()
@@ -389,8 +396,10 @@ class Checkpointer:
         # The client tracks only the last report: learn whether the previous one became durable first.
         self._refresh_durable()
         relative = self._report(final_path, step)
-        self._by_step[step] = _Local(step=step, path=final_path, durable=not self._guard_connected())
-        if self._guard_connected():
+        # A save made while the daemon is away is not durable: the client re-sends it on reconnect.
+        expected = self._daemon_expected()
+        self._by_step[step] = _Local(step=step, path=final_path, durable=not expected)
+        if expected:
             self._pending_step = step
         self._apply_retention()
         info = SaveInfo(
@@ -479,6 +488,49 @@ class Checkpointer:
         except Exception:
             return False
 
+    def _daemon_expected(self) -> bool:
+        """Whether saves must wait for the daemon's word: a daemon was connected once or its socket exists.
+
+        Only with no daemon configured at all do saves count as durable at once (plain checkpointing).
+        """
+        if self._daemon_seen:
+            return True
+        guard = self._guard
+        if guard is None:
+            return False
+        seen = self._guard_connected()
+        if not seen:
+            try:
+                seen = bool(getattr(guard, "ever_connected", False))
+            except Exception:
+                seen = False
+        if not seen and self._socket_path:
+            seen = os.path.exists(self._socket_path)
+        self._daemon_seen = seen
+        return seen
+
+    def _wait_guard_durable(self, timeout: float | None) -> bool:
+        """The daemon's confirmation of the last save; rides out a disconnect until ``timeout`` runs out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = timeout
+        while True:
+            guard = self._guard
+            if guard is None:
+                return False
+            try:
+                if guard.wait_durable(timeout=remaining):
+                    return True
+            except Exception as exc:  # the daemon's trouble must not turn into a crash of training
+                log.warning("waiting for durability failed: %s", exc)
+                return False
+            # Connected and still False: spotd refused it or time ran out. Disconnected: the client re-sends
+            # the save when it reconnects, so keep asking until the deadline (none given: do not hang).
+            if remaining is None or remaining <= 0 or self._guard_connected():
+                return False
+            time.sleep(min(0.05, remaining))
+            assert deadline is not None
+            remaining = max(0.0, deadline - time.monotonic())
+
     def _mark_durable(self, step: int) -> None:
         for local in self._by_step.values():
             if local.step <= step:
@@ -553,10 +605,17 @@ class Checkpointer:
         _set_rng_state(payload.get("rng", {}))
 
 
-def _connect(name: str) -> Guard:
+def _default_socket_path() -> str:
+    # The same choice spotd.client.connect makes, kept here so retention knows whether a daemon is configured.
+    from spotd.client import DEFAULT_SOCKET
+
+    return os.environ.get("SPOTD_SOCKET") or DEFAULT_SOCKET
+
+
+def _connect(name: str, socket_path: str) -> Guard:
     import spotd.client
 
-    guard: Guard = spotd.client.connect(name=name)
+    guard: Guard = spotd.client.connect(name=name, socket_path=socket_path)
     return guard
 
 

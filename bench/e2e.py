@@ -1,0 +1,550 @@
+"""End to end: spot notice served -> checkpoint durable in S3, spotd vs the blog-post recipe, same machine.
+
+    .venv/bin/python bench/e2e.py [--sizes 1024,100] [--reps 3] [--step-seconds 0.05] [--poll-interval 1.0]
+
+Everything runs on loopback in one run: the IMDS simulator (spotd.simulator), moto's S3 server as a
+subprocess, and for each size (MB of model state) and repetition:
+
+* baseline: a trainer subprocess whose loop GETs IMDS spot/instance-action once per step (IMDSv2 token),
+  and on a notice runs ``torch.save(model.state_dict(), path)`` then ``aws s3 cp path s3://...``;
+* spotd: a real ``spotd run`` daemon (S3 store at the moto server) and a trainer subprocess using
+  ``spotd.torch.Checkpointer``; the time is notice served -> the trainer's ``step()`` returned True with the
+  checkpoint confirmed durable (the daemon's own ``interruption.handled`` figures are printed too);
+* the reference: the baseline's torch.save time + ``s5cmd cp`` of the same file to the same server.
+
+"Served" is when the simulator first answered the notice (the poller's detection delay is not counted for
+either side; "armed" columns include it). Prints medians, and spotd / (torch.save + s5cmd cp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.argv[1:2] != ["_trainer"]:  # a trainer imports the snapshot on its PYTHONPATH instead
+    sys.path.insert(0, str(ROOT))
+
+BIN = Path(sys.executable).parent
+MB = 1024 * 1024
+BUCKET = "bench"
+CREDS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+CHUNK_FLOATS = 16 * MB  # 64 MB parameters: a model state made of many tensors, like a real one
+
+
+# -- the trainers (run as subprocesses of this file) -----------------------------------------------
+
+
+def _model(size_mb: int) -> Any:
+    import torch
+    from torch import nn
+
+    total = size_mb * MB // 4
+    sizes = [CHUNK_FLOATS] * (total // CHUNK_FLOATS) + (
+        [total % CHUNK_FLOATS] if total % CHUNK_FLOATS else []
+    )
+    gen = torch.Generator().manual_seed(0)
+    # Random values: nothing compresses, as with real weights.
+    return nn.ParameterList([nn.Parameter(torch.rand(n, generator=gen)) for n in sizes])
+
+
+def _emit(**event: Any) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def trainer_baseline(args: argparse.Namespace) -> int:
+    """The recipe from blog posts: poll IMDS every step, torch.save, aws s3 cp."""
+    import torch
+
+    model = _model(args.size_mb)
+    imds = args.imds
+    req = urllib.request.Request(
+        imds + "/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"}
+    )
+    with urllib.request.urlopen(req, timeout=2) as resp:
+        token = resp.read().decode()
+    _emit(event="ready")
+    step = 0
+    while True:
+        time.sleep(args.step_seconds)  # the training step
+        step += 1
+        get = urllib.request.Request(
+            imds + "/latest/meta-data/spot/instance-action", headers={"X-aws-ec2-metadata-token": token}
+        )
+        try:
+            with urllib.request.urlopen(get, timeout=2) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                continue
+            raise
+        seen = time.time()
+        torch.save(model.state_dict(), args.path)
+        saved = time.time()
+        subprocess.run(
+            [str(BIN / "aws"), "--endpoint-url", args.endpoint, "s3", "cp", "--quiet", args.path, args.dest],
+            check=True,
+        )
+        _emit(event="durable", step=step, seen=seen, saved=saved, uploaded=time.time())
+        return 0
+
+
+def trainer_spotd(args: argparse.Namespace) -> int:
+    """The same loop with spotd.torch: step() saves on the daemon's request and returns once durable."""
+    import spotd.client
+    from spotd.torch import Checkpointer, SaveInfo
+
+    model = _model(args.size_mb)
+    saves: list[SaveInfo] = []
+    guard = spotd.client.connect(name="bench")
+    deadline = time.monotonic() + 30
+    while not guard.connected:
+        if time.monotonic() > deadline:
+            raise SystemExit("trainer: spotd did not answer within 30s")
+        time.sleep(0.01)
+    try:
+        ckpt = Checkpointer(model=model, guard=guard, name="bench", keep=1, on_save=saves.append)
+        start = ckpt.restore()
+        _emit(event="ready", spotd=spotd.client.__file__)
+        step = start
+        while True:
+            time.sleep(args.step_seconds)
+            if ckpt.step(step):
+                stopped = time.time()
+                break
+            step += 1
+        info = saves[-1]
+        _emit(
+            event="durable" if ckpt.wait_durable(timeout=0) else "not-durable",
+            step=step,
+            stopped=stopped,
+            save_seconds=info.seconds,
+            bytes=info.bytes,
+        )
+    finally:
+        guard.close()
+    return 0
+
+
+# -- the harness -----------------------------------------------------------------------------------
+
+
+class Lines:
+    """A subprocess pipe read on a thread, so waits have deadlines."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in iter(stream.readline, ""):
+            self.lines.append(line.rstrip("\n"))
+        stream.close()
+
+    def events(self, key: str, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in list(self.lines):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and value.get(key) == name:
+                out.append(value)
+        return out
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SRC = [ROOT]  # replaced by a snapshot of spotd/ at start, so every trial of a run measures the same code
+
+
+def snapshot(work: Path) -> None:
+    """Copy spotd/ once and check it imports: a run measures one version even while the tree is edited."""
+    for _ in range(10):
+        dest = work / "src"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(ROOT / "spotd", dest / "spotd", ignore=shutil.ignore_patterns("__pycache__"))
+        probe = subprocess.run(
+            [sys.executable, "-c", "import spotd.app, spotd.store_s3, spotd.torch, spotd.simulator"],
+            env={**os.environ, "PYTHONPATH": str(dest)},
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.returncode == 0:
+            SRC[0] = dest
+            return
+        print(f"spotd/ does not import yet, retrying in 10s:\n{probe.stderr[-400:]}", file=sys.stderr)
+        time.sleep(10)
+    raise SystemExit("spotd/ does not import; fix the tree first")
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, **CREDS, **extra}
+    e["PYTHONPATH"] = str(SRC[0]) + os.pathsep + e.get("PYTHONPATH", "")
+    for key in [k for k in e if k.startswith("SPOTD_") and k not in extra]:
+        del e[key]
+    return e
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        import boto3
+
+        from spotd.simulator import SimulatorThread
+
+        self.args = args
+        self.work = work
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env(),
+        )
+
+        def answers() -> bool:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(answers, 30, "the moto server")
+        self.s3 = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        ).client("s3", endpoint_url=self.endpoint)
+        self.s3.create_bucket(Bucket=BUCKET)
+        self.sim = SimulatorThread(port=0)
+        self.sim.start()
+
+    def close(self) -> None:
+        self.sim.close()
+        self.s3.close()
+        self.moto.kill()
+        self.moto.wait(10)
+
+    def empty_bucket(self) -> None:
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+    def trainer(self, mode: str, size_mb: int, **kw: str) -> tuple[subprocess.Popen[str], Lines, Lines]:
+        sock = kw.pop("socket", None)
+        cmd = [sys.executable, __file__, "_trainer", mode, "--size-mb", str(size_mb)]
+        cmd += ["--step-seconds", str(self.args.step_seconds)]
+        for key, value in kw.items():
+            cmd += [f"--{key.replace('_', '-')}", value]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.work,
+            env=env(**({"SPOTD_SOCKET": sock} if sock else {})),
+        )
+        return proc, Lines(proc.stdout), Lines(proc.stderr)
+
+    def fire(self) -> float:
+        self.sim.clear()
+        armed = time.time()
+        self.sim.arm_instance_action("terminate", after_s=0.0, lead_s=120.0)
+        return armed
+
+    def served(self) -> float:
+        return float(wait_for(lambda: self.sim.state()["notice_first_served_at"], 30, "the notice served"))
+
+    def baseline(self, size_mb: int) -> dict[str, float]:
+        self.sim.clear()
+        path = self.work / "baseline.pt"
+        dest = f"s3://{BUCKET}/baseline/model.pt"
+        proc, out, err = self.trainer(
+            "baseline", size_mb, imds=self.sim.url, endpoint=self.endpoint, path=str(path), dest=dest
+        )
+        try:
+            wait_for(lambda: out.events("event", "ready") or proc.poll() is not None, 300, "baseline ready")
+            if proc.poll() is not None:
+                raise SystemExit("baseline trainer failed:\n" + "\n".join(err.lines))
+            armed = self.fire()
+            done = wait_for(
+                lambda: out.events("event", "durable") or proc.poll() not in (None, 0),
+                1200,
+                "baseline upload",
+            )
+            if not isinstance(done, list):
+                raise SystemExit("baseline trainer failed:\n" + "\n".join(err.lines))
+            ev = done[0]
+            served = self.served()
+            proc.wait(60)
+        finally:
+            stop(proc)
+            out.join()
+            err.join()
+        # The reference tool on the very same file and server.
+        started = time.monotonic()
+        subprocess.run(
+            [
+                str(BIN / "s5cmd"),
+                "--endpoint-url",
+                self.endpoint,
+                "cp",
+                str(path),
+                f"s3://{BUCKET}/s5cmd/m.pt",
+            ],
+            check=True,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+        )
+        s5cmd_s = time.monotonic() - started
+        path.unlink()
+        self.empty_bucket()
+        return {
+            "served_to_durable": ev["uploaded"] - served,
+            "armed_to_durable": ev["uploaded"] - armed,
+            "torch_save": ev["saved"] - ev["seen"],
+            "aws_cp": ev["uploaded"] - ev["saved"],
+            "s5cmd_cp": s5cmd_s,
+        }
+
+    def spotd(self, size_mb: int, rep: int) -> dict[str, float]:
+        self.sim.clear()
+        ckpt = self.work / f"ckpt-{rep}"
+        ckpt.mkdir()
+        sock = str(self.work / f"s{rep}.sock")
+        cfg = self.work / f"spotd-{rep}.toml"
+        cfg.write_text(
+            "\n".join(
+                [
+                    'job_id = "bench"',
+                    f"checkpoint_dir = {json.dumps(str(ckpt))}",
+                    "[imds]",
+                    f"endpoint = {json.dumps(self.sim.url)}",
+                    f"poll_interval = {self.args.poll_interval}",
+                    "[socket]",
+                    f"path = {json.dumps(sock)}",
+                    "[store]",
+                    f'uri = "s3://{BUCKET}/spotd"',
+                    f"endpoint_url = {json.dumps(self.endpoint)}",
+                    *([f"part_size = {self.args.part_size_mb * MB}"] if self.args.part_size_mb else []),
+                    "[metrics]",
+                    f'listen = "127.0.0.1:{free_port()}"',
+                    "[policy]",
+                    "restore_on_start = false",
+                    "[log]",
+                    'format = "json"',
+                    'level = "info"',
+                ]
+            )
+            + "\n"
+        )
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "spotd", "run", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.work,
+            env=env(),
+        )
+        logs = Lines(daemon.stderr)
+        proc: subprocess.Popen[str] | None = None
+        out = err = None
+        try:
+            wait_for(
+                lambda: logs.events("event", "daemon.ready") or daemon.poll() is not None, 60, "daemon.ready"
+            )
+            if daemon.poll() is not None:
+                raise SystemExit("spotd run exited:\n" + "\n".join(logs.lines))
+            proc, out, err = self.trainer("spotd", size_mb, socket=sock)
+            trainer_out = out
+            wait_for(
+                lambda: trainer_out.events("event", "ready") or proc is None or proc.poll() is not None,
+                300,
+                "spotd trainer ready",
+            )
+            if proc.poll() is not None:
+                raise SystemExit("spotd trainer failed:\n" + "\n".join(err.lines))
+            imported = trainer_out.events("event", "ready")[0]["spotd"]
+            if not imported.startswith(str(SRC[0])):
+                raise SystemExit(f"the trainer imported {imported}, not the snapshot in {SRC[0]}")
+            moto_cpu = proc_cpu(self.moto.pid)
+            armed = self.fire()
+            done = wait_for(
+                lambda: (
+                    trainer_out.events("event", "durable")
+                    or trainer_out.events("event", "not-durable")
+                    or (proc is not None and proc.poll() not in (None, 0))
+                ),
+                1200,
+                "spotd trainer to stop",
+            )
+            if not isinstance(done, list) or done[0]["event"] != "durable":
+                raise SystemExit(
+                    "spotd did not make the checkpoint durable:\n"
+                    + "\n".join(err.lines[-20:] + logs.lines[-30:])
+                )
+            moto_cpu = proc_cpu(self.moto.pid) - moto_cpu
+            ev = done[0]
+            served = self.served()
+            handled = wait_for(
+                lambda: logs.events("event", "interruption.handled"), 60, "interruption.handled"
+            )
+            rec = handled[0]
+        finally:
+            if proc is not None:
+                stop(proc)
+            stop(daemon)
+            logs.join()
+            if out is not None and err is not None:
+                out.join()
+                err.join()
+        shutil.rmtree(ckpt)
+        self.empty_bucket()
+        return {
+            "served_to_durable": ev["stopped"] - served,
+            "armed_to_durable": ev["stopped"] - armed,
+            "save_fsync": ev["save_seconds"],
+            "daemon_notice_to_durable": float(rec["notice_to_durable_seconds"]),
+            "daemon_upload": float(rec["upload_seconds"]),
+            "moto_cpu": moto_cpu,
+        }
+
+
+def med(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1024,100", help="MB of model state, comma-separated")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--step-seconds", type=float, default=0.05, help="one training step (a sleep)")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="spotd's imds.poll_interval")
+    parser.add_argument(
+        "--part-size-mb", type=int, default=0, help="spotd's store.part_size in MB (default: spotd's own)"
+    )
+    parser.add_argument("--json", action="store_true", help="also print every repetition as JSON")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if not sizes or min(sizes) < 1 or args.reps < 1:
+        parser.error("--sizes takes positive whole MB (e.g. 1024,100) and --reps at least 1")
+    work = Path(tempfile.mkdtemp(prefix="spotd-e2e-"))
+    snapshot(work)
+    bench = Bench(args, work)
+    results: list[tuple[int, list[dict[str, float]], list[dict[str, float]]]] = []
+    try:
+        for size in sizes:
+            base_rows: list[dict[str, float]] = []
+            spot_rows: list[dict[str, float]] = []
+            for rep in range(args.reps):
+                # Alternate the order so page cache and moto's warm-up favour neither side.
+                order = ("baseline", "spotd") if rep % 2 == 0 else ("spotd", "baseline")
+                for mode in order:
+                    if mode == "baseline":
+                        base_rows.append(bench.baseline(size))
+                    else:
+                        spot_rows.append(bench.spotd(size, len(spot_rows) + 100 * size))
+                if args.json:
+                    print(json.dumps({"size_mb": size, "baseline": base_rows[-1], "spotd": spot_rows[-1]}))
+            results.append((size, base_rows, spot_rows))
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nmedians of {args.reps} repetitions; seconds; step {args.step_seconds}s; "
+        f"spotd poll {args.poll_interval}s; {os.cpu_count()} cores"
+    )
+    header = (
+        f"{'size':>7} {'baseline':>9} {'spotd':>7} {'torch.save':>10} {'aws cp':>7} {'s5cmd cp':>8} "
+        f"{'ratio':>6} {'spotd save':>10} {'daemon n2d':>10} {'armed: base':>11} {'spotd':>6} {'moto cpu':>8}"
+    )
+    print(header)
+    for size, b, s in results:
+        ref = med(b, "torch_save") + med(b, "s5cmd_cp")
+        print(
+            f"{size:>5}MB {med(b, 'served_to_durable'):>9.2f} {med(s, 'served_to_durable'):>7.2f} "
+            f"{med(b, 'torch_save'):>10.2f} {med(b, 'aws_cp'):>7.2f} {med(b, 's5cmd_cp'):>8.2f} "
+            f"{med(s, 'served_to_durable') / ref:>6.2f} {med(s, 'save_fsync'):>10.2f} "
+            f"{med(s, 'daemon_notice_to_durable'):>10.2f} {med(b, 'armed_to_durable'):>11.2f} "
+            f"{med(s, 'armed_to_durable'):>6.2f} {med(s, 'moto_cpu'):>8.2f}"
+        )
+    print(
+        "baseline/spotd: notice served -> durable. ratio = spotd / (torch.save + s5cmd cp). spotd save "
+        "includes fsync; daemon n2d is spotd's own notice_to_durable_seconds; moto cpu = the S3 server's CPU "
+        "seconds during the spotd upload."
+    )
+    return 0
+
+
+def trainer_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["baseline", "spotd"])
+    p.add_argument("--size-mb", type=int, required=True)
+    p.add_argument("--step-seconds", type=float, required=True)
+    p.add_argument("--imds", default="")
+    p.add_argument("--endpoint", default="")
+    p.add_argument("--path", default="")
+    p.add_argument("--dest", default="")
+    args = p.parse_args(argv)
+    return trainer_baseline(args) if args.mode == "baseline" else trainer_spotd(args)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_trainer":
+        sys.exit(trainer_main(sys.argv[2:]))
+    sys.exit(main())
