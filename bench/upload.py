@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3
 
-from spotd.store import CommitInfo, Priority, hash_file
+from spotd.store import CommitInfo, Priority, choose_checksum, hash_file
 from spotd.store_s3 import S3Store
 
 BIN = Path(sys.executable).parent
@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--endpoint-url", default="")
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--part-size-mb", type=int, default=16)
+    ap.add_argument("--checksum", default="auto", help="spotd store.checksum (auto = crc64nvme with awscrt)")
+    ap.add_argument("--part-size-mb", type=int, default=64, help="spotd part size (store.part_size default)")
     args = ap.parse_args()
     env = {
         **os.environ,
@@ -127,7 +128,7 @@ def main() -> None:
         for name, src in data.items():
             t0 = time.perf_counter()
             for p in src.iterdir():
-                hash_file(p, "crc32")
+                hash_file(p, choose_checksum(args.checksum))
             hash_s[name] = time.perf_counter() - t0
         for rep in range(args.repeat):
             for name, src in data.items():
@@ -172,7 +173,7 @@ def spotd_roundtrip(
             endpoint_url=endpoint,
             part_size=args.part_size_mb * MB,
             concurrency=args.concurrency,
-            checksum="crc32",
+            checksum=args.checksum,
         )
         info = CommitInfo(
             job_id="bench",
@@ -221,7 +222,8 @@ def report(
             f"{cpu_gb:9.2f} {srv / wall:7.2f}"
         )
     for name, secs in hash_s.items():
-        print(f"crc32 of {name}: {secs:.2f} s ({sizes[name] / 1e6 / secs:.0f} MB/s, one core, page cache)")
+        algo = choose_checksum(args.checksum)
+        print(f"{algo} of {name}: {secs:.2f} s ({sizes[name] / 1e6 / secs:.0f} MB/s, one core, page cache)")
 
 
 if __name__ == "__main__":

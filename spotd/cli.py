@@ -201,7 +201,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             nonlocal bar
             if bar is None:
                 bar = Progress(total=total, label="restore")
-            bar.update(done)
+            bar.total = total
+            bar.set(done)
 
         try:
             result = await store.restore(dest, name=args.name, progress=progress)

@@ -139,13 +139,24 @@ class FileStore(_BaseStore):
         _fsync_dir(target.parent)
         return hasher.value()
 
-    def _copy_out(self, key: str, dest: Path, progress: Callable[[int], None] | None) -> None:
-        src = self._path(key)
-        with open(src, "rb") as fin, open(dest, "wb") as fout:
-            while chunk := fin.read(CHUNK):
-                fout.write(chunk)
+    def _copy_out(
+        self, key: str, dest: Path, algo: str, progress: Callable[[int], None] | None
+    ) -> tuple[int, str]:
+        """Copy out, hashing the bytes on the way (one read pass); the copy is fsynced."""
+        hasher = _Hasher(algo)
+        size = 0
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        with open(self._path(key), "rb") as fin, open(dest, "wb") as fout:
+            while n := fin.readinto(buf):
+                hasher.update(view[:n])
+                fout.write(view[:n])
+                size += n
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(n)
+            fout.flush()
+            os.fsync(fout.fileno())
+        return size, hasher.value()
 
     # ---- primitives
 
@@ -174,9 +185,11 @@ class FileStore(_BaseStore):
         except OSError as exc:
             raise UploadError(f"copying {file.rel} to {self._path(key)} failed: {exc}") from exc
 
-    async def _download(self, key: str, dest: Path, progress: Callable[[int], None] | None) -> None:
+    async def _download(
+        self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
+    ) -> tuple[int, str] | None:
         try:
-            await self._run(self._copy_out, key, dest, _threadsafe(progress))
+            return await self._run(self._copy_out, key, dest, algo, _threadsafe(progress))
         except OSError as exc:
             raise StoreError(f"reading {self._path(key)} failed: {exc}") from exc
 

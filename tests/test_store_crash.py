@@ -61,7 +61,7 @@ async def test_sigkill_during_commits_never_exposes_partial(
             committed_total += (await reader).count(b"committed ")
             listed = await store.list()
             for m in listed:
-                assert m.files and all(f.checksum.startswith("crc32:") for f in m.files)
+                assert m.files and all(f.checksum.startswith("crc64nvme:") for f in m.files)
             if listed:
                 result = await store.restore(tmp_path / "restored")
                 assert result.skipped == () and result.manifest == listed[0]

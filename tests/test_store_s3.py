@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from spotd.errors import UploadError
+import spotd.store
+from spotd.errors import RestoreError, StoreError, UploadError
 from spotd.metrics import Metrics
-from spotd.store import CommitInfo, Priority
+from spotd.store import CommitInfo, Priority, hash_file
 from spotd.store_s3 import S3Store
 from tests.fixtures.s3 import FaultProxy, S3Bucket
 from tests.util import async_wait_until, free_port
@@ -47,18 +48,64 @@ def make(bucket: S3Bucket, endpoint_url: str | None = None, **kw: Any) -> S3Stor
 
 
 async def test_s3_verifies_and_reports_the_checksum(s3_bucket: S3Bucket, tmp_path: Path) -> None:
-    """The store records the CRC32 spotd asked for, equal to the manifest's."""
-    (tmp_path / "m.pt").write_bytes(os.urandom(300_000))
+    """With awscrt, auto picks CRC64NVME; a multipart object is a FULL_OBJECT checksum equal to the manifest's."""
+    (tmp_path / "m.pt").write_bytes(os.urandom(12 * MIB))  # three 5 MiB parts
+    (tmp_path / "s.pt").write_bytes(os.urandom(300_000))  # one PUT
     store = make(s3_bucket)
     try:
-        m = await store.commit(tmp_path / "m.pt", checkpoint_dir=tmp_path, info=info())
+        m = await store.commit(tmp_path, checkpoint_dir=tmp_path, info=info())
     finally:
         await store.close()
-    head = s3_bucket.client.head_object(
-        Bucket=s3_bucket.name, Key=f"pfx/{JOB}/checkpoints/{m.name}/m.pt", ChecksumMode="ENABLED"
-    )
-    # moto records the checksum but (unlike S3) does not reject a wrong one; restore verification covers that.
-    assert "crc32:" + head["ChecksumCRC32"] == m.files[0].checksum
+    for entry in m.files:
+        assert entry.checksum == hash_file(tmp_path / entry.path, "crc64nvme")[1]
+        head = s3_bucket.client.head_object(
+            Bucket=s3_bucket.name, Key=f"pfx/{JOB}/checkpoints/{m.name}/{entry.path}", ChecksumMode="ENABLED"
+        )
+        # moto computes the object's CRC64NVME itself (it does not reject a wrong one as S3 does; restore
+        # verification covers that), so equality shows the combined part CRCs are the file's.
+        assert "crc64nvme:" + head["ChecksumCRC64NVME"] == entry.checksum
+        if entry.size > 5 * MIB:
+            assert head["ChecksumType"] == "FULL_OBJECT"
+
+
+@pytest.mark.parametrize("algo", ["crc32", "crc32c", "sha256"])
+async def test_other_checksums_round_trip(s3_bucket: S3Bucket, tmp_path: Path, algo: str) -> None:
+    """crc32, crc32c and sha256 commit multipart files with the file's checksum and restore verified."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.pt").write_bytes(os.urandom(11 * MIB))
+    store = make(s3_bucket, checksum=algo)
+    try:
+        m = await store.commit(src / "m.pt", checkpoint_dir=src, info=info())
+        assert m.files[0].checksum == hash_file(src / "m.pt", algo)[1]
+        result = await store.restore(tmp_path / "r")
+    finally:
+        await store.close()
+    assert result.skipped == () and (tmp_path / "r" / "m.pt").read_bytes() == (src / "m.pt").read_bytes()
+
+
+async def test_without_awscrt_auto_falls_back_to_crc32(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without awscrt, auto is CRC32 hashed in a sequential pass; a damaged object still fails restore."""
+    monkeypatch.setattr(spotd.store, "_have_awscrt", lambda: False)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.pt").write_bytes(os.urandom(11 * MIB))
+    store = make(s3_bucket)
+    try:
+        m = await store.commit(src / "m.pt", checkpoint_dir=src, info=info())
+        assert m.files[0].checksum == hash_file(src / "m.pt", "crc32")[1]
+        await store.restore(tmp_path / "r")
+        assert (tmp_path / "r" / "m.pt").read_bytes() == (src / "m.pt").read_bytes()
+        key = f"pfx/{JOB}/checkpoints/{m.name}/m.pt"
+        s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=key, Body=b"X" * (11 * MIB))
+        with pytest.raises(RestoreError):
+            await store.restore(tmp_path / "r2")
+    finally:
+        await store.close()
+    with pytest.raises(StoreError, match=r"awscrt.*fix"):
+        make(s3_bucket, checksum="crc64nvme")
 
 
 async def test_transient_faults_are_retried_and_committed(
@@ -133,12 +180,19 @@ async def test_emergency_overtakes_background(
     try:
         background = asyncio.create_task(run("big.pt", Priority.BACKGROUND))
         # Wait (bounded) until the background upload is really moving bytes before the emergency starts.
-        await async_wait_until(lambda: store._background, timeout_s=20, what="background transfer in flight")
+        await async_wait_until(
+            lambda: s3_proxy.log,
+            timeout_s=20,
+            what="background part in flight",
+        )
         await run("small.pt", Priority.EMERGENCY)
         assert order == ["small.pt"] and not background.done()
         async with asyncio.timeout(60):
             await background
-        assert order == ["small.pt", "big.pt"] and store.requeues >= 1
+        # The background upload paused (parts held back) and went on with its next part, not from the start.
+        assert order == ["small.pt", "big.pt"] and store.pauses >= 1
+        part_puts = [p for a, m, p in s3_proxy.log if a == "delay" and m == "PUT" and "partNumber" in p]
+        assert len(part_puts) == 8, "each 5 MiB part of big.pt sent once"
         assert {m.reason for m in await store.list()} == {"small.pt", "big.pt"}
     finally:
         await store.close()

@@ -1,0 +1,97 @@
+"""The daemon against S3 (moto's server mode, behind the fault proxy): outages, the CLI, the start check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.fixtures.s3 import FaultProxy, S3Bucket
+from tests.util import wait_until
+
+# One try per S3 request (the AWS SDKs' standard knob), so the store gives up fast and the coordinator's
+# whole-commit retries are what carries the checkpoint through the outage.
+FAST_FAIL = {"AWS_MAX_ATTEMPTS": "1"}
+
+
+def manifests(bucket: S3Bucket) -> list[dict[str, Any]]:
+    keys = [k for k in bucket.keys("pfx/test-job/checkpoints/") if k.endswith("/MANIFEST.json")]
+    return [json.loads(bucket.client.get_object(Bucket=bucket.name, Key=k)["Body"].read()) for k in keys]
+
+
+def test_s3_outage_during_emergency_checkpoint_is_retried_until_it_commits(
+    imds_sim: Any,
+    spotd_daemon: Any,
+    trainer_procs: Any,
+    s3_bucket: S3Bucket,
+    s3_proxy: FaultProxy,
+) -> None:
+    """While S3 answers 500 the daemon keeps running, retries the whole commit and keeps the local file; once S3 recovers the checkpoint commits and the trainer hears durable."""
+    d = spotd_daemon(
+        imds_sim.url, store_uri=s3_bucket.uri(), endpoint_url=s3_proxy.endpoint_url, env=FAST_FAIL
+    )
+    t = trainer_procs(d.socket, "solo")
+    wait_until(lambda: t.events("connected"), timeout_s=20, what="trainer connected")
+    outage = s3_proxy.add("500", method="PUT", times=10**9)
+    imds_sim.arm_instance_action("terminate", after_s=0, lead_s=120)
+    wait_until(lambda: t.events("requested"), timeout_s=20, what="checkpoint asked for")
+    wait_until(
+        lambda: len(d.logs.events("checkpoint.upload_retry")) >= 2, timeout_s=30, what="two commit retries"
+    )
+    (req,) = t.events("requested")
+    local = d.checkpoint_dir / f"solo/step-{req['step']:06d}.bin"
+    assert d.proc.poll() is None and local.is_file(), "daemon alive, local checkpoint kept during the outage"
+    assert manifests(s3_bucket) == [] and outage.fired >= 2
+    outage.times = 0  # S3 recovers
+    assert t.proc.wait(60) == 0
+    (durable,) = t.events("durable")
+    assert durable["ok"] is True
+    (m,) = manifests(s3_bucket)
+    assert m["step"] == req["step"] and m["files"][0]["checksum"].startswith("crc64nvme:")
+    assert local.is_file(), "a committed local checkpoint is not deleted either"
+    assert d.proc.poll() is None
+    assert not d.logs.events("checkpoint.upload_failed")
+
+
+def test_cli_list_and_restore_against_s3(
+    imds_sim: Any, spotd_daemon: Any, trainer_procs: Any, s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    """`spotd list` shows the committed checkpoint and `spotd restore --to DIR` brings it back byte-identical."""
+    d = spotd_daemon(imds_sim.url, store_uri=s3_bucket.uri(), endpoint_url=s3_bucket.endpoint_url)
+    # One periodic save (step 20 of 30), 3 MiB, then the trainer exits: the store holds exactly one commit.
+    t = trainer_procs(
+        d.socket, "solo", "--steps", "30", "--periodic-every", "20", "--size", str(3 * 1024 * 1024)
+    )
+    assert t.proc.wait(30) == 0
+    (first,) = t.events("durable")
+    assert first["ok"] is True
+    listed = d.cli("list")
+    assert listed.returncode == 0, listed.stderr
+    names = [m["name"] for m in manifests(s3_bucket)]
+    assert len(names) == 1 and names[0] in listed.stdout
+    as_json = d.cli("list", "--json")
+    assert as_json.returncode == 0 and {m["name"] for m in json.loads(as_json.stdout)} == set(names)
+    m = next(m for m in manifests(s3_bucket) if m["step"] == first["step"])
+    out = tmp_path / "restored"
+    restored = d.cli("restore", "--to", str(out), "--name", m["name"])
+    assert restored.returncode == 0, restored.stderr
+    assert "every file verified" in restored.stdout
+    got = out / first["path"]
+    assert got.read_bytes() == (d.checkpoint_dir / first["path"]).read_bytes()
+
+
+def test_missing_bucket_exits_1_naming_bucket_and_fix(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket
+) -> None:
+    """With a bucket that does not exist the daemon exits 1 at start with a message naming the bucket and the fix."""
+    d = spotd_daemon(
+        imds_sim.url,
+        store_uri="s3://spotd-no-such-bucket/pfx",
+        endpoint_url=s3_bucket.endpoint_url,
+        wait_ready=False,
+    )
+    assert d.proc.wait(30) == 1
+    d.logs.join()
+    (failed,) = d.logs.events("startup.store_failed")
+    assert "spotd-no-such-bucket" in failed["error"] and "fix: create it" in failed["error"]
+    assert not d.logs.events("daemon.ready")
