@@ -242,3 +242,20 @@ def test_every_command_has_help():
             check=False,
         )
         assert out.returncode == 0 and "--config" in out.stdout, (cmd, out.stderr)
+
+
+def test_watch_mode_commits_what_appears_in_checkpoint_dir(imds_sim, spotd_daemon, tmp_path):
+    """With [sync] mode = "watch", a checkpoint written by a script that never talks to spotd is committed once it settles."""
+    d = spotd_daemon(imds_sim.url, extra={"sync": {"mode": "watch", "settle": 0.3}})
+    (d.checkpoint_dir / "model-000100.pt.tmp").write_bytes(b"partial")
+    (d.checkpoint_dir / "model-000100.pt.tmp").rename(d.checkpoint_dir / "model-000100.pt")
+    store = tmp_path / "store"
+    found = wait_until(lambda: manifests(store), timeout_s=20, what="a watch-mode commit")
+    assert [f["path"] for f in found[0]["files"]] == ["model-000100.pt"]
+    assert found[0]["trainer"] == "watch"
+    first = found[0]["name"]
+    (d.checkpoint_dir / "model-000100.pt").unlink()
+    (d.checkpoint_dir / "model-000200.pt").write_bytes(b"later")
+    # Once the later file is committed the watcher has run past the deletion.
+    wait_until(lambda: len(manifests(store)) == 2, timeout_s=20, what="the second watch-mode commit")
+    assert first in {m["name"] for m in manifests(store)}, "a local deletion is never mirrored into the store"
