@@ -82,9 +82,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--endpoint-url", default="")
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=16, help="spotd store.concurrency (its default)")
     ap.add_argument("--checksum", default="auto", help="spotd store.checksum (auto = crc64nvme with awscrt)")
-    ap.add_argument("--part-size-mb", type=int, default=64, help="spotd part size (store.part_size default)")
+    ap.add_argument("--part-size-mb", type=int, default=16, help="spotd store.part_size in MiB (its default)")
     args = ap.parse_args()
     env = {
         **os.environ,

@@ -79,6 +79,8 @@ _FATAL_CODES: Final = frozenset(
     }
 )
 _S3_ALGORITHM: Final = {"crc32": "CRC32", "crc32c": "CRC32C", "crc64nvme": "CRC64NVME", "sha256": "SHA256"}
+#: Smallest ranged GET on restore.
+_MIN_RANGE: Final = 64 * 1024 * 1024
 #: Part buffers in memory per priority class; bounds slots when part_size is large.
 _BUFFER_CAP: Final = 1024 * 1024 * 1024
 
@@ -198,8 +200,8 @@ class S3Store(_BaseStore):
         checksum: str = "auto",
         endpoint_url: str = "",
         region: str = "",
-        part_size: int = 64 * 1024 * 1024,
-        concurrency: int = 32,
+        part_size: int = 16 * 1024 * 1024,
+        concurrency: int = 16,
         executor: concurrent.futures.Executor | None = None,
         metrics: Metrics | None = None,
         max_attempts: int = 6,
@@ -566,7 +568,9 @@ class S3Store(_BaseStore):
         combined into the file's (no re-read). Restores run as EMERGENCY: nothing is more urgent at boot."""
         full = self._full(key)
         what = f"download s3://{self._bucket}/{full}"
-        parts = _parts(size, self._part_size)
+        # Ranged GETs are fewer and larger than upload parts: per-request cost dominates small ranges, and
+        # some S3-compatible servers (moto) read the whole object for every range.
+        parts = _parts(size, max(self._part_size, _MIN_RANGE))
         hash_here = can_combine(algo)
         loop = asyncio.get_running_loop()
 
