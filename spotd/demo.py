@@ -375,7 +375,7 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
             ("detection (notice seen → trainer asked)", f"{handled['detect_seconds'] * 1000:.1f} ms"),
             ("checkpoint (asked → saved)", f"{handled['checkpoint_seconds']:.3f} s"),
             ("upload (saved → committed in S3)", f"{handled['upload_seconds']:.3f} s"),
-            ("notice → durable", f"{handled['notice_to_durable_seconds']:.3f} s"),
+            ("notice seen → durable", f"{handled['notice_to_durable_seconds']:.3f} s"),
             ("checkpoint bytes", f"{handled['bytes']:,}"),
             ("restore on the new instance", f"{r['seconds']:.3f} s"),
             ("steps done before the interruption", str(stopped["step"])),

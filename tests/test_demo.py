@@ -56,7 +56,7 @@ def test_demo_exits_0_with_the_table_and_nothing_lost(tmp_path: Path) -> None:
     assert out.returncode == 0, shown
     assert "nothing was lost." in out.stdout, shown
     assert re.fullmatch(r"\d+\.\d ms", row(out.stdout, "detection")), shown
-    for label in ("checkpoint (", "upload", "notice → durable"):
+    for label in ("checkpoint (", "upload", "notice seen → durable"):
         assert re.fullmatch(r"\d+\.\d{3} s", row(out.stdout, label)), shown
     assert int(row(out.stdout, "checkpoint bytes").replace(",", "")) > 0, shown
     stopped = int(row(out.stdout, "steps done before"))
