@@ -114,20 +114,8 @@ class FileStore(_BaseStore):
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
-        hasher = _Hasher(self._algo)
-        size = 0
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         try:
-            with open(file.path, "rb") as src, open(tmp, "wb") as dst:
-                while n := src.readinto(buf):
-                    hasher.update(view[:n])
-                    dst.write(view[:n])
-                    size += n
-                    if progress is not None:
-                        progress(n)
-                dst.flush()
-                os.fsync(dst.fileno())
+            size, checksum = _copy_hashed(file.path, tmp, self._algo, progress)
             if size != file.size:
                 raise UploadError(
                     f"{file.rel} changed while uploading ({file.size} → {size} bytes); "
@@ -137,26 +125,12 @@ class FileStore(_BaseStore):
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)
-        return hasher.value()
+        return checksum
 
     def _copy_out(
         self, key: str, dest: Path, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str]:
-        """Copy out, hashing the bytes on the way (one read pass); the copy is fsynced."""
-        hasher = _Hasher(algo)
-        size = 0
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        with open(self._path(key), "rb") as fin, open(dest, "wb") as fout:
-            while n := fin.readinto(buf):
-                hasher.update(view[:n])
-                fout.write(view[:n])
-                size += n
-                if progress is not None:
-                    progress(n)
-            fout.flush()
-            os.fsync(fout.fileno())
-        return size, hasher.value()
+        return _copy_hashed(self._path(key), dest, algo, progress)
 
     # ---- primitives
 
@@ -237,3 +211,24 @@ def _threadsafe(progress: Callable[[int], None] | None) -> Callable[[int], None]
         loop.call_soon_threadsafe(progress, n)
 
     return report
+
+
+def _copy_hashed(src: Path, dst: Path, algo: str, progress: Callable[[int], None] | None) -> tuple[int, str]:
+    """Copy ``src`` to ``dst``, hashing the bytes on the way (one read pass); ``dst`` is fsynced.
+
+    Returns the bytes copied and their checksum, for the caller to compare with what it expected.
+    """
+    hasher = _Hasher(algo)
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while n := fin.readinto(buf):
+            hasher.update(view[:n])
+            fout.write(view[:n])
+            size += n
+            if progress is not None:
+                progress(n)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return size, hasher.value()
