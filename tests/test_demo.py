@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures.daemon import _env
+from tests.fixtures.daemon import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spotd", "demo", *args],
         cwd=ROOT,
-        env=_env({"TMPDIR": str(tmp_path)}),
+        env=subprocess_env({"TMPDIR": str(tmp_path)}),
         capture_output=True,
         text=True,
         timeout=90,

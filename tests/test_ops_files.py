@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -15,21 +14,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotd.metrics import Metrics
+from tests.util import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 SCRIPTS = [REPO / "scripts/user-data.sh", REPO / "scripts/launch-spot.sh"]
 METRIC_RE = re.compile(r"\bspotd_[a-z0-9_]+\b")
-
-
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found: apt-get install -y {package} (scripts/test does this)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def exposed_names() -> set[str]:

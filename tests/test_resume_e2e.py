@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.fixtures.daemon import _env, _Lines
+from tests.fixtures.daemon import Lines, subprocess_env
 from tests.util import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +26,11 @@ EXAMPLE = ROOT / "examples" / "train.py"
 @dataclass
 class Example:
     proc: subprocess.Popen[str]
-    out: _Lines
-    err: _Lines
+    out: Lines
+    err: Lines
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.out.json() if e.get("event") == name]
+        return self.out.events(name)
 
     def wait(self, timeout_s: float = 60.0) -> int:
         code = self.proc.wait(timeout_s)
@@ -53,9 +53,9 @@ def example() -> Iterator[Any]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env({"SPOTD_SOCKET": socket} if socket else {}),
+            env=subprocess_env({"SPOTD_SOCKET": socket} if socket else {}),
         )
-        ex = Example(proc, _Lines(proc.stdout), _Lines(proc.stderr))
+        ex = Example(proc, Lines(proc.stdout), Lines(proc.stderr))
         started.append(ex)
         return ex
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,20 +15,10 @@ import pytest
 
 from spotd import install
 from spotd.systemd import Notifier, watchdog_loop
-from tests.util import async_wait_until
+from tests.util import async_wait_until, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
-
-
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found: apt-get install -y {package} (scripts/test does this)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture

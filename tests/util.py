@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -48,3 +52,14 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
         await asyncio.sleep(interval_s)
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of a Debian tool the test needs; fails in CI (scripts/test installs it), skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found: apt-get install -y {package} (scripts/test does this)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
