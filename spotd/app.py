@@ -7,7 +7,6 @@ watchdog, watcher) → SIGTERM: last-chance checkpoint under ``policy.shutdown_g
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -20,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from spotd.config import Config
-from spotd.coordinator import RESTORED_MARKER, STATE_DIR, Coordinator
+from spotd.coordinator import Coordinator, read_disk_marker, write_disk_marker
 from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, ImdsError, RestoreError, StoreError
 from spotd.events import InstanceIdentity, Notice, Phase
 from spotd.imds import ImdsClient
@@ -208,7 +207,7 @@ class Daemon:
             log.info("restore.nothing", store=self._store.uri)
             return
         newest = manifests[0]
-        on_disk = _marker_name(Path(cfg.checkpoint_dir))
+        on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
         if on_disk is not None and on_disk >= newest.name:
             log.info("restore.up_to_date", name=on_disk)
             return
@@ -231,7 +230,7 @@ class Daemon:
             raise RestoreError(f"restore failed after {RESTORE_ATTEMPTS} attempts: {last_error}")
         seconds = time.monotonic() - started
         self._metrics.restore_seconds.observe(seconds)
-        coordinator._write_marker(result.manifest)
+        await asyncio.to_thread(write_disk_marker, Path(cfg.checkpoint_dir), result.manifest)
         log.info(
             "restore.done",
             name=result.manifest.name,
@@ -304,15 +303,6 @@ class Daemon:
             await self._store.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("daemon.stopped")
-
-
-def _marker_name(checkpoint_dir: Path) -> str | None:
-    try:
-        data = json.loads((checkpoint_dir / STATE_DIR / RESTORED_MARKER).read_text())
-        name = data.get("name")
-        return name if isinstance(name, str) else None
-    except (OSError, ValueError):
-        return None
 
 
 def run_daemon(config: Config) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
 
-__all__ = ["Coordinator", "Episode"]
+__all__ = ["Coordinator", "Episode", "read_disk_marker", "write_disk_marker"]
 
 log = get_logger("spotd.coordinator")
 
@@ -357,11 +359,12 @@ class Coordinator:
         raw_path = frame["path"]
         request_id = frame.get("request_id")
         try:
-            source = resolve_inside(self._checkpoint_dir, raw_path)
+            # Resolving walks the tree (every symlink inside a directory checkpoint): not on the loop.
+            source = await asyncio.to_thread(resolve_inside, self._checkpoint_dir, raw_path)
         except PathEscape as exc:
             log.warning("checkpoint.path_refused", trainer=session.name, path=raw_path, error=str(exc))
             raise ProtocolError(protocol.E_PATH, str(exc)) from None
-        if not source.exists():
+        if not await asyncio.to_thread(source.exists):
             raise ProtocolError(
                 protocol.E_PATH,
                 f"{raw_path!r} does not exist under {self._checkpoint_dir}; "
@@ -450,7 +453,7 @@ class Coordinator:
         save.manifest = manifest
         save.committed_at = self._clock()
         self.set_last_durable(manifest)
-        self._write_marker(manifest)
+        await asyncio.to_thread(write_disk_marker, self._checkpoint_dir, manifest)
         log.info(
             "checkpoint.durable",
             trainer=info.trainer,
@@ -508,20 +511,6 @@ class Coordinator:
                     retry_in_seconds=backoff_s,
                 )
                 await asyncio.sleep(backoff_s)
-
-    def _write_marker(self, manifest: Manifest) -> None:
-        """Remember that the disk holds this committed checkpoint, so a restart does not download it again."""
-        import json
-        import os
-
-        try:
-            state = self._checkpoint_dir / STATE_DIR
-            state.mkdir(exist_ok=True)
-            tmp = state / (RESTORED_MARKER + ".tmp")
-            tmp.write_text(json.dumps({"name": manifest.name, "step": manifest.step}))
-            os.replace(tmp, state / RESTORED_MARKER)
-        except OSError as exc:
-            log.warning("marker.write_failed", error=str(exc))
 
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
         message = frame.get("message") or "trainer reported a failed checkpoint"
@@ -652,6 +641,28 @@ class Coordinator:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
+
+
+def write_disk_marker(checkpoint_dir: Path, manifest: Manifest) -> None:
+    """Remember that the disk holds this committed checkpoint, so a restart does not download it again."""
+    try:
+        state = checkpoint_dir / STATE_DIR
+        state.mkdir(exist_ok=True)
+        tmp = state / (RESTORED_MARKER + ".tmp")
+        tmp.write_text(json.dumps({"name": manifest.name, "step": manifest.step}))
+        os.replace(tmp, state / RESTORED_MARKER)
+    except OSError as exc:
+        log.warning("marker.write_failed", error=str(exc))
+
+
+def read_disk_marker(checkpoint_dir: Path) -> str | None:
+    """Name of the committed checkpoint the disk holds, or None when unknown."""
+    try:
+        data = json.loads((checkpoint_dir / STATE_DIR / RESTORED_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _detect_seconds(notice: Notice, asked: datetime) -> float:
