@@ -34,7 +34,9 @@ async def main(uri: str, endpoint: str, ckdir: Path) -> None:
             target = ckdir / f"step{step}"
             target.mkdir(parents=True, exist_ok=True)
             for i in range(3):
-                (target / f"part{i}.bin").write_bytes(os.urandom((1 + step % 5) * 1024 * 1024 + i))
+                # Every file is larger than one part, so a kill lands inside a multipart upload often
+                # enough for recover() to find leftovers (files of one part go up as a single PUT).
+                (target / f"part{i}.bin").write_bytes(os.urandom((5 + step % 5) * 1024 * 1024 + 1 + i))
             info = CommitInfo(
                 job_id="crash",
                 step=step,
