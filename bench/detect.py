@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import spotd.client  # noqa: E402
-from spotd.simulator import SimulatorThread  # noqa: E402
+from spotd.tools.simulator import SimulatorThread  # noqa: E402
 from tests.fixtures.daemon import write_config  # noqa: E402
 from tests.util import free_port, wait_until  # noqa: E402
 
@@ -305,10 +305,10 @@ RSS_STAGES = {
     "python interpreter": "pass",
     "+ asyncio, aiohttp": "import asyncio, aiohttp",
     "+ structlog, prometheus_client": "import asyncio, aiohttp, structlog, prometheus_client",
-    "spotd daemon imports (file:// store)": "import spotd.cli, spotd.app, spotd.store_file",
-    "+ boto3 (s3:// store)": "import spotd.cli, spotd.app, spotd.store_s3",
+    "spotd daemon imports (file:// store)": "import spotd.cli, spotd.daemon.app, spotd.store.file",
+    "+ boto3 (s3:// store)": "import spotd.cli, spotd.daemon.app, spotd.store.s3",
     "+ boto3 S3 client + TransferManager": (
-        "import spotd.cli, spotd.app, spotd.store_s3, boto3, botocore.config; "
+        "import spotd.cli, spotd.daemon.app, spotd.store.s3, boto3, botocore.config; "
         "from s3transfer.manager import TransferManager; "
         "c = boto3.session.Session(region_name='us-east-1').client('s3'); TransferManager(c)"
     ),

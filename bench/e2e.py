@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/e2e.py [--sizes 1024,100] [--reps 3] [--step-seconds 0.05] [--poll-interval 1.0]
 
-Everything runs on loopback in one run: the IMDS simulator (spotd.simulator), moto's S3 server as a
+Everything runs on loopback in one run: the IMDS simulator (spotd.tools.simulator), moto's S3 server as a
 subprocess, and for each size (MB of model state) and repetition:
 
 * baseline: a trainer subprocess whose loop GETs IMDS spot/instance-action once per step (IMDSv2 token),
@@ -208,7 +208,11 @@ def snapshot(work: Path) -> None:
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(ROOT / "spotd", dest / "spotd", ignore=shutil.ignore_patterns("__pycache__"))
         probe = subprocess.run(
-            [sys.executable, "-c", "import spotd.app, spotd.store_s3, spotd.torch, spotd.simulator"],
+            [
+                sys.executable,
+                "-c",
+                "import spotd.daemon.app, spotd.store.s3, spotd.torch, spotd.tools.simulator",
+            ],
             env={**os.environ, "PYTHONPATH": str(dest)},
             cwd=work,
             capture_output=True,
@@ -245,7 +249,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         import boto3
 
-        from spotd.simulator import SimulatorThread
+        from spotd.tools.simulator import SimulatorThread
 
         self.args = args
         self.work = work

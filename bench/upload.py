@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import boto3
 
 from spotd.store import CommitInfo, Priority, choose_checksum, hash_file
-from spotd.store_s3 import S3Store
+from spotd.store.s3 import S3Store
 
 BIN = Path(sys.executable).parent
 MB = 1024 * 1024

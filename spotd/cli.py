@@ -48,7 +48,7 @@ def _socket_path(args: argparse.Namespace) -> str:
 
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from spotd.app import run_daemon
+    from spotd.daemon.app import run_daemon
     from spotd.logs import configure_logging
 
     cfg = _load(args)
@@ -190,7 +190,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     async def go() -> int:
-        from spotd.progress import Progress
+        from spotd.tools.progress import Progress
 
         cfg, store = _store(args)
         dest = Path(args.to or cfg.checkpoint_dir)
@@ -276,20 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="DIR", help="destination directory (default: checkpoint_dir)")
     p.add_argument("--name", help="checkpoint name from `spotd list` (default: the newest)")
 
-    from spotd import simulator
+    from spotd.tools import simulator
 
     p = add("simulate-imds", lambda a: simulator.main(a), "run an IMDSv2 simulator for drills and tests")
     simulator.add_arguments(p)
 
     try:
-        from spotd import demo
+        from spotd.tools import demo
     except ImportError:  # pragma: no cover - demo is part of the package
         demo = None  # type: ignore[assignment]
     if demo is not None:
         p = add("demo", lambda a: demo.main(a), "the whole story on this machine, nothing to configure")
         demo.add_arguments(p)
 
-    from spotd import install
+    from spotd.tools import install
 
     p = add("install", lambda a: install.main(a), "install the systemd units, config and spotd user")
     install.add_arguments(p)

@@ -1,0 +1,1 @@
+"""The daemon: composition root, boot, monitors, socket server, episodes and commits, watch mode, systemd."""

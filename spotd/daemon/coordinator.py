@@ -1,0 +1,685 @@
+"""The domain: a Notice becomes checkpoint requests, a ``saved`` becomes a commit, a commit a ``durable``.
+
+One *episode* per notice acted on (a spot interruption, a maintenance event, SIGTERM, a rebalance under
+``on_rebalance = "checkpoint"``, or a ``spotd checkpoint`` drill). Every trainer connected when the episode
+starts is asked once (and any trainer that connects while it runs); each ``saved`` is handed to the store at
+once, without waiting for the others, and answered ``durable`` when committed. A final episode ends in
+Completed (everything durable) or Stopped (deadline passed; the canonical log line says what was missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from spotd import protocol
+from spotd.config import Config
+from spotd.daemon.ipc import IpcServer, Session
+from spotd.errors import PathEscape, ProtocolError, StoreError
+from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, format_time
+from spotd.logs import get_logger
+from spotd.metrics import Metrics
+from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
+
+__all__ = ["Coordinator", "Episode", "read_disk_marker", "write_disk_marker"]
+
+log = get_logger("spotd.coordinator")
+
+#: Whole-commit retries for periodic checkpoints (each S3 request is already retried by the store).
+COMMIT_ATTEMPTS = 4
+COMMIT_BACKOFF_S = 1.0
+COMMIT_BACKOFF_MAX_S = 15.0
+
+#: Where the daemon remembers, inside checkpoint_dir, which committed checkpoint the disk already holds.
+STATE_DIR = ".spotd"
+RESTORED_MARKER = "restored.json"
+
+
+@dataclass(slots=True)
+class _Save:
+    session_id: str
+    trainer: str
+    path: str
+    step: int | None
+    saved_at: float  # monotonic
+    manifest: Manifest | None = None
+    error: str | None = None
+    committed_at: float | None = None
+
+
+@dataclass(slots=True)
+class Episode:
+    """One notice acted on: who was asked, what they saved, what reached the store."""
+
+    request_id: str
+    notice: Notice
+    reason: str
+    final: bool
+    deadline: datetime
+    started: float  # monotonic, when the notice was handed to us
+    asked: dict[str, str] = field(default_factory=dict)  # session id → trainer name
+    asked_at: float | None = None
+    asked_wall: datetime | None = None
+    saves: dict[str, _Save] = field(default_factory=dict)  # session id → its save for this request
+    failed: dict[str, str] = field(default_factory=dict)  # session id → message
+    gone: set[str] = field(default_factory=set)  # asked, then disconnected without saving
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # something changed: re-check outstanding()
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the episode has ended
+    finished: bool = False
+
+    def outstanding(self) -> list[str]:
+        """Trainers still owing a durable checkpoint (or a failure report)."""
+        out = []
+        for sid, name in self.asked.items():
+            if sid in self.failed:
+                continue
+            save = self.saves.get(sid)
+            if save is None:
+                if sid not in self.gone:
+                    out.append(name)
+            elif save.manifest is None and save.error is None:
+                out.append(name)
+        return out
+
+    def frame(self) -> dict[str, Any]:
+        return {
+            "op": "checkpoint",
+            "request_id": self.request_id,
+            "reason": self.reason,
+            "deadline": format_time(self.deadline),
+            "final": self.final,
+        }
+
+
+class Coordinator:
+    """Implements :class:`spotd.daemon.ipc.Handler`; the monitor loop calls :meth:`handle_notice`."""
+
+    __slots__ = (
+        "_bg",
+        "_checkpoint_dir",
+        "_clock",
+        "_config",
+        "_episodes",
+        "_identity",
+        "_imds_up",
+        "_ipc",
+        "_last_durable",
+        "_metrics",
+        "_phase",
+        "_seen_notices",
+        "_started",
+        "_store",
+        "_wall",
+        "current",
+    )
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: CheckpointStore,
+        metrics: Metrics,
+        identity: InstanceIdentity,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        imds_up: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._metrics = metrics
+        self._identity = identity
+        self._clock = clock
+        self._wall = wall
+        self._imds_up = imds_up
+        self._checkpoint_dir = Path(config.checkpoint_dir).resolve()
+        self._ipc: IpcServer | None = None
+        self._phase = Phase.STARTING
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._episodes: list[Episode] = []
+        self._seen_notices: list[dict[str, Any]] = []
+        self._last_durable: Manifest | None = None
+        self._started = clock()
+        self.current: Episode | None = None
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+    def attach(self, ipc: IpcServer) -> None:
+        self._ipc = ipc
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def set_phase(self, phase: Phase) -> None:
+        if phase is not self._phase:
+            log.info("phase.changed", previous=self._phase.value, phase=phase.value)
+        self._phase = phase
+        self._metrics.set_phase(phase)
+
+    def set_last_durable(self, manifest: Manifest | None) -> None:
+        if manifest is None:
+            return
+        if self._last_durable is None or manifest.created_at >= self._last_durable.created_at:
+            self._last_durable = manifest
+            self._metrics.last_durable_timestamp.set(manifest.created_at.timestamp())
+            if manifest.step is not None:
+                self._metrics.last_durable_step.set(manifest.step)
+
+    # -- notices ---------------------------------------------------------------------------------------------
+    async def handle_notice(self, notice: Notice) -> Episode | None:
+        """Act on a notice; returns the episode started, or None when policy says not to checkpoint."""
+        self._seen_notices.append(
+            {
+                "kind": notice.kind.value,
+                "action": notice.action,
+                "detected_at": format_time(notice.detected_at),
+                "not_after": format_time(notice.not_after) if notice.not_after else None,
+            }
+        )
+        del self._seen_notices[:-20]
+        if notice.kind is NoticeKind.REBALANCE:
+            policy = self._config.policy.on_rebalance
+            if policy != "checkpoint":
+                log.warning("rebalance.recommended", policy=policy, acted=False)
+                return None
+        if notice.final and notice.not_after is not None:
+            self._metrics.interruption_deadline.set(notice.not_after.timestamp())
+        current = self.current
+        if current is not None and not current.finished and (current.final or not notice.final):
+            # Already asked; a second signal (SIGTERM after the ITN) must not restart the trainers' saves.
+            log.info(
+                "notice.coalesced",
+                kind=notice.kind.value,
+                action=notice.action,
+                request_id=current.request_id,
+            )
+            return current
+        return await self._start_episode(notice)
+
+    def _deadline_for(self, notice: Notice) -> datetime:
+        now = self._wall()
+        if not notice.final:
+            return now + timedelta(seconds=self._config.policy.drill_timeout)
+        if notice.not_after is None:
+            return now + timedelta(seconds=self._config.policy.shutdown_grace)
+        if notice.kind is NoticeKind.SHUTDOWN:
+            return notice.not_after
+        return max(now, notice.not_after - timedelta(seconds=self._config.policy.deadline_margin))
+
+    async def _start_episode(self, notice: Notice) -> Episode:
+        reason = notice.kind.value if notice.kind is not NoticeKind.SPOT else f"spot-{notice.action}"
+        if notice.kind is NoticeKind.DRILL:
+            reason = notice.detail.get("reason", "drill")
+        episode = Episode(
+            request_id=uuid.uuid4().hex[:16],
+            notice=notice,
+            reason=reason,
+            final=notice.final,
+            deadline=self._deadline_for(notice),
+            started=self._clock(),
+        )
+        self.current = episode
+        self._episodes.append(episode)
+        del self._episodes[:-20]
+        if episode.final:
+            self.set_phase(Phase.INTERRUPTED)
+        trainers = self._ipc.trainers if self._ipc else []
+        for session in trainers:
+            episode.asked[session.id] = session.name
+        self._metrics.checkpoint_requests.labels(reason=_reason_label(notice)).inc()
+        sent = await self._ipc.broadcast(episode.frame()) if self._ipc and trainers else 0
+        episode.asked_at = self._clock()
+        episode.asked_wall = self._wall()
+        self._metrics.detect_seconds.observe(_detect_seconds(notice, episode.asked_wall))
+        log.info(
+            "checkpoint.requested",
+            request_id=episode.request_id,
+            reason=episode.reason,
+            final=episode.final,
+            deadline=format_time(episode.deadline),
+            trainers=sent,
+            seconds_left=round((episode.deadline - self._wall()).total_seconds(), 3),
+        )
+        if not trainers:
+            log.warning(
+                "checkpoint.no_trainers",
+                request_id=episode.request_id,
+                fix="start the training process with spotd.client.connect() (or use [sync] mode = 'watch')",
+            )
+        self._spawn(self._watch_episode(episode))
+        return episode
+
+    async def _watch_episode(self, episode: Episode) -> None:
+        """Close the episode when everything is durable, or at its deadline with what is missing."""
+        remaining = (episode.deadline - self._wall()).total_seconds()
+        if not episode.asked:
+            remaining = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, remaining)):
+                while episode.outstanding():
+                    episode.done.clear()
+                    await episode.done.wait()
+        await self._finish(episode)
+
+    async def _finish(self, episode: Episode) -> None:
+        if episode.finished:
+            return
+        episode.finished = True
+        episode.closed.set()
+        missing = episode.outstanding()
+        durable = [s for s in episode.saves.values() if s.manifest is not None]
+        failed_uploads = [s for s in episode.saves.values() if s.error is not None]
+        lost: list[str] = [f"{name}: no checkpoint before the deadline" for name in missing]
+        lost += [f"{s.trainer}: upload failed ({s.error})" for s in failed_uploads]
+        lost += [f"{episode.asked.get(sid, sid)}: {msg}" for sid, msg in episode.failed.items()]
+        lost += [
+            f"{episode.asked[sid]}: disconnected before saving"
+            for sid in episode.gone
+            if sid in episode.asked and sid not in episode.saves
+        ]
+        if not episode.asked:
+            lost.append("no trainer was connected")
+        ok = not lost
+        if ok and durable:
+            last = max(s.committed_at or 0.0 for s in durable)
+            self._metrics.notice_to_durable_seconds.observe(last - episode.started)
+        if episode.final:
+            self.set_phase(Phase.COMPLETED if ok else Phase.STOPPED)
+        elif self._phase in (Phase.UPLOADING, Phase.INTERRUPTED):
+            self.set_phase(Phase.TRAINING)
+        record = self._episode_record(episode, lost)
+        log_fn = log.info if ok else log.error
+        log_fn("interruption.handled" if episode.final else "checkpoint.handled", **record)
+        if episode.final or episode.notice.kind is not NoticeKind.DRILL:
+            with contextlib.suppress(StoreError, OSError):
+                await self._store.write_event(record)
+
+    def _episode_record(self, episode: Episode, lost: list[str]) -> dict[str, Any]:
+        notice = episode.notice
+        durable = [s for s in episode.saves.values() if s.manifest is not None]
+        saved_at = [s.saved_at for s in episode.saves.values()]
+        committed = [s.committed_at for s in durable if s.committed_at is not None]
+        asked_at = episode.asked_at or episode.started
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        detect = _detect_seconds(notice, episode.asked_wall or notice.detected_at)
+        return {
+            "request_id": episode.request_id,
+            "kind": notice.kind.value,
+            "action": notice.action,
+            "reason": episode.reason,
+            "final": episode.final,
+            "instance_id": self._identity.instance_id,
+            "instance_type": self._identity.instance_type,
+            "notice_time": format_time(notice.not_after) if notice.not_after else None,
+            "detected_at": format_time(notice.detected_at),
+            "deadline": format_time(episode.deadline),
+            "detect_seconds": rounded(detect),
+            "checkpoint_seconds": rounded(max(saved_at) - asked_at if saved_at else None),
+            "upload_seconds": rounded(
+                max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None
+            ),
+            "notice_to_durable_seconds": rounded(max(committed) - episode.started if committed else None),
+            "bytes": sum(s.manifest.total_bytes for s in durable if s.manifest),
+            "trainers": len(episode.asked),
+            "durable": [
+                {"trainer": s.trainer, "name": s.manifest.name, "step": s.step} for s in durable if s.manifest
+            ],
+            "lost": lost,
+        }
+
+    # -- ipc.Handler -----------------------------------------------------------------------------------------
+    def welcome(self, session: Session) -> dict[str, Any]:
+        return {
+            "checkpoint_dir": str(self._checkpoint_dir),
+            "job_id": self._config.job_id,
+            "instance_id": self._identity.instance_id,
+            "phase": self._phase.value,
+        }
+
+    async def on_ready(self, session: Session) -> None:
+        episode = self.current
+        if episode is None or episode.finished or self._ipc is None:
+            return
+        if session.id not in episode.asked:
+            episode.asked[session.id] = session.name
+        await self._ipc.send(session, episode.frame())
+
+    async def on_saved(self, session: Session, frame: dict[str, Any]) -> None:
+        raw_path = frame["path"]
+        request_id = frame.get("request_id")
+        try:
+            # Resolving walks the tree (every symlink inside a directory checkpoint): not on the loop.
+            source = await asyncio.to_thread(resolve_inside, self._checkpoint_dir, raw_path)
+        except PathEscape as exc:
+            log.warning("checkpoint.path_refused", trainer=session.name, path=raw_path, error=str(exc))
+            raise ProtocolError(protocol.E_PATH, str(exc)) from None
+        if not await asyncio.to_thread(source.exists):
+            raise ProtocolError(
+                protocol.E_PATH,
+                f"{raw_path!r} does not exist under {self._checkpoint_dir}; "
+                "report the path after the file is written",
+            )
+        episode = self.current if self.current and request_id == self.current.request_id else None
+        save = _Save(session.id, session.name, raw_path, frame.get("step"), self._clock())
+        if episode is not None:
+            episode.saves[session.id] = save
+            self._metrics.checkpoint_seconds.observe(save.saved_at - (episode.asked_at or episode.started))
+            if episode.final and self._phase is Phase.INTERRUPTED:
+                self.set_phase(Phase.UPLOADING)
+        log.info(
+            "checkpoint.saved",
+            trainer=session.name,
+            path=raw_path,
+            step=save.step,
+            request_id=request_id,
+            emergency=episode is not None,
+        )
+        info = CommitInfo(
+            job_id=self._config.job_id,
+            step=save.step,
+            trainer=session.name,
+            rank=session.rank,
+            world_size=session.world_size,
+            request_id=request_id,
+            reason=episode.reason if episode else "periodic",
+            instance_id=self._identity.instance_id,
+            final=bool(episode and episode.final),
+        )
+        priority = Priority.EMERGENCY if episode is not None else Priority.BACKGROUND
+        self._spawn(self._commit(session, source, info, priority, save, episode))
+
+    async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
+        """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer."""
+        info = CommitInfo(
+            job_id=self._config.job_id,
+            step=step,
+            trainer=trainer,
+            rank=None,
+            world_size=None,
+            request_id=None,
+            reason="watch",
+            instance_id=self._identity.instance_id,
+            final=False,
+        )
+        save = _Save("watch", trainer, str(source), step, self._clock())
+        return await self._commit(None, source, info, Priority.BACKGROUND, save, None)
+
+    async def _commit(
+        self,
+        session: Session | None,
+        source: Path,
+        info: CommitInfo,
+        priority: Priority,
+        save: _Save,
+        episode: Episode | None,
+    ) -> Manifest | None:
+        try:
+            manifest = await self._commit_with_retries(source, info, priority, episode)
+        except (StoreError, OSError) as exc:
+            save.error = str(exc)
+            log.error(
+                "checkpoint.upload_failed",
+                trainer=info.trainer,
+                path=save.path,
+                error=str(exc),
+                local_kept=True,
+                fix="check S3 reachability and permissions; the local checkpoint is kept",
+            )
+            if session is not None and self._ipc is not None:
+                await self._ipc.send(
+                    session,
+                    {
+                        "op": "error",
+                        "code": protocol.E_STORE,
+                        "request_id": info.request_id,
+                        "path": save.path,
+                        "message": f"upload failed, local checkpoint kept: {exc}",
+                    },
+                )
+            if episode is not None:
+                episode.done.set()
+            return None
+        save.manifest = manifest
+        save.committed_at = self._clock()
+        self.set_last_durable(manifest)
+        await asyncio.to_thread(write_disk_marker, self._checkpoint_dir, manifest)
+        log.info(
+            "checkpoint.durable",
+            trainer=info.trainer,
+            name=manifest.name,
+            step=manifest.step,
+            bytes=manifest.total_bytes,
+            files=len(manifest.files),
+            seconds=round(save.committed_at - save.saved_at, 3),
+            request_id=info.request_id,
+        )
+        if session is not None and self._ipc is not None:
+            await self._ipc.send(
+                session,
+                {
+                    "op": "durable",
+                    "request_id": info.request_id,
+                    "path": save.path,
+                    "step": manifest.step,
+                    "name": manifest.name,
+                    "uri": self._store.uri,
+                },
+            )
+        if episode is not None:
+            episode.done.set()
+        return manifest
+
+    async def _commit_with_retries(
+        self, source: Path, info: CommitInfo, priority: Priority, episode: Episode | None
+    ) -> Manifest:
+        """The store retries each request; this retries the whole commit while it can still matter.
+
+        An emergency commit keeps trying until its episode's deadline (a late upload still beats none);
+        a periodic one gives up after ``COMMIT_ATTEMPTS`` and leaves the local checkpoint in place.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._store.commit(
+                    source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
+                )
+            except (StoreError, OSError) as exc:
+                backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (attempt - 1))
+                if episode is not None:
+                    left = (episode.deadline - self._wall()).total_seconds()
+                    if left <= backoff_s or episode.finished:
+                        raise
+                elif attempt >= COMMIT_ATTEMPTS:
+                    raise
+                log.warning(
+                    "checkpoint.upload_retry",
+                    trainer=info.trainer,
+                    attempt=attempt,
+                    error=str(exc),
+                    retry_in_seconds=backoff_s,
+                )
+                await asyncio.sleep(backoff_s)
+
+    async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
+        message = frame.get("message") or "trainer reported a failed checkpoint"
+        self._metrics.checkpoint_failures.inc()
+        log.error(
+            "checkpoint.trainer_failed",
+            trainer=session.name,
+            message=message,
+            request_id=frame.get("request_id"),
+        )
+        episode = self.current
+        if episode is not None and frame.get("request_id") == episode.request_id:
+            episode.failed[session.id] = message
+            episode.done.set()
+
+    async def on_status(self, session: Session) -> dict[str, Any]:
+        return self.status()
+
+    async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
+        reason = frame.get("reason") or "drill"
+        notice = Notice(
+            kind=NoticeKind.DRILL,
+            action="checkpoint",
+            key=f"drill:{uuid.uuid4().hex}",
+            detected_at=self._wall(),
+            final=False,
+            detail={"reason": reason},
+        )
+        episode = await self.handle_notice(notice)
+        if episode is None:
+            return {"ok": False, "message": "not started"}
+        if frame.get("wait", True):
+            # _watch_episode closes it under its own deadline (policy.drill_timeout).
+            await episode.closed.wait()
+        record = self._episode_record(episode, [])
+        ok = (
+            bool(episode.asked)
+            and not episode.outstanding()
+            and not episode.failed
+            and all(s.manifest is not None for s in episode.saves.values())
+        )
+        return {"ok": ok, **record, "missing": episode.outstanding()}
+
+    def on_disconnect(self, session: Session) -> None:
+        episode = self.current
+        if episode is not None and not episode.finished and session.id in episode.asked:
+            if session.id not in episode.saves:
+                episode.gone.add(session.id)
+                log.warning("checkpoint.trainer_gone", trainer=session.name, request_id=episode.request_id)
+            episode.done.set()
+
+    # -- status ----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        episode = self.current
+        last = self._last_durable
+        return {
+            "phase": self._phase.value,
+            "job_id": self._config.job_id,
+            "instance": {
+                "id": self._identity.instance_id,
+                "type": self._identity.instance_type,
+                "az": self._identity.availability_zone,
+                "life_cycle": self._identity.life_cycle,
+            },
+            "imds_up": self._imds_up(),
+            "store": self._store.uri,
+            "checkpoint_dir": str(self._checkpoint_dir),
+            "uptime_seconds": round(self._clock() - self._started, 1),
+            "trainers": [
+                {"name": s.name, "pid": s.pid, "rank": s.rank, "world_size": s.world_size, "uid": s.peer_uid}
+                for s in (self._ipc.trainers if self._ipc else [])
+            ],
+            "request": None
+            if episode is None
+            else {
+                "request_id": episode.request_id,
+                "reason": episode.reason,
+                "final": episode.final,
+                "deadline": format_time(episode.deadline),
+                "finished": episode.finished,
+                "outstanding": episode.outstanding(),
+            },
+            "notices": list(self._seen_notices),
+            "last_durable": None
+            if last is None
+            else {
+                "name": last.name,
+                "step": last.step,
+                "time": format_time(last.created_at),
+                "bytes": last.total_bytes,
+            },
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(_log_task_error)
+
+    async def last_chance(self, *, grace_s: float) -> None:
+        """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
+        now = self._wall()
+        notice = Notice(
+            kind=NoticeKind.SHUTDOWN,
+            action="sigterm",
+            key="shutdown",
+            detected_at=now,
+            final=True,
+            not_after=now + timedelta(seconds=grace_s),
+        )
+        if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.finished):
+            log.info("shutdown.nothing_to_save")
+            return
+        episode = await self.handle_notice(notice)
+        if episode is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s + 1.0):
+                await episode.closed.wait()
+
+    async def drain(self, *, grace_s: float) -> None:
+        """Give in-flight commits ``grace_s`` to finish, then cancel what is left."""
+        if not self._bg:
+            return
+        _, pending = await asyncio.wait(set(self._bg), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+
+def write_disk_marker(checkpoint_dir: Path, manifest: Manifest) -> None:
+    """Remember that the disk holds this committed checkpoint, so a restart does not download it again."""
+    try:
+        state = checkpoint_dir / STATE_DIR
+        state.mkdir(exist_ok=True)
+        tmp = state / (RESTORED_MARKER + ".tmp")
+        tmp.write_text(json.dumps({"name": manifest.name, "step": manifest.step}))
+        os.replace(tmp, state / RESTORED_MARKER)
+    except OSError as exc:
+        log.warning("marker.write_failed", error=str(exc))
+
+
+def read_disk_marker(checkpoint_dir: Path) -> str | None:
+    """Name of the committed checkpoint the disk holds, or None when unknown."""
+    try:
+        data = json.loads((checkpoint_dir / STATE_DIR / RESTORED_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _detect_seconds(notice: Notice, asked: datetime) -> float:
+    """Seconds from the poll that saw the notice to the trainers being asked.
+
+    When EC2 issued a spot notice is not knowable from IMDS (its ``time`` is the action time, at coarse
+    resolution), so the polling share is measured by bench/detect.py against the simulator, not here.
+    Rebalance carries its noticeTime, but that is also coarse; it is logged, not mixed in.
+    """
+    return max(0.0, (asked - notice.detected_at).total_seconds())
+
+
+def _reason_label(notice: Notice) -> str:
+    # Low cardinality: the kind, plus the spot action, never the drill's free text.
+    return f"spot-{notice.action}" if notice.kind is NoticeKind.SPOT else notice.kind.value
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task.failed", error=repr(task.exception()))
