@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 import spotd.client  # noqa: E402
 from spotd.tools.simulator import SimulatorThread  # noqa: E402
+from spotd.tools.testing import free_port, wait_until  # noqa: E402
 from tests.fixtures.daemon import write_config  # noqa: E402
-from tests.util import free_port, wait_until  # noqa: E402
 
 SPOT_PATH = "spot/instance-action"
 AWS_ENV = {

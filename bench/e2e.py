@@ -23,21 +23,20 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if sys.argv[1:2] != ["_trainer"]:  # a trainer imports the snapshot on its PYTHONPATH instead
     sys.path.insert(0, str(ROOT))
+
+from spotd.tools.testing import LineReader, free_port, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MB = 1024 * 1024
@@ -148,51 +147,6 @@ def trainer_spotd(args: argparse.Namespace) -> int:
 # -- the harness -----------------------------------------------------------------------------------
 
 
-class Lines:
-    """A subprocess pipe read on a thread, so waits have deadlines."""
-
-    def __init__(self, stream: Any) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream: Any) -> None:
-        for line in iter(stream.readline, ""):
-            self.lines.append(line.rstrip("\n"))
-        stream.close()
-
-    def events(self, key: str, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.lines):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict) and value.get(key) == name:
-                out.append(value)
-        return out
-
-    def join(self) -> None:
-        self._thread.join(10)
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -269,7 +223,7 @@ class Bench:
             except OSError:
                 return False
 
-        wait_for(answers, 30, "the moto server")
+        wait_until(answers, timeout_s=30, interval_s=0.01, what="the moto server")
         self.s3 = boto3.session.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         ).client("s3", endpoint_url=self.endpoint)
@@ -289,7 +243,9 @@ class Bench:
             if keys:
                 self.s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
 
-    def trainer(self, mode: str, size_mb: int, **kw: str) -> tuple[subprocess.Popen[str], Lines, Lines]:
+    def trainer(
+        self, mode: str, size_mb: int, **kw: str
+    ) -> tuple[subprocess.Popen[str], LineReader, LineReader]:
         sock = kw.pop("socket", None)
         cmd = [sys.executable, __file__, "_trainer", mode, "--size-mb", str(size_mb)]
         cmd += ["--step-seconds", str(self.args.step_seconds)]
@@ -303,7 +259,7 @@ class Bench:
             cwd=self.work,
             env=env(**({"SPOTD_SOCKET": sock} if sock else {})),
         )
-        return proc, Lines(proc.stdout), Lines(proc.stderr)
+        return proc, LineReader(proc.stdout), LineReader(proc.stderr)
 
     def fire(self) -> float:
         self.sim.clear()
@@ -312,7 +268,14 @@ class Bench:
         return armed
 
     def served(self) -> float:
-        return float(wait_for(lambda: self.sim.state()["notice_first_served_at"], 30, "the notice served"))
+        return float(
+            wait_until(
+                lambda: self.sim.state()["notice_first_served_at"],
+                timeout_s=30,
+                interval_s=0.01,
+                what="the notice served",
+            )
+        )
 
     def baseline(self, size_mb: int) -> dict[str, float]:
         self.sim.clear()
@@ -322,14 +285,20 @@ class Bench:
             "baseline", size_mb, imds=self.sim.url, endpoint=self.endpoint, path=str(path), dest=dest
         )
         try:
-            wait_for(lambda: out.events("event", "ready") or proc.poll() is not None, 300, "baseline ready")
+            wait_until(
+                lambda: out.events("ready") or proc.poll() is not None,
+                timeout_s=300,
+                interval_s=0.01,
+                what="baseline ready",
+            )
             if proc.poll() is not None:
                 raise SystemExit("baseline trainer failed:\n" + "\n".join(err.lines))
             armed = self.fire()
-            done = wait_for(
-                lambda: out.events("event", "durable") or proc.poll() not in (None, 0),
-                1200,
-                "baseline upload",
+            done = wait_until(
+                lambda: out.events("durable") or proc.poll() not in (None, 0),
+                timeout_s=1200,
+                interval_s=0.01,
+                what="baseline upload",
             )
             if not isinstance(done, list):
                 raise SystemExit("baseline trainer failed:\n" + "\n".join(err.lines))
@@ -405,37 +374,42 @@ class Bench:
             cwd=self.work,
             env=env(),
         )
-        logs = Lines(daemon.stderr)
+        logs = LineReader(daemon.stderr)
         proc: subprocess.Popen[str] | None = None
         out = err = None
         try:
-            wait_for(
-                lambda: logs.events("event", "daemon.ready") or daemon.poll() is not None, 60, "daemon.ready"
+            wait_until(
+                lambda: logs.events("daemon.ready") or daemon.poll() is not None,
+                timeout_s=60,
+                interval_s=0.01,
+                what="daemon.ready",
             )
             if daemon.poll() is not None:
                 raise SystemExit("spotd run exited:\n" + "\n".join(logs.lines))
             proc, out, err = self.trainer("spotd", size_mb, socket=sock)
             trainer_out = out
-            wait_for(
-                lambda: trainer_out.events("event", "ready") or proc is None or proc.poll() is not None,
-                300,
-                "spotd trainer ready",
+            wait_until(
+                lambda: trainer_out.events("ready") or proc is None or proc.poll() is not None,
+                timeout_s=300,
+                interval_s=0.01,
+                what="spotd trainer ready",
             )
             if proc.poll() is not None:
                 raise SystemExit("spotd trainer failed:\n" + "\n".join(err.lines))
-            imported = trainer_out.events("event", "ready")[0]["spotd"]
+            imported = trainer_out.events("ready")[0]["spotd"]
             if not imported.startswith(str(SRC[0])):
                 raise SystemExit(f"the trainer imported {imported}, not the snapshot in {SRC[0]}")
             moto_cpu = proc_cpu(self.moto.pid)
             armed = self.fire()
-            done = wait_for(
+            done = wait_until(
                 lambda: (
-                    trainer_out.events("event", "durable")
-                    or trainer_out.events("event", "not-durable")
+                    trainer_out.events("durable")
+                    or trainer_out.events("not-durable")
                     or (proc is not None and proc.poll() not in (None, 0))
                 ),
-                1200,
-                "spotd trainer to stop",
+                timeout_s=1200,
+                interval_s=0.01,
+                what="spotd trainer to stop",
             )
             if not isinstance(done, list) or done[0]["event"] != "durable":
                 raise SystemExit(
@@ -445,8 +419,11 @@ class Bench:
             moto_cpu = proc_cpu(self.moto.pid) - moto_cpu
             ev = done[0]
             served = self.served()
-            handled = wait_for(
-                lambda: logs.events("event", "interruption.handled"), 60, "interruption.handled"
+            handled = wait_until(
+                lambda: logs.events("interruption.handled"),
+                timeout_s=60,
+                interval_s=0.01,
+                what="interruption.handled",
             )
             rec = handled[0]
         finally:

@@ -16,6 +16,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from spotd.errors import ConfigError
+from spotd.protocol import DEFAULT_SOCKET
 
 __all__ = ["DEFAULT_CONFIG_PATH", "Config", "load_config"]
 
@@ -37,7 +38,7 @@ class ImdsConfig:
 
 @dataclass(frozen=True, slots=True)
 class SocketConfig:
-    path: str = "/run/spotd/spotd.sock"
+    path: str = DEFAULT_SOCKET
     group: str = ""
 
 

@@ -11,21 +11,26 @@ then send ``status`` or ``drill``; it is never counted as a trainer.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Final
 
 from spotd.errors import ProtocolError
 
 __all__ = [
+    "DEFAULT_SOCKET",
     "MAX_LINE",
     "PROTOCOL_VERSION",
     "decode",
     "encode",
+    "socket_path",
     "validate_client_frame",
 ]
 
 PROTOCOL_VERSION: Final = 1
 #: Bytes in one frame including the newline.
 MAX_LINE: Final = 64 * 1024
+#: Where the daemon listens unless ``socket.path`` says otherwise (systemd's RuntimeDirectory=spotd).
+DEFAULT_SOCKET: Final = "/run/spotd/spotd.sock"
 
 CLIENT_OPS: Final = frozenset({"hello", "saved", "failed", "status", "drill"})
 DAEMON_OPS: Final = frozenset({"welcome", "checkpoint", "durable", "error", "status", "drill"})
@@ -40,6 +45,11 @@ E_VERSION: Final = "unsupported_version"
 E_PATH: Final = "path_refused"
 E_STORE: Final = "store_failed"
 E_FORBIDDEN: Final = "forbidden"
+
+
+def socket_path(explicit: str | None = None) -> str:
+    """The socket a training process talks to: ``explicit``, else ``$SPOTD_SOCKET``, else the default."""
+    return explicit or os.environ.get("SPOTD_SOCKET") or DEFAULT_SOCKET
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -1,38 +1,23 @@
-"""Small helpers for tests: free ports and waiting on a condition with a deadline (never a fixed sleep)."""
+"""Small helpers for tests: waiting on a condition with a deadline (never a fixed sleep), Debian tools.
+
+``free_port`` and ``wait_until`` are spotd.tools.testing's, shared with the demo and the benchmarks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
 
+from spotd.tools.testing import free_port, wait_until
+
+__all__ = ["async_wait_until", "free_port", "require_tool", "wait_until"]
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], T], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
-        time.sleep(interval_s)
 
 
 async def async_wait_until(

@@ -9,7 +9,6 @@ table and exits 0 only if no step was lost and the final weights equal an uninte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -17,13 +16,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from spotd.errors import EXIT_FAILURE, EXIT_OK
+from spotd.tools.testing import LineReader, free_port
 
 __all__ = ["add_arguments", "main"]
 
@@ -45,63 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _Stream:
-    """Reads a subprocess pipe on a thread; JSON lines become events a step can wait for."""
-
-    def __init__(self, stream: IO[str], on_line: Callable[[str], None] | None = None) -> None:
-        self.lines: list[str] = []
-        self._on_line = on_line
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in iter(stream.readline, ""):
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-            if self._on_line:
-                self._on_line(line.rstrip("\n"))
-        stream.close()
-
-    def events(self, key: str = "event") -> list[dict[str, Any]]:
-        out = []
-        for line in list(self.lines):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict) and key in value:
-                out.append(value)
-        return out
-
-    def wait(self, predicate: Callable[[list[dict[str, Any]]], Any], *, timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                found = predicate(self.events())
-                if found:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-                self._cond.wait(min(left, 0.1))
-
-
 class _Say:
     def __init__(self) -> None:
         self._t0 = time.monotonic()
 
     def __call__(self, text: str) -> None:
         print(f"[{time.monotonic() - self._t0:5.1f}s] {text}", flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -149,7 +96,7 @@ def _write_config(path: Path, *, imds: str, sock: str, ckpt: Path, s3: str) -> N
     )
 
 
-def _start_daemon(config: Path) -> tuple[subprocess.Popen[str], _Stream]:
+def _start_daemon(config: Path) -> tuple[subprocess.Popen[str], LineReader]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "spotd", "run", "--config", str(config)],
         stdout=subprocess.DEVNULL,
@@ -158,7 +105,7 @@ def _start_daemon(config: Path) -> tuple[subprocess.Popen[str], _Stream]:
         env=_env(),
     )
     assert proc.stderr is not None
-    logs = _Stream(proc.stderr)
+    logs = LineReader(proc.stderr)
     logs.wait(
         lambda ev: any(e["event"] == "daemon.ready" for e in ev) or proc.poll() is not None,
         timeout_s=60,
@@ -171,7 +118,7 @@ def _start_daemon(config: Path) -> tuple[subprocess.Popen[str], _Stream]:
 
 def _start_trainer(
     args: argparse.Namespace, *, sock: str, ckpt: Path, out: Path, no_daemon: bool = False
-) -> tuple[subprocess.Popen[str], _Stream]:
+) -> tuple[subprocess.Popen[str], LineReader]:
     cmd = [
         sys.executable,
         str(EXAMPLE),
@@ -194,8 +141,8 @@ def _start_trainer(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(SPOTD_SOCKET=sock)
     )
     assert proc.stdout is not None and proc.stderr is not None
-    _Stream(proc.stderr)  # drained so a chatty trainer never blocks
-    return proc, _Stream(proc.stdout)
+    LineReader(proc.stderr)  # drained so a chatty trainer never blocks
+    return proc, LineReader(proc.stdout)
 
 
 def _stop(proc: subprocess.Popen[Any], timeout_s: float = 20.0) -> None:
@@ -270,7 +217,7 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
             args, sock="/nonexistent", ckpt=work / "reference", out=work / "ref.pt", no_daemon=True
         )
         procs.append(ref_proc)
-        s3_port = _free_port()
+        s3_port = free_port()
         s3_url = f"http://127.0.0.1:{s3_port}"
         s3 = _start_s3(s3_port)
         procs.append(s3)

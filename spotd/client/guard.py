@@ -1,27 +1,10 @@
-"""The training-side client: stdlib, :mod:`spotd.protocol` and :mod:`spotd.errors` only.
-
-::
-
-    guard = spotd.client.connect("train")
-    for step in range(steps):
-        train_step()
-        if guard.checkpoint_requested:
-            path = save_checkpoint(guard.checkpoint_dir, step)
-            guard.saved(path, step=step)
-            if guard.request and guard.request.final:
-                guard.wait_durable(timeout=guard.request.seconds_left())
-                break
-
-Training never fails because spotd is absent or dies: the guard warns once and then behaves as
-"never requested", reconnecting in the background.
-"""
+"""The training process's link to spotd: :class:`Guard` and :func:`connect`. Stdlib only."""
 
 from __future__ import annotations
 
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 import warnings
@@ -32,19 +15,11 @@ from types import TracebackType
 from typing import Any, Final
 
 from spotd import protocol
+from spotd.client.wire import FIX, Wire, open_wire
 from spotd.errors import ProtocolError
 
-__all__ = [
-    "DEFAULT_SOCKET",
-    "CheckpointRequest",
-    "Guard",
-    "SpotdUnavailableWarning",
-    "connect",
-    "control",
-]
+__all__ = ["CheckpointRequest", "Guard", "SpotdUnavailableWarning", "connect"]
 
-DEFAULT_SOCKET: Final = "/run/spotd/spotd.sock"
-_FIX: Final = "is spotd running? systemctl status spotd; or set SPOTD_SOCKET to its socket path"
 #: Longest a training step can be held up by a stuck daemon on one write; also the reader's poll.
 _IO_TIMEOUT_S: Final = 0.5
 _HANDSHAKE_TIMEOUT_S: Final = 2.0
@@ -81,83 +56,12 @@ def _parse_deadline(value: Any) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-class _Wire:
-    """A connected socket and the bytes read past the last frame."""
-
-    __slots__ = ("buf", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    def read_frame(self, deadline: float | None) -> dict[str, Any] | None:
-        """The next frame. With a deadline: TimeoutError when it passes. Without: None after one poll."""
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buf[: end + 1])
-                del self.buf[: end + 1]
-                return protocol.decode(line)
-            if len(self.buf) >= protocol.MAX_LINE:
-                raise ProtocolError(protocol.E_TOO_LONG, f"spotd sent a frame over {protocol.MAX_LINE} bytes")
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("spotd did not answer in time")
-                self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                if deadline is None:
-                    return None
-                raise
-            if not data:
-                raise ConnectionResetError("spotd closed the connection")
-            self.buf += data
-
-    def shutdown(self) -> None:
-        """Wake a blocked reader without closing the fd under it (only the reader closes)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _open(path: str, hello: dict[str, Any], deadline: float) -> tuple[_Wire, dict[str, Any]]:
-    """Connect, say hello, return the wire and the welcome."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.connect(path)
-        sock.sendall(protocol.encode(hello))
-        wire = _Wire(sock)
-        frame = wire.read_frame(deadline)
-        assert frame is not None
-        if frame["op"] == "error":
-            raise ProtocolError(
-                str(frame.get("code", "error")), f"spotd refused the hello: {frame.get('message', '')}"
-            )
-        if frame["op"] != "welcome":
-            raise ProtocolError(protocol.E_BAD_FRAME, f"spotd answered hello with {frame['op']!r}")
-        return wire, frame
-    except BaseException:
-        sock.close()
-        raise
-
-
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     try:
         return int(value) if value else None
     except ValueError:
         return None
-
-
-def _socket_path(socket_path: str | None) -> str:
-    return socket_path or os.environ.get("SPOTD_SOCKET") or DEFAULT_SOCKET
 
 
 class Guard:
@@ -218,7 +122,7 @@ class Guard:
         self._status_q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._wire: _Wire | None = None
+        self._wire: Wire | None = None
         self._connected = False
         self._ever_connected = False
         self._welcome: dict[str, Any] | None = None
@@ -363,7 +267,7 @@ class Guard:
         """First connection attempt in the caller's thread, then the reader thread; returns why it failed."""
         error: BaseException | None = None
         try:
-            wire, welcome = _open(self._path, self._hello, time.monotonic() + _HANDSHAKE_TIMEOUT_S)
+            wire, welcome = open_wire(self._path, self._hello, time.monotonic() + _HANDSHAKE_TIMEOUT_S)
         except (OSError, ProtocolError) as exc:
             error = exc
         else:
@@ -374,7 +278,7 @@ class Guard:
         self._thread.start()
         return error
 
-    def _on_connected(self, wire: _Wire, welcome: dict[str, Any]) -> None:
+    def _on_connected(self, wire: Wire, welcome: dict[str, Any]) -> None:
         wire.sock.settimeout(_IO_TIMEOUT_S)
         with self._cond:
             self._wire = wire
@@ -389,7 +293,7 @@ class Guard:
         if resend is not None:
             self._send(resend)
 
-    def _on_disconnected(self, wire: _Wire, reason: BaseException) -> None:
+    def _on_disconnected(self, wire: Wire, reason: BaseException) -> None:
         with self._cond:
             if self._wire is wire:
                 self._wire = None
@@ -408,7 +312,7 @@ class Guard:
                     if self._stop.wait(self._interval_s):
                         break
                     try:
-                        wire, welcome = _open(
+                        wire, welcome = open_wire(
                             self._path, self._hello, time.monotonic() + _HANDSHAKE_TIMEOUT_S
                         )
                     except (OSError, ProtocolError) as exc:
@@ -546,7 +450,7 @@ def connect(
     default to ``$RANK`` and ``$WORLD_SIZE`` (set by torchrun).
     """
     guard = Guard(
-        socket_path=_socket_path(socket_path),
+        socket_path=protocol.socket_path(socket_path),
         name=name,
         rank=rank if rank is not None else _env_int("RANK"),
         world_size=world_size if world_size is not None else _env_int("WORLD_SIZE"),
@@ -556,51 +460,8 @@ def connect(
     if error is not None:
         warnings.warn(
             f"spotd is not reachable at {guard._path} ({error}); training continues without emergency "
-            f"checkpoints and reconnects in the background. {_FIX}",
+            f"checkpoints and reconnects in the background. {FIX}",
             SpotdUnavailableWarning,
             stacklevel=2,
         )
     return guard
-
-
-def control(
-    op: str, *, socket_path: str | None = None, timeout: float = 10.0, **fields: Any
-) -> dict[str, Any]:
-    """One request as a control client (``spotd status``, ``spotd checkpoint``); returns the reply.
-
-    Raises ConnectionError naming the socket and the fix when nobody answers, TimeoutError when the daemon
-    is too slow, and ProtocolError (with its ``code``) when the daemon answers with an error.
-    """
-    path = _socket_path(socket_path)
-    deadline = time.monotonic() + timeout
-    hello = {
-        "op": "hello",
-        "v": protocol.PROTOCOL_VERSION,
-        "name": "spotd-cli",
-        "pid": os.getpid(),
-        "role": "control",
-    }
-    try:
-        wire, _ = _open(path, hello, deadline)
-    except PermissionError as exc:
-        raise ConnectionError(
-            f"no permission to use the spotd socket {path}: add your user to the socket's group "
-            "(socket.group) or run as root"
-        ) from exc
-    except TimeoutError as exc:
-        raise TimeoutError(f"spotd at {path} did not answer within {timeout}s; {_FIX}") from exc
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach spotd at {path} ({exc.strerror or exc}); {_FIX}") from exc
-    try:
-        wire.sock.sendall(protocol.encode({"op": op, **fields}))
-        while True:
-            frame = wire.read_frame(deadline)
-            assert frame is not None
-            if frame["op"] == "error":
-                raise ProtocolError(str(frame.get("code", "error")), str(frame.get("message", "")))
-            if frame["op"] == op:
-                return frame
-    except TimeoutError as exc:
-        raise TimeoutError(f"spotd at {path} did not answer {op!r} within {timeout}s") from exc
-    finally:
-        wire.close()

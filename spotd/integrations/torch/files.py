@@ -1,0 +1,112 @@
+"""A Checkpointer's files on the local disk: names, atomic writes, what a restart finds, what retention drops.
+
+``<checkpoint_dir>/<name>/step-<steps done, 9 digits>[-rank<rank, 5 digits>].pt``; a write goes to a hidden
+temp name in the same directory first, so a file under its final name is always complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spotd.errors import SpotdError
+
+__all__ = [
+    "CheckpointError",
+    "LocalCheckpoint",
+    "expired",
+    "filename",
+    "fsync_dir",
+    "remove_stale_temps",
+    "scan",
+    "write_atomic",
+]
+
+
+class CheckpointError(SpotdError, OSError):
+    """A checkpoint could not be written, or none of the existing ones can be used."""
+
+
+@dataclass(slots=True)
+class LocalCheckpoint:
+    """One file this process saved or found; ``durable`` once the daemon said it is in the store."""
+
+    step: int
+    path: Path
+    durable: bool
+
+
+def _rank_suffix(rank: int, world_size: int) -> str:
+    return f"-rank{rank:05d}" if world_size > 1 else ""
+
+
+def filename(step: int, *, rank: int, world_size: int) -> str:
+    return f"step-{step:09d}{_rank_suffix(rank, world_size)}.pt"
+
+
+def scan(directory: Path, *, rank: int, world_size: int) -> list[tuple[int, Path]]:
+    """(step, path) of this rank's complete files in ``directory``, in no particular order."""
+    pattern = re.compile(rf"^step-(\d{{9}}){_rank_suffix(rank, world_size)}\.pt$")
+    found = []
+    for entry in directory.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return found
+
+
+def remove_stale_temps(directory: Path, *, rank: int, world_size: int) -> None:
+    """Delete this rank's temp files left by a process killed mid-save (never complete, never restored)."""
+    mine = f".tmp-{os.getpid()}"
+    for entry in directory.glob(".step-*.pt.tmp-*"):
+        ours = world_size == 1 or f"-rank{rank:05d}." in entry.name
+        if ours and not entry.name.endswith(mine):
+            entry.unlink(missing_ok=True)
+
+
+def write_atomic(final_path: Path, payload: dict[str, Any]) -> int:
+    """Temp file in the same directory, fsync, rename, fsync the directory: complete or absent. Returns
+    the size written."""
+    tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        size = tmp.stat().st_size
+        os.replace(tmp, final_path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"writing {final_path} failed: {exc}; "
+                f"fix: free space in {final_path.parent} or make it writable"
+            ) from exc
+        raise
+    fsync_dir(final_path.parent)
+    return size
+
+
+def fsync_dir(path: Path) -> None:
+    # Without this the rename itself may not survive a power cut, even though the data does.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def expired(local: Iterable[LocalCheckpoint], *, keep: int) -> list[LocalCheckpoint]:
+    """What retention may delete: beyond the newest ``keep``, and only at or below the newest durable step
+    (a file the store may not hold yet is never the one dropped)."""
+    ordered = sorted(local, key=lambda c: c.step, reverse=True)
+    newest_durable = max((c.step for c in ordered if c.durable), default=None)
+    if newest_durable is None:
+        return []
+    return [c for c in ordered[keep:] if c.step <= newest_durable]

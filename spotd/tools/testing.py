@@ -1,0 +1,103 @@
+"""Helpers the demo, the test suite and the benchmarks share: a subprocess's JSON log lines read on a thread,
+a free loopback port, and waiting on a condition under a deadline (never a fixed sleep).
+
+Standard library only, so a benchmark that snapshots spotd/ can import it from the snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+__all__ = ["LineReader", "free_port", "wait_until"]
+
+T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], T], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; :class:`TimeoutError` naming ``what`` after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+class LineReader:
+    """Reads a text pipe on a daemon thread, so a waiter never blocks on read() and every wait has a deadline.
+
+    ``on_line`` sees each line as it arrives (the demo echoes a trainer's output). JSON object lines — spotd's
+    structlog output, a trainer's event lines — are available parsed through :meth:`json` and :meth:`events`.
+    """
+
+    __slots__ = ("_cond", "_on_line", "_thread", "lines")
+
+    def __init__(self, stream: IO[str], *, on_line: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        self._on_line = on_line
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for raw in iter(stream.readline, ""):
+            line = raw.rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+            if self._on_line is not None:
+                self._on_line(line)
+        stream.close()
+
+    def json(self) -> list[dict[str, Any]]:
+        """Every line that is a JSON object, in order; other lines (tracebacks, prints) are skipped."""
+        out = []
+        for line in list(self.lines):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                out.append(value)
+        return out
+
+    def events(self, name: str | None = None, *, key: str = "event") -> list[dict[str, Any]]:
+        """JSON lines whose ``key`` equals ``name`` (with ``name`` None: every line that has ``key``)."""
+        if name is None:
+            return [e for e in self.json() if key in e]
+        return [e for e in self.json() if e.get(key) == name]
+
+    def wait(self, predicate: Callable[[list[dict[str, Any]]], T], *, timeout_s: float, what: str) -> T:
+        """Wait until ``predicate(self.events())`` is truthy and return it; :class:`TimeoutError` after
+        ``timeout_s``. Wakes on every new line rather than polling."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                found = predicate(self.events())
+                if found:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+                self._cond.wait(min(left, 0.1))
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        """Wait for the pipe to close (the process exited) so ``lines`` is complete."""
+        self._thread.join(timeout_s)
