@@ -94,6 +94,9 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "request_id": ((str, type(None)), False),
         "path": (str, True),
         "step": ((int, type(None)), False),
+        # A save the daemon did not ask for that must still go out at once (the trainer got SIGTERM).
+        "final": (bool, False),
+        "reason": (str, False),
     },
     "failed": {"request_id": ((str, type(None)), False), "message": (str, False)},
     "status": {},

@@ -7,18 +7,18 @@ import os
 import queue
 import threading
 import time
-import warnings
 import weakref
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final
 
 from spotd import protocol
-from spotd.client.wire import FIX, Wire, open_wire
+from spotd.client import signals
+from spotd.client.request import CheckpointRequest, parse_deadline
+from spotd.client.wire import Wire, open_wire
 from spotd.errors import ProtocolError
 
-__all__ = ["CheckpointRequest", "Guard", "SpotdUnavailableWarning", "connect"]
+__all__ = ["Guard"]
 
 #: Longest a training step can be held up by a stuck daemon on one write; also the reader's poll.
 _IO_TIMEOUT_S: Final = 0.5
@@ -27,41 +27,6 @@ _JOIN_TIMEOUT_S: Final = 3.0
 _ANSWERED_KEEP: Final = 256
 
 log = logging.getLogger("spotd.client")
-
-
-class SpotdUnavailableWarning(RuntimeWarning):
-    """spotd does not answer: training goes on without emergency checkpoints."""
-
-
-@dataclass(frozen=True)
-class CheckpointRequest:
-    """The daemon asks for a checkpoint before ``deadline``; ``final`` means the instance is going away."""
-
-    request_id: str
-    reason: str
-    deadline: datetime
-    final: bool
-
-    def seconds_left(self) -> float:
-        return max(0.0, (self.deadline - datetime.now(UTC)).total_seconds())
-
-
-def _parse_deadline(value: Any) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        # An unreadable deadline must not cost the checkpoint: treat it as "now", i.e. hurry.
-        log.warning("spotd sent an unreadable deadline %r; treating it as now", value)
-        return datetime.now(UTC)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None
 
 
 class Guard:
@@ -88,6 +53,9 @@ class Guard:
         "_requested",
         "_save_state",
         "_send_lock",
+        "_sigterm",
+        "_sigterm_answered",
+        "_sigterm_grace_s",
         "_status_lock",
         "_status_q",
         "_stop",
@@ -104,6 +72,7 @@ class Guard:
         rank: int | None,
         world_size: int | None,
         reconnect_interval_s: float,
+        sigterm_grace_s: float = signals.DEFAULT_GRACE_S,
     ) -> None:
         self._path = socket_path
         self._hello: dict[str, Any] = {
@@ -134,17 +103,30 @@ class Guard:
         self._save_state = "none"  # none | pending | durable | failed
         self._inert = False
         self._closed = False
+        # Set from the SIGTERM handler (plain attribute writes only): a last-chance request of our own.
+        self._sigterm: CheckpointRequest | None = None
+        self._sigterm_answered = False
+        self._sigterm_grace_s = sigterm_grace_s
         _GUARDS.add(self)
 
     # -- what a training loop reads ----------------------------------------------------------------
 
     @property
     def checkpoint_requested(self) -> bool:
-        return self._requested and not self._inert
+        return (self._requested or self._sigterm_pending()) and not self._inert
 
     @property
     def request(self) -> CheckpointRequest | None:
-        return None if self._inert else self._request
+        if self._inert:
+            return None
+        if self._sigterm_pending() and not (self._requested and self._request and self._request.final):
+            return self._sigterm
+        return self._request
+
+    @property
+    def sigterm_received(self) -> bool:
+        """SIGTERM arrived (and spotd's handler is installed): the loop should save and stop."""
+        return self._sigterm is not None
 
     @property
     def connected(self) -> bool:
@@ -176,18 +158,29 @@ class Guard:
         if self._inert:
             return
         with self._cond:
-            request_id = self._take_request()
-            frame = {"op": "saved", "request_id": request_id, "path": os.fspath(path), "step": step}
+            request_id, last_chance = self._take_request()
+            frame: dict[str, Any] = {
+                "op": "saved",
+                "request_id": request_id,
+                "path": os.fspath(path),
+                "step": step,
+            }
+            if last_chance:
+                # The daemon did not ask: say why, so it uploads this at emergency priority.
+                frame.update(final=True, reason="sigterm")
             self._last_save = frame
             self._save_state = "pending"
         self._send(frame)
 
-    def failed(self, message: str) -> None:
-        """Report that the requested checkpoint could not be written."""
+    def failed(self, message: str, *, periodic: bool = False) -> None:
+        """Report that the requested checkpoint (or with ``periodic=True``, a save of the trainer's own
+        schedule, leaving any open request unanswered) could not be written."""
         if self._inert:
             return
-        with self._cond:
-            request_id = self._take_request()
+        request_id = None
+        if not periodic:
+            with self._cond:
+                request_id, _ = self._take_request()
         self._send({"op": "failed", "request_id": request_id, "message": str(message)})
 
     def wait_durable(self, timeout: float | None = None) -> bool:
@@ -230,6 +223,7 @@ class Guard:
             return
         self._closed = True
         self._stop.set()
+        signals.remove(self.on_sigterm)
         if self._inert:
             return
         wire = self._wire
@@ -252,18 +246,38 @@ class Guard:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _take_request(self) -> str | None:
-        """The id of the request a save or failure answers, if one is open; marks it answered."""
+    def _take_request(self) -> tuple[str | None, bool]:
+        """What a save or failure answers: the daemon's open request id (marked answered) and whether it
+        also answers a SIGTERM of our own (then ``request`` stays that final one, so the loop stops)."""
         request = self._request
-        if not self._requested or request is None:
-            return None
-        self._requested = False
-        self._answered[request.request_id] = None
-        while len(self._answered) > _ANSWERED_KEEP:
-            del self._answered[next(iter(self._answered))]
-        return request.request_id
+        request_id: str | None = None
+        if self._requested and request is not None:
+            self._requested = False
+            self._answered[request.request_id] = None
+            while len(self._answered) > _ANSWERED_KEEP:
+                del self._answered[next(iter(self._answered))]
+            request_id = request.request_id
+        last_chance = self._sigterm_pending()
+        if last_chance:
+            self._sigterm_answered = True
+            if request is None or request_id is None or not request.final:
+                self._request = self._sigterm
+        return request_id, last_chance
 
-    def _start(self) -> BaseException | None:
+    def _sigterm_pending(self) -> bool:
+        return self._sigterm is not None and not self._sigterm_answered
+
+    def on_sigterm(self) -> None:
+        """Called from the signal handler: no locks, no I/O, one attribute write the loop will read."""
+        if self._sigterm is None and not self._inert and not self._closed:
+            self._sigterm = CheckpointRequest(
+                request_id=f"sigterm-{os.getpid()}",
+                reason="sigterm",
+                deadline=datetime.now(UTC) + timedelta(seconds=self._sigterm_grace_s),
+                final=True,
+            )
+
+    def start(self) -> BaseException | None:
         """First connection attempt in the caller's thread, then the reader thread; returns why it failed."""
         error: BaseException | None = None
         try:
@@ -375,7 +389,7 @@ class Guard:
                 self._request = CheckpointRequest(
                     request_id=request_id,
                     reason=str(frame.get("reason", "")),
-                    deadline=_parse_deadline(frame.get("deadline")),
+                    deadline=parse_deadline(frame.get("deadline")),
                     final=bool(frame.get("final", False)),
                 )
                 self._requested = True
@@ -431,37 +445,7 @@ _GUARDS: weakref.WeakSet[Guard] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for guard in list(_GUARDS):
         guard._become_inert()
+    signals.after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def connect(
-    name: str = "train",
-    *,
-    socket_path: str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    reconnect_interval_s: float = 1.0,
-) -> Guard:
-    """Register this process with spotd. Without a daemon: one SpotdUnavailableWarning, then a quiet guard.
-
-    The socket is ``socket_path``, else ``$SPOTD_SOCKET``, else /run/spotd/spotd.sock; rank and world size
-    default to ``$RANK`` and ``$WORLD_SIZE`` (set by torchrun).
-    """
-    guard = Guard(
-        socket_path=protocol.socket_path(socket_path),
-        name=name,
-        rank=rank if rank is not None else _env_int("RANK"),
-        world_size=world_size if world_size is not None else _env_int("WORLD_SIZE"),
-        reconnect_interval_s=reconnect_interval_s,
-    )
-    error = guard._start()
-    if error is not None:
-        warnings.warn(
-            f"spotd is not reachable at {guard._path} ({error}); training continues without emergency "
-            f"checkpoints and reconnects in the background. {FIX}",
-            SpotdUnavailableWarning,
-            stacklevel=2,
-        )
-    return guard

@@ -73,7 +73,7 @@ class SaveInfo:
     step: int  # steps done == the step a resume starts at
     bytes: int
     seconds: float
-    reason: str  # periodic | request | final | manual
+    reason: str  # periodic | request | final | sigterm | manual
     request_id: str | None = None
 
 
@@ -125,6 +125,7 @@ class Checkpointer:
         map_location: Any = "cpu",
         weights_only: bool = True,
         on_save: Callable[[SaveInfo], None] | None = None,
+        handle_sigterm: bool | None = None,
     ) -> None:
         if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
             raise ValueError(f"every_steps={every_steps!r}: give a whole number of steps >= 1, or None")
@@ -149,7 +150,7 @@ class Checkpointer:
         self._own_guard = guard is AUTO
         if isinstance(guard, _Auto):
             self._socket_path: str | None = default_socket_path()
-            self._guard: Guard | None = connect(name, self._socket_path)
+            self._guard: Guard | None = connect(name, self._socket_path, handle_sigterm=handle_sigterm)
         else:
             self._guard = guard
             path = getattr(guard, "socket_path", None) if guard is not None else None
@@ -220,25 +221,23 @@ class Checkpointer:
         if request is not None and guard is not None:
             self._handled_request = request.request_id
             final = bool(request.final)
+            reason = "sigterm" if request.reason == "sigterm" else "final" if final else "request"
             try:
-                self._save(done, reason="final" if final else "request", request_id=request.request_id)
+                self._save(done, reason=reason, request_id=request.request_id)
             except CheckpointError as exc:
                 # Tell spotd now, so it stops waiting for this trainer instead of burning the deadline.
-                failed = getattr(guard, "failed", None)
-                if callable(failed):
-                    try:
-                        failed(str(exc))
-                    except Exception as report_exc:
-                        log.warning("telling spotd about the failed save failed: %s", report_exc)
-                raise
+                self._report_failure(exc, periodic=False)
+                if final:
+                    raise  # the instance is going away with nothing saved: say so, loudly
+                log.error(
+                    "the checkpoint spotd asked for at step %d failed (%s); training goes on", done, exc
+                )
+                return False
             if not final:
                 return False
             timeout_s = max(0.0, float(request.seconds_left()))
-            durable = self._wait_guard_durable(timeout_s)
-            if durable:
-                self._mark_durable(done)
-                self._apply_retention()
-            else:
+            # With no daemon configured there is nothing to wait for: the local save is all there is.
+            if not self.wait_durable(timeout=timeout_s):
                 log.warning(
                     "checkpoint at step %d not confirmed durable within %.1fs; stopping anyway",
                     done,
@@ -246,8 +245,25 @@ class Checkpointer:
                 )
             return True
         if self._due(done):
-            self._save(done, reason="periodic", request_id=None)
+            try:
+                self._save(done, reason="periodic", request_id=None)
+            except CheckpointError as exc:
+                # One missed periodic save costs a little work; a crash would cost the whole run.
+                self._report_failure(exc, periodic=True)
+                log.error("periodic checkpoint at step %d failed (%s); training goes on", done, exc)
         return False
+
+    def _report_failure(self, exc: CheckpointError, *, periodic: bool) -> None:
+        failed = getattr(self._guard, "failed", None)
+        if not callable(failed):
+            return
+        try:
+            if periodic:
+                failed(str(exc), periodic=True)
+            else:
+                failed(str(exc))
+        except Exception as report_exc:
+            log.warning("telling spotd about the failed save failed: %s", report_exc)
 
     def save(self, step: int) -> SaveInfo:
         """Save now, as if ``step`` steps are done (the value :meth:`restore` will return)."""

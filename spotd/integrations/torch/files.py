@@ -6,8 +6,10 @@ temp name in the same directory first, so a file under its final name is always 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +85,30 @@ def write_atomic(final_path: Path, payload: dict[str, Any]) -> int:
         os.replace(tmp, final_path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"writing {final_path} failed: {exc}; "
-                f"fix: free space in {final_path.parent} or make it writable"
-            ) from exc
+        # torch.save reports a failed write (ENOSPC included) as RuntimeError from its zip writer.
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise CheckpointError(_write_failure(final_path, exc)) from exc
         raise
     fsync_dir(final_path.parent)
     return size
+
+
+def _write_failure(final_path: Path, exc: BaseException) -> str:
+    directory = final_path.parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        free is not None and free < 64 * 1024 * 1024
+    )
+    if full:
+        left = "" if free is None else f", {free / 2**20:.1f} MiB free"
+        return (
+            f"writing {final_path} failed: disk full{left} ({exc}); fix: free space in {directory} (old "
+            "checkpoints, logs, data) or point checkpoint_dir at a bigger volume"
+        )
+    return f"writing {final_path} failed: {exc}; fix: make {directory} writable and check its disk"
 
 
 def fsync_dir(path: Path) -> None:

@@ -78,10 +78,10 @@ def default_socket_path() -> str:
     return socket_path()
 
 
-def connect(name: str, socket_path: str) -> Guard:
+def connect(name: str, socket_path: str, *, handle_sigterm: bool | None = None) -> Guard:
     import spotd.client
 
-    guard: Guard = spotd.client.connect(name=name, socket_path=socket_path)
+    guard: Guard = spotd.client.connect(name=name, socket_path=socket_path, handle_sigterm=handle_sigterm)
     return guard
 
 
