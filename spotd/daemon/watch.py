@@ -2,31 +2,57 @@
 client.
 
 Polling, no inotify: every ``interval_s`` the top-level entries of checkpoint_dir are fingerprinted (size and
-mtime of every file). An entry is handed to ``on_ready`` once its fingerprint has not changed for
-``settle_s``, and again only after it changes. Temp names (``*.tmp``, ``.*``, ``*.partial``) are skipped. A
-torch.distributed.checkpoint directory (``*.distcp`` shards) is ready only once its ``.metadata`` exists,
-which DCP writes last. Deletions are never mirrored: a vanished entry is just forgotten.
+mtime of every file). An entry is handed to ``on_ready`` once it is *complete* and its fingerprint has not
+changed for ``settle_s``, and again only after it changes. Temp names (``.*``, ``tmp-*``, ``*.tmp``,
+``*.partial``) are skipped. Deletions are never mirrored: a vanished entry is just forgotten.
+
+Complete means, for the writers we know, that the file they write last is there:
+- a Hugging Face Trainer ``checkpoint-N/`` directory: ``trainer_state.json`` (written after the weights,
+  optimizer, scheduler and RNG state);
+- a torch.distributed.checkpoint directory (``*.distcp`` shards): ``.metadata``;
+- a single file (a Lightning ``.ckpt``, a ``torch.save``): the settle time alone.
+For any other directory only the settle time says so: a writer that pauses longer than ``settle`` between
+two files of one checkpoint must write it under a temp name and rename it when done.
+
+Entries that become ready together are handed over oldest first: by the training step in the name
+(``checkpoint-500``, ``epoch=3-step=1200.ckpt``, ``step-000500``, ``global_step500``), else by modification
+time, so the last commit is the newest checkpoint. Entries the daemon itself restored at boot are known as
+committed and not uploaded again until they change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
+from typing import Final
 
 from spotd.logs import get_logger
 
-__all__ = ["Watcher", "is_temp_name"]
+__all__ = ["Watcher", "is_temp_name", "step_from_name"]
 
 log = get_logger("spotd.watch")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
+#: The last match wins: ``epoch=3-step=1200`` is step 1200.
+_STEP_RE: Final = re.compile(r"(?:checkpoint|step|global_step)[-_=]?(\d+)", re.IGNORECASE)
+#: Hugging Face Trainer checkpoints and the file it writes last.
+_HF_DIR_RE: Final = re.compile(r"^checkpoint-\d+$")
+HF_LAST_FILE: Final = "trainer_state.json"
+
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(".") or name.endswith((".tmp", ".partial"))
+    return name.startswith((".", "tmp-", "tmp_")) or name.endswith((".tmp", ".partial"))
+
+
+def step_from_name(name: str) -> int | None:
+    """The training step a checkpoint's name carries, if it carries one."""
+    matches = _STEP_RE.findall(name)
+    return int(matches[-1]) if matches else None
 
 
 def _fingerprint(path: Path) -> Fingerprint | None:
@@ -45,16 +71,32 @@ def _fingerprint(path: Path) -> Fingerprint | None:
                 out.append((p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
     except FileNotFoundError:  # deleted or renamed between listing and stat: look again next poll
         return None
-    names = {rel.rsplit("/", 1)[-1] for rel, _, _ in out}
-    if any(n.endswith(".distcp") for n in names) and ".metadata" not in names:
-        return None  # DCP writes .metadata last; shards alone are an unfinished save
-    if not out:
+    if not out or not _complete(path.name, {rel for rel, _, _ in out}):
         return None
     return tuple(sorted(out))
 
 
+def _complete(name: str, files: set[str]) -> bool:
+    """Whether a directory holds the file its writer writes last (see the module docstring)."""
+    top = {rel for rel in files if "/" not in rel}
+    if _HF_DIR_RE.match(name) and HF_LAST_FILE not in top:
+        return False
+    leaves = {rel.rsplit("/", 1)[-1] for rel in files}
+    # DCP writes .metadata last; shards alone are an unfinished save.
+    return not (any(n.endswith(".distcp") for n in leaves) and ".metadata" not in leaves)
+
+
 class Watcher:
-    __slots__ = ("_checkpoint_dir", "_clock", "_handed", "_interval_s", "_on_ready", "_seen", "_settle_s")
+    __slots__ = (
+        "_checkpoint_dir",
+        "_clock",
+        "_committed",
+        "_handed",
+        "_interval_s",
+        "_on_ready",
+        "_seen",
+        "_settle_s",
+    )
 
     def __init__(
         self,
@@ -64,7 +106,9 @@ class Watcher:
         on_ready: Callable[[Path], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
         interval_s: float = 1.0,
+        committed: Collection[str] = (),
     ) -> None:
+        """``committed``: top-level names already in the store as they are on disk (what boot restored)."""
         self._checkpoint_dir = checkpoint_dir
         self._settle_s = settle_s
         self._on_ready = on_ready
@@ -72,6 +116,7 @@ class Watcher:
         self._interval_s = interval_s
         self._seen: dict[str, tuple[Fingerprint, float]] = {}  # name → (fingerprint, unchanged since)
         self._handed: dict[str, Fingerprint] = {}
+        self._committed = set(committed)  # fingerprinted into _handed on the first scan that sees them
 
     def _scan(self) -> dict[str, Fingerprint]:
         out: dict[str, Fingerprint] = {}
@@ -95,23 +140,38 @@ class Watcher:
             if name not in current:  # deleted: forget it, never mirror it
                 del self._seen[name]
                 self._handed.pop(name, None)
-        ready: list[Path] = []
+        for name in self._committed & current.keys():
+            # Restored from the store: the same bytes are committed already; only a change is news.
+            self._handed[name] = current[name]
+            self._committed.discard(name)
+        due: list[str] = []
         for name, fp in current.items():
             previous = self._seen.get(name)
             if previous is None or previous[0] != fp:
                 self._seen[name] = (fp, now)
                 continue
             if now - previous[1] >= self._settle_s and self._handed.get(name) != fp:
-                path = self._checkpoint_dir / name
-                try:
-                    await self._on_ready(path)
-                except Exception as exc:  # a failed upload is retried once the entry settles again
-                    log.warning("watch.handover_failed", path=str(path), error=str(exc))
-                    self._seen[name] = (fp, now)
-                    continue
-                self._handed[name] = fp
-                ready.append(path)
+                due.append(name)
+        ready: list[Path] = []
+        for name in sorted(due, key=lambda n: self._age_key(n, current[n])):
+            fp = current[name]
+            path = self._checkpoint_dir / name
+            try:
+                await self._on_ready(path)
+            except Exception as exc:  # a failed upload is retried once the entry settles again
+                log.warning("watch.handover_failed", path=str(path), error=str(exc))
+                self._seen[name] = (fp, now)
+                continue
+            self._handed[name] = fp
+            ready.append(path)
         return ready
+
+    @staticmethod
+    def _age_key(name: str, fp: Fingerprint) -> tuple[int, int, int]:
+        """Older first: entries without a step by mtime, then stepped ones by step (the newest goes last)."""
+        step = step_from_name(name)
+        newest_mtime = max(mtime for _, _, mtime in fp)
+        return (0, 0, newest_mtime) if step is None else (1, step, newest_mtime)
 
     async def run(self) -> None:
         """Poll until cancelled."""

@@ -100,3 +100,87 @@ async def test_changed_file_handed_over_again_and_run_polls(tmp_path: Path) -> N
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_entries_ready_together_go_oldest_step_first(tmp_path: Path) -> None:
+    """Checkpoints found at start are handed over by the step in their names (HF, Lightning, step-N), whatever the directory order, so the newest is committed last."""
+    clock = FakeClock()
+    watcher, got = make(tmp_path, clock)
+    for name in ("checkpoint-500", "checkpoint-200", "checkpoint-1000", "checkpoint-300"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    (tmp_path / "epoch=1-step=40.ckpt").write_bytes(b"l")
+    (tmp_path / "notes.bin").write_bytes(b"n")
+    await watcher.poll_once()
+    clock.now += 6
+    await watcher.poll_once()
+    assert [name for name, _ in got] == [
+        "notes.bin",
+        "epoch=1-step=40.ckpt",
+        "checkpoint-200",
+        "checkpoint-300",
+        "checkpoint-500",
+        "checkpoint-1000",
+    ]
+
+
+def test_step_from_name_knows_the_common_writers() -> None:
+    """HF checkpoint-N, Lightning epoch=E-step=S, step-N/step_N and DeepSpeed global_stepN give their step; other names none."""
+    from spotd.daemon.watch import step_from_name
+
+    assert step_from_name("checkpoint-500") == 500
+    assert step_from_name("epoch=3-step=1200.ckpt") == 1200
+    assert step_from_name("step-000000500") == 500
+    assert step_from_name("step_42") == 42
+    assert step_from_name("global_step7") == 7
+    assert step_from_name("last.ckpt") is None
+
+
+async def test_hf_checkpoint_without_trainer_state_is_never_committed(tmp_path: Path) -> None:
+    """A checkpoint-N directory whose writer paused past settle_s after the weights is not handed over until trainer_state.json is there."""
+    clock = FakeClock()
+    watcher, got = make(tmp_path, clock)
+    d = tmp_path / "checkpoint-400"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"w" * 10)
+    await watcher.poll_once()
+    clock.now += 60
+    await watcher.poll_once()
+    assert got == []
+    (d / "optimizer.pt").write_bytes(b"o" * 5)
+    (d / "trainer_state.json").write_text("{}")
+    await watcher.poll_once()
+    clock.now += 6
+    await watcher.poll_once()
+    assert got == [("checkpoint-400", 17)]
+
+
+async def test_restored_entries_are_not_uploaded_again(tmp_path: Path) -> None:
+    """What boot restored is known as committed: not handed over at start, only after it changes."""
+    clock = FakeClock()
+    got: list[str] = []
+
+    async def on_ready(path: Path) -> None:
+        got.append(path.name)
+
+    watcher = Watcher(
+        checkpoint_dir=tmp_path,
+        settle_s=5.0,
+        on_ready=on_ready,
+        clock=clock,
+        interval_s=0.01,
+        committed={"checkpoint-500"},
+    )
+    (tmp_path / "checkpoint-500").mkdir()
+    (tmp_path / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (tmp_path / "tmp-checkpoint-600").mkdir()
+    (tmp_path / "tmp-checkpoint-600" / "trainer_state.json").write_text("{}")
+    await watcher.poll_once()
+    clock.now += 6
+    await watcher.poll_once()
+    assert got == []
+    (tmp_path / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 501}')
+    await watcher.poll_once()
+    clock.now += 6
+    await watcher.poll_once()
+    assert got == ["checkpoint-500"]
