@@ -24,7 +24,11 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/spotd/spotd.toml")
 #: sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 #: SPOTD_* variables that are not config keys (read by the client and the CLI).
-NON_CONFIG_ENV: Final = frozenset({"SPOTD_SOCKET", "SPOTD_CONFIG"})
+NON_CONFIG_ENV: Final = frozenset(
+    {"SPOTD_SOCKET", "SPOTD_CONFIG", "SPOTD_HANDLE_SIGTERM", "SPOTD_SIGTERM_GRACE"}
+)
+#: How far ahead EC2 announces a spot interruption.
+SPOT_NOTICE_S: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,11 @@ def _field_types(cls: type) -> dict[str, str]:
     return {f.name: str(f.type) for f in fields(cls)}
 
 
+def _a(kind: str) -> str:
+    """ "an int", "a float": the article a person would write."""
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
+
+
 def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
     """Check (or, for environment strings, convert) a value against its declared type."""
     if from_text and isinstance(value, str):
@@ -129,7 +138,7 @@ def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
             if kind == "float":
                 return float(value)
         except ValueError:
-            raise ConfigError(key, f"{value!r} is not a {kind}", f"give {key} a {kind} value") from None
+            raise ConfigError(key, f"{value!r} is not {_a(kind)}", f"give {key} {_a(kind)} value") from None
         return value
     ok = {
         "bool": isinstance(value, bool),
@@ -139,7 +148,7 @@ def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
     }[kind]
     if not ok:
         raise ConfigError(
-            key, f"expected a {kind}, got {type(value).__name__} {value!r}", f"write {key} as a TOML {kind}"
+            key, f"expected {_a(kind)}, got {type(value).__name__} {value!r}", f"write {key} as a TOML {kind}"
         )
     return float(value) if kind == "float" else value
 
@@ -283,12 +292,24 @@ def _validate(cfg: Config) -> None:
         "use auto, crc64nvme, crc32c, crc32 or sha256",
     )
     if cfg.store.uri:
-        scheme = urlsplit(cfg.store.uri).scheme
+        parts = urlsplit(cfg.store.uri)
         need(
-            scheme in {"s3", "file"},
+            parts.scheme in {"s3", "file"},
             "store.uri",
             f"{cfg.store.uri!r} is neither s3:// nor file://",
             "use s3://bucket/prefix (or file:///path for a local store)",
+        )
+        need(
+            parts.scheme != "s3" or bool(parts.netloc),
+            "store.uri",
+            f"{cfg.store.uri!r} names no bucket",
+            "use s3://bucket/prefix, with the bucket the instance role may write to",
+        )
+        need(
+            parts.scheme != "file" or parts.path not in ("", "/"),
+            "store.uri",
+            f"{cfg.store.uri!r} names no directory",
+            "use file:///absolute/path",
         )
     if cfg.metrics.listen:
         _, sep, port = cfg.metrics.listen.rpartition(":")
@@ -307,6 +328,14 @@ def _validate(cfg: Config) -> None:
     for key in ("deadline_margin", "maintenance_lead", "shutdown_grace", "drill_timeout"):
         value = getattr(cfg.policy, key)
         need(value >= 0, f"policy.{key}", f"{value} is negative", "use a number of seconds >= 0")
+    # A spot notice comes two minutes ahead: a margin that large makes every deadline "now".
+    need(
+        cfg.policy.deadline_margin < SPOT_NOTICE_S,
+        "policy.deadline_margin",
+        f"{cfg.policy.deadline_margin:g} s is not less than the {SPOT_NOTICE_S:g} s a spot notice gives, so "
+        "every deadline would be now",
+        "use e.g. 10 (seconds kept back from the notice for the upload to finish)",
+    )
     need(
         cfg.sync.mode in {"client", "watch"},
         "sync.mode",

@@ -78,6 +78,9 @@ def test_client_variables_are_not_config_keys():
         ("job_id = 'a/b'\n", "job_id", "letters"),
         ("imds = 3\n", "imds", "[imds]"),
         (f"[socket]\npath = '/tmp/{'x' * 120}'\n", "socket.path", "shorter"),
+        ("[store]\nuri = 's3://'\n", "store.uri", "s3://bucket/prefix"),
+        ("[store]\nuri = 'file://'\n", "store.uri", "file:///absolute/path"),
+        ("[policy]\ndeadline_margin = 120.0\n", "policy.deadline_margin", "e.g. 10"),
     ],
 )
 def test_every_mistake_names_the_key_and_the_fix(tmp_path, text, key, fix_mentions):
@@ -87,6 +90,19 @@ def test_every_mistake_names_the_key_and_the_fix(tmp_path, text, key, fix_mentio
     assert err.value.key == key
     assert fix_mentions in err.value.fix
     assert err.value.exit_code == EXIT_CONFIG
+
+
+def test_type_errors_read_as_english(tmp_path):
+    """An int key given a string says "expected an int", from the file and from the environment alike."""
+    with pytest.raises(ConfigError, match="expected an int"):
+        load_config(write(tmp_path, "[store]\nkeep = 'three'\n"), environ={})
+    with pytest.raises(ConfigError, match="'three' is not an int"):
+        load_config(environ={"SPOTD_STORE_KEEP": "three"})
+
+
+def test_the_client_sigterm_variables_are_not_config_keys():
+    """SPOTD_HANDLE_SIGTERM and SPOTD_SIGTERM_GRACE (read by the training side) do not stop the daemon."""
+    load_config(environ={"SPOTD_HANDLE_SIGTERM": "0", "SPOTD_SIGTERM_GRACE": "30"})
 
 
 def test_a_named_file_must_exist_and_parse(tmp_path):
