@@ -89,6 +89,27 @@ def _ago(text: str | None) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
+def _span(seconds: float) -> str:
+    """1m50s, 45s, 2h05m: how a person reads a countdown."""
+    whole = round(abs(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _until(text: str | None, *, now: datetime | None = None) -> str:
+    """'in 1m50s' for a deadline ahead, '20s ago' for one passed; the raw text if it is not a time."""
+    if not text:
+        return "?"
+    try:
+        left = (parse_time(text) - (now or datetime.now(UTC))).total_seconds()
+    except ValueError:
+        return text
+    return f"in {_span(left)}" if left >= 0 else f"{_span(left)} ago"
+
+
 def render_status(s: dict[str, Any]) -> str:
     inst = s.get("instance") or {}
     rows = [
@@ -109,11 +130,9 @@ def render_status(s: dict[str, Any]) -> str:
         state = (
             "done" if req.get("finished") else f"waiting on {', '.join(req.get('outstanding') or []) or '-'}"
         )
+        final = "final, " if req.get("final") else ""
         rows.append(
-            (
-                "request",
-                f"{req.get('reason')} final={req.get('final')} deadline {req.get('deadline')} ({state})",
-            )
+            ("request", f"{req.get('reason')} ({final}deadline {_until(req.get('deadline'))}): {state}")
         )
     notices = s.get("notices") or []
     rows.append(("notices", ", ".join(f"{n['kind']}:{n['action']}" for n in notices) if notices else "none"))

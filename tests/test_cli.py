@@ -1,0 +1,42 @@
+"""The `spotd` command's human output: what a person reads in `spotd status`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from spotd.cli import _until, render_status
+from spotd.events import format_time
+
+
+def status(**request) -> dict:
+    return {
+        "phase": "Interrupted",
+        "job_id": "j",
+        "instance": {"id": "i-1", "type": "g5.2xlarge", "az": "us-east-1a", "life_cycle": "spot"},
+        "imds_up": True,
+        "store": "s3://b/p",
+        "checkpoint_dir": "/opt/ml/checkpoints",
+        "trainers": [],
+        "request": request or None,
+        "notices": [],
+        "last_durable": None,
+    }
+
+
+def test_a_deadline_reads_as_a_countdown():
+    """The request's deadline shows as 'in 1m50s', not as an ISO timestamp."""
+    deadline = format_time(datetime.now(UTC) + timedelta(seconds=110.4))
+    text = render_status(
+        status(reason="spot-terminate", final=True, deadline=deadline, finished=False, outstanding=["train"])
+    )
+    assert "deadline in 1m50s" in text or "deadline in 1m49s" in text
+    assert deadline not in text
+    assert "waiting on train" in text
+
+
+def test_until_says_ago_for_a_passed_deadline():
+    """A deadline already passed reads '20s ago'; hours read as 2h05m."""
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert _until(format_time(now - timedelta(seconds=20)), now=now) == "20s ago"
+    assert _until(format_time(now + timedelta(hours=2, minutes=5)), now=now) == "in 2h05m"
+    assert _until("not a time", now=now) == "not a time"
