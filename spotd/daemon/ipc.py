@@ -96,6 +96,13 @@ def _resolve_group(group: str) -> int | None:
         ) from None
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | None, int | None]:
     sock = writer.get_extra_info("socket")
     try:
@@ -188,7 +195,10 @@ class IpcServer:
         try:
             # chmod after bind: the mode must not depend on the daemon's umask.
             os.chmod(self._path, self._mode)
-            if self._gid is not None:
+            # The socket is born with the daemon's group (Group=spotd in spotd.service): then there is
+            # nothing to change, and chown must not even be tried, since the unit's
+            # SystemCallFilter=~@privileged answers it with EPERM.
+            if self._gid is not None and os.stat(self._path).st_gid != self._gid:
                 os.chown(self._path, -1, self._gid)
         except OSError as exc:
             await self._stop_listener()
@@ -197,7 +207,10 @@ class IpcServer:
             raise ConfigError(
                 "socket.group",
                 f"cannot give {self._path} mode {self._mode:o} group {self._group!r}: {exc.strerror or exc}",
-                "run spotd as root, or as a member of that group",
+                f"set socket.group to the daemon's own group ({_group_name(os.getegid())}, Group= in "
+                'spotd.service) or to "", and add the trainers to that group: spotd.service forbids '
+                "chown (SystemCallFilter=~@privileged); outside systemd, run spotd as a member of "
+                f"{self._group!r}",
             ) from exc
         self._inode = os.stat(self._path).st_ino
         self._set_gauge()
