@@ -39,6 +39,7 @@ USER: Final = "spotd"
 CONFIG_PATH: Final = PurePosixPath("/etc/spotd/spotd.toml")
 UNIT_DIR: Final = PurePosixPath("/etc/systemd/system")
 SYSUSERS_PATH: Final = PurePosixPath("/etc/sysusers.d/spotd.conf")
+TMPFILES_PATH: Final = PurePosixPath("/etc/tmpfiles.d/spotd.conf")
 DEFAULT_BIN: Final = PurePosixPath("/opt/spotd/bin/spotd")
 DEFAULT_CHECKPOINT_DIR: Final = "/opt/ml/checkpoints"
 WANTS: Final = "multi-user.target.wants"
@@ -51,6 +52,13 @@ _USER_RE: Final = re.compile(r"^[a-z_][a-z0-9_-]*\$?$")
 SYSUSERS_TEXT: Final = (
     "# Written by `spotd install`: systemd-sysusers creates the spotd user and group at boot.\n"
     'u spotd - "spotd checkpoint daemon" /nonexistent /usr/sbin/nologin\n'
+)
+# Under --root (an image build) the spotd group exists only once sysusers runs at boot, so the config
+# cannot get its group at install time; systemd-tmpfiles-setup runs after systemd-sysusers and before
+# spotd.service, and gives it the group the unit (Group=spotd) needs to read it. "-" keeps the mode.
+TMPFILES_TEXT: Final = (
+    "# Written by `spotd install`: spotd.service runs as group spotd and must read its config.\n"
+    f"z {CONFIG_PATH} - root {USER} -\n"
 )
 
 
@@ -201,7 +209,8 @@ def _render_config(opts: Options) -> str:
         "\n[imds]\n"
         '# endpoint = "http://169.254.169.254"   # "http://[fd00:ec2::254]" on IPv6-only subnets\n'
         "\n[socket]\n"
-        'path = "/run/spotd/spotd.sock"  # RuntimeDirectory of spotd.service; trainers need group spotd\n'
+        'path = "/run/spotd/spotd.sock"  # RuntimeDirectory of spotd.service\n'
+        'group = "spotd"                # Group= of spotd.service; trainers need it (SupplementaryGroups=)\n'
         "\n[metrics]\n"
         'listen = "0.0.0.0:9127"        # scraped by Prometheus (docs/prometheus-scrape.yml)\n'
         "\n[policy]\n"
@@ -263,6 +272,7 @@ class _Installer:
         else:
             self._ensure_user()
         self._write(SYSUSERS_PATH, SYSUSERS_TEXT, mode=0o644)
+        self._write(TMPFILES_PATH, TMPFILES_TEXT, mode=0o644)
         self._write(UNIT_DIR / SERVICE, _unit_text(SERVICE, o), mode=0o644, unit=True)
         self._write(UNIT_DIR / TRAIN_TEMPLATE, _unit_text(TRAIN_TEMPLATE, o), mode=0o644, unit=True)
         self._write_once(CONFIG_PATH, config_text, mode=0o640)

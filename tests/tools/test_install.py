@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from spotd.cli import main as cli_main
 from spotd.config import load_config
 from spotd.tools import install
+from tests.util import require_tool
 
 BASE = ["--bucket", "ckpt-bucket", "--job-id", "mono-to-3d", "--spotd-bin", "/opt/spotd/bin/spotd"]
 TRAIN = [
@@ -77,6 +79,8 @@ def test_install_tree_contents(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert os.readlink(wants / "spotd-train@mono-to-3d.service") == "/etc/systemd/system/spotd-train@.service"
     assert (tmp_path / "data/ckpt").stat().st_mode & 0o7777 == 0o2775
     assert "u spotd" in (etc / "sysusers.d/spotd.conf").read_text()
+    assert "z /etc/spotd/spotd.toml - root spotd -" in (etc / "tmpfiles.d/spotd.conf").read_text()
+    assert 'group = "spotd"' in (etc / "spotd/spotd.toml").read_text()
     out = capsys.readouterr().out
     assert "skip      useradd spotd" in out
 
@@ -164,3 +168,23 @@ def test_cli_install_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert cli_main(["install", "--root", str(tmp_path), *BASE]) == 0
     assert (tmp_path / "etc/systemd/system/spotd.service").is_file()
     assert "write" in capsys.readouterr().out
+
+
+def test_baked_config_gets_the_group_of_the_unit_at_boot(tmp_path: Path) -> None:
+    """Under --root the config is written before the spotd group exists; the image's own boot steps (sysusers, then tmpfiles) give it group spotd, which spotd.service needs to read it."""
+    if os.geteuid() != 0:
+        pytest.skip("systemd-tmpfiles needs root to chown; run the tests as root (scripts/test in CI does)")
+    sysusers = require_tool("systemd-sysusers", "systemd")
+    tmpfiles = require_tool("systemd-tmpfiles", "systemd")
+    assert run(tmp_path) == 0
+    config = tmp_path / "etc/spotd/spotd.toml"
+    assert (config.stat().st_gid, config.stat().st_mode & 0o777) == (os.getgid(), 0o640)
+    for argv in (
+        [sysusers, f"--root={tmp_path}", str(tmp_path / "etc/sysusers.d/spotd.conf")],
+        [tmpfiles, f"--root={tmp_path}", "--create", str(tmp_path / "etc/tmpfiles.d/spotd.conf")],
+    ):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    groups = dict(line.split(":")[:3:2] for line in (tmp_path / "etc/group").read_text().splitlines())
+    assert config.stat().st_gid == int(groups["spotd"])
+    assert (config.stat().st_uid, config.stat().st_mode & 0o777) == (0, 0o640)
