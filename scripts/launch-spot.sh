@@ -2,9 +2,12 @@
 # Launch a GPU spot instance that installs spotd on boot (scripts/user-data.sh) and resumes training.
 #
 #   BUCKET=my-ckpt JOB_ID=mono-to-3d AMI_ID=ami-0123 SUBNET_ID=subnet-0abc SECURITY_GROUP_ID=sg-0abc \
+#   PIP_SPEC="https://my-host/spotd-0.1.0-py3-none-any.whl#sha256=HEX" \
 #   TRAIN_CMD="/opt/venv/bin/python train.py" TRAIN_USER=ubuntu TRAIN_DIR=/home/ubuntu \
 #       scripts/launch-spot.sh
 #
+# PIP_SPEC pins the spotd the instance installs (a wheel URL with its hash, git+https://...@COMMIT, or
+# --index-url of your own index): spotd is not on the public index; scripts/user-data.sh says more.
 # DRY_RUN=1 asks EC2 to validate the request (--dry-run) without launching. CREATE_PROFILE=1 creates the
 # IAM role and instance profile from docs/iam-policy.json first (its placeholders BUCKET and PREFIX
 # become $BUCKET and spotd, the user-data's prefix). Needs the AWS CLI v2 and credentials allowed to
@@ -20,10 +23,18 @@ cd "$(dirname "$0")/.."
 INSTANCE_TYPE="${INSTANCE_TYPE:-g5.xlarge}"
 PROFILE_NAME="${PROFILE_NAME:-spotd-instance}"
 CHECKPOINT_DIR="${CHECKPOINT_DIR:-/opt/ml/checkpoints}"
-PIP_SPEC="${PIP_SPEC:-spotd}"
+: "${PIP_SPEC:?set PIP_SPEC to a pinned spotd: a wheel URL (https://HOST/spotd-0.1.0-py3-none-any.whl#sha256=HEX), git+https://HOST/ORG/spotd.git@COMMIT, or --index-url URL spotd==VERSION}"
 TRAIN_CMD="${TRAIN_CMD:-}"
 TRAIN_USER="${TRAIN_USER:-root}"
 TRAIN_DIR="${TRAIN_DIR:-/}"
+TRAIN_PYTHON="${TRAIN_PYTHON:-}"
+# A bare name or name==version would come from the public index (user-data.sh refuses it at boot, too
+# late to save the launch).
+case "$PIP_SPEC" in */*) ;; *)
+    echo "launch-spot.sh: PIP_SPEC=$PIP_SPEC would install whatever owns that name on the public index; give a wheel URL, a git URL at a commit, or --index-url of your own index" >&2
+    exit 2
+    ;;
+esac
 KEY_NAME="${KEY_NAME:-}"
 DRY_RUN="${DRY_RUN:-0}"
 CREATE_PROFILE="${CREATE_PROFILE:-0}"
@@ -64,6 +75,7 @@ trap 'rm -f "$user_data" "$user_data.sed"' EXIT
     fill TRAIN_CMD "$TRAIN_CMD"
     fill TRAIN_USER "$TRAIN_USER"
     fill TRAIN_DIR "$TRAIN_DIR"
+    fill TRAIN_PYTHON "$TRAIN_PYTHON"
 } >"$user_data.sed"
 sed -f "$user_data.sed" scripts/user-data.sh >"$user_data"
 
@@ -73,7 +85,8 @@ sed -f "$user_data.sed" scripts/user-data.sh >"$user_data"
 #   {"SpotInstanceType":"one-time","InstanceInterruptionBehavior":"terminate"}  (spotd restores from S3
 #   on whatever instance you launch next; persistent requests cannot use terminate with run-instances)
 market='{"MarketType":"spot","SpotOptions":{"SpotInstanceType":"persistent","InstanceInterruptionBehavior":"stop"}}'
-# IMDSv2 only; hop limit 1 because spotd runs on the host, not in a container (use 2 if it does).
+# IMDSv2 only; hop limit 1 because spotd runs on the host, not in a container (use 2 if it does). A
+# trainer in a container needs no IMDS at all: it only talks to spotd's socket.
 metadata='HttpTokens=required,HttpEndpoint=enabled,HttpPutResponseHopLimit=1,HttpProtocolIpv6=enabled'
 
 args=(

@@ -133,7 +133,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 
 
 def test_launch_script_fills_user_data_and_asks_for_spot(tmp_path: Path) -> None:
-    """launch-spot.sh passes persistent spot options and user-data with its variables filled in."""
+    """launch-spot.sh passes persistent spot options and user-data with its variables filled in, and refuses an unpinned spotd."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     record = tmp_path / "aws-call"
@@ -156,6 +156,7 @@ def test_launch_script_fills_user_data_and_asks_for_spot(tmp_path: Path) -> None
         "SUBNET_ID": "subnet-1",
         "SECURITY_GROUP_ID": "sg-1",
         "TRAIN_CMD": "python train.py --a 'b c' && true",
+        "PIP_SPEC": "https://example.com/spotd-0.1.0-py3-none-any.whl#sha256=00ff",
     }
     done = subprocess.run(
         ["bash", str(REPO / "scripts/launch-spot.sh")],
@@ -174,6 +175,7 @@ def test_launch_script_fills_user_data_and_asks_for_spot(tmp_path: Path) -> None
     assert 'SPOTD_BUCKET="ckpt"' in user_data
     assert 'SPOTD_JOB_ID="job-7"' in user_data
     assert "SPOTD_TRAIN_CMD=\"python train.py --a 'b c' && true\"" in user_data
+    assert 'SPOTD_PIP_SPEC="https://example.com/spotd-0.1.0-py3-none-any.whl#sha256=00ff"' in user_data
     bad = subprocess.run(
         ["bash", str(REPO / "scripts/launch-spot.sh")],
         env={**env, "TRAIN_CMD": "echo $HOME"},
@@ -184,3 +186,13 @@ def test_launch_script_fills_user_data_and_asks_for_spot(tmp_path: Path) -> None
     )
     assert bad.returncode == 2
     assert "TRAIN_CMD may not contain" in bad.stderr
+    unpinned = subprocess.run(
+        ["bash", str(REPO / "scripts/launch-spot.sh")],
+        env={**env, "PIP_SPEC": "spotd==0.1.0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert unpinned.returncode == 2
+    assert "public index" in unpinned.stderr
