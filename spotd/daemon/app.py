@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from spotd.aws.imds import ImdsClient
 from spotd.config import Config
-from spotd.daemon.coordinator import Coordinator, read_disk_marker, write_disk_marker
+from spotd.daemon.coordinator import Coordinator
 from spotd.daemon.ipc import IpcServer
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
 from spotd.daemon.systemd import Notifier, watchdog_loop
@@ -29,6 +29,7 @@ from spotd.events import InstanceIdentity, Notice, Phase
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, Manifest, open_store
+from spotd.store.marker import read_disk_marker, write_disk_marker
 
 __all__ = ["Daemon", "run_daemon"]
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -29,8 +27,9 @@ from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, format_tim
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
+from spotd.store.marker import write_disk_marker
 
-__all__ = ["Coordinator", "Episode", "read_disk_marker", "write_disk_marker"]
+__all__ = ["Coordinator", "Episode"]
 
 log = get_logger("spotd.coordinator")
 
@@ -38,10 +37,6 @@ log = get_logger("spotd.coordinator")
 COMMIT_ATTEMPTS = 4
 COMMIT_BACKOFF_S = 1.0
 COMMIT_BACKOFF_MAX_S = 15.0
-
-#: Where the daemon remembers, inside checkpoint_dir, which committed checkpoint the disk already holds.
-STATE_DIR = ".spotd"
-RESTORED_MARKER = "restored.json"
 
 
 @dataclass(slots=True)
@@ -641,28 +636,6 @@ class Coordinator:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
-
-
-def write_disk_marker(checkpoint_dir: Path, manifest: Manifest) -> None:
-    """Remember that the disk holds this committed checkpoint, so a restart does not download it again."""
-    try:
-        state = checkpoint_dir / STATE_DIR
-        state.mkdir(exist_ok=True)
-        tmp = state / (RESTORED_MARKER + ".tmp")
-        tmp.write_text(json.dumps({"name": manifest.name, "step": manifest.step}))
-        os.replace(tmp, state / RESTORED_MARKER)
-    except OSError as exc:
-        log.warning("marker.write_failed", error=str(exc))
-
-
-def read_disk_marker(checkpoint_dir: Path) -> str | None:
-    """Name of the committed checkpoint the disk holds, or None when unknown."""
-    try:
-        data = json.loads((checkpoint_dir / STATE_DIR / RESTORED_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    name = data.get("name") if isinstance(data, dict) else None
-    return name if isinstance(name, str) else None
 
 
 def _detect_seconds(notice: Notice, asked: datetime) -> float:
