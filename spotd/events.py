@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 __all__ = [
+    "DurableCheckpoint",
     "InstanceAction",
     "InstanceIdentity",
+    "InterruptionRecord",
     "Notice",
     "NoticeKind",
     "Phase",
@@ -122,3 +126,78 @@ class Notice:
     #: When the source says it was issued (rebalance ``noticeTime``); None if unknown.
     issued_at: datetime | None = None
     detail: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DurableCheckpoint:
+    """One trainer's save of an episode that reached the store."""
+
+    trainer: str
+    name: str  # the committed checkpoint's name in the store
+    step: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptionRecord:
+    """One episode handled: what was asked, what became durable, what was lost, and how long each part took.
+
+    One value, many consumers: the canonical log line, the ``events/`` record in the store, the reply to
+    ``spotd checkpoint``, and later the webhook and the job ledger. Durations are seconds, unrounded here;
+    :meth:`to_dict` rounds them to milliseconds the way the ``events/`` files always had them.
+    """
+
+    request_id: str
+    kind: NoticeKind
+    action: str
+    reason: str
+    final: bool
+    instance_id: str
+    instance_type: str
+    #: When the instance goes away, as the notice said; None when it did not say.
+    notice_time: datetime | None
+    detected_at: datetime
+    deadline: datetime
+    detect_seconds: float
+    #: Asked → the last trainer's ``saved``; None when nobody saved.
+    checkpoint_seconds: float | None
+    #: The slowest ``saved`` → committed; None when nothing was committed.
+    upload_seconds: float | None
+    #: Notice handed to the coordinator → the last commit; None when nothing was committed.
+    notice_to_durable_seconds: float | None
+    total_bytes: int
+    trainers: int
+    durable: tuple[DurableCheckpoint, ...]
+    #: One sentence per trainer whose work did not reach the store, naming it and why.
+    lost: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON values under the keys the ``events/`` files and the log line have always used."""
+        return {
+            "request_id": self.request_id,
+            "kind": self.kind.value,
+            "action": self.action,
+            "reason": self.reason,
+            "final": self.final,
+            "instance_id": self.instance_id,
+            "instance_type": self.instance_type,
+            "notice_time": None if self.notice_time is None else format_time(self.notice_time),
+            "detected_at": format_time(self.detected_at),
+            "deadline": format_time(self.deadline),
+            "detect_seconds": _rounded(self.detect_seconds),
+            "checkpoint_seconds": _rounded(self.checkpoint_seconds),
+            "upload_seconds": _rounded(self.upload_seconds),
+            "notice_to_durable_seconds": _rounded(self.notice_to_durable_seconds),
+            "bytes": self.total_bytes,
+            "trainers": self.trainers,
+            "durable": [{"trainer": d.trainer, "name": d.name, "step": d.step} for d in self.durable],
+            "lost": list(self.lost),
+        }
+
+    def to_json(self) -> bytes:
+        """The ``events/<time>-<instance>.json`` body: sorted keys, so records diff cleanly."""
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+
+def _rounded(seconds: float | None) -> float | None:
+    # Milliseconds: finer is clock noise at these scales, coarser hides a slow detection.
+    return None if seconds is None else round(seconds, 3)

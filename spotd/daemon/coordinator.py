@@ -23,7 +23,15 @@ from spotd import protocol
 from spotd.config import Config
 from spotd.daemon.ipc import IpcServer, Session
 from spotd.errors import PathEscape, ProtocolError, StoreError
-from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, format_time
+from spotd.events import (
+    DurableCheckpoint,
+    InstanceIdentity,
+    InterruptionRecord,
+    Notice,
+    NoticeKind,
+    Phase,
+    format_time,
+)
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
@@ -292,46 +300,41 @@ class Coordinator:
             self.set_phase(Phase.TRAINING)
         record = self._episode_record(episode, lost)
         log_fn = log.info if ok else log.error
-        log_fn("interruption.handled" if episode.final else "checkpoint.handled", **record)
+        log_fn("interruption.handled" if episode.final else "checkpoint.handled", **record.to_dict())
         if episode.final or episode.notice.kind is not NoticeKind.DRILL:
             with contextlib.suppress(StoreError, OSError):
                 await self._store.write_event(record)
 
-    def _episode_record(self, episode: Episode, lost: list[str]) -> dict[str, Any]:
+    def _episode_record(self, episode: Episode, lost: list[str]) -> InterruptionRecord:
         notice = episode.notice
         durable = [s for s in episode.saves.values() if s.manifest is not None]
         saved_at = [s.saved_at for s in episode.saves.values()]
         committed = [s.committed_at for s in durable if s.committed_at is not None]
         asked_at = episode.asked_at or episode.started
-
-        def rounded(value: float | None) -> float | None:
-            return None if value is None else round(value, 3)
-
-        detect = _detect_seconds(notice, episode.asked_wall or notice.detected_at)
-        return {
-            "request_id": episode.request_id,
-            "kind": notice.kind.value,
-            "action": notice.action,
-            "reason": episode.reason,
-            "final": episode.final,
-            "instance_id": self._identity.instance_id,
-            "instance_type": self._identity.instance_type,
-            "notice_time": format_time(notice.not_after) if notice.not_after else None,
-            "detected_at": format_time(notice.detected_at),
-            "deadline": format_time(episode.deadline),
-            "detect_seconds": rounded(detect),
-            "checkpoint_seconds": rounded(max(saved_at) - asked_at if saved_at else None),
-            "upload_seconds": rounded(
-                max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None
+        return InterruptionRecord(
+            request_id=episode.request_id,
+            kind=notice.kind,
+            action=notice.action,
+            reason=episode.reason,
+            final=episode.final,
+            instance_id=self._identity.instance_id,
+            instance_type=self._identity.instance_type,
+            notice_time=notice.not_after,
+            detected_at=notice.detected_at,
+            deadline=episode.deadline,
+            detect_seconds=_detect_seconds(notice, episode.asked_wall or notice.detected_at),
+            checkpoint_seconds=max(saved_at) - asked_at if saved_at else None,
+            upload_seconds=max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None,
+            notice_to_durable_seconds=max(committed) - episode.started if committed else None,
+            total_bytes=sum(s.manifest.total_bytes for s in durable if s.manifest),
+            trainers=len(episode.asked),
+            durable=tuple(
+                DurableCheckpoint(trainer=s.trainer, name=s.manifest.name, step=s.step)
+                for s in durable
+                if s.manifest
             ),
-            "notice_to_durable_seconds": rounded(max(committed) - episode.started if committed else None),
-            "bytes": sum(s.manifest.total_bytes for s in durable if s.manifest),
-            "trainers": len(episode.asked),
-            "durable": [
-                {"trainer": s.trainer, "name": s.manifest.name, "step": s.step} for s in durable if s.manifest
-            ],
-            "lost": lost,
-        }
+            lost=tuple(lost),
+        )
 
     # -- ipc.Handler -----------------------------------------------------------------------------------------
     def welcome(self, session: Session) -> dict[str, Any]:
@@ -547,7 +550,7 @@ class Coordinator:
             and not episode.failed
             and all(s.manifest is not None for s in episode.saves.values())
         )
-        return {"ok": ok, **record, "missing": episode.outstanding()}
+        return {"ok": ok, **record.to_dict(), "missing": episode.outstanding()}
 
     def on_disconnect(self, session: Session) -> None:
         episode = self.current

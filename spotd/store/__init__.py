@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from spotd.errors import ChecksumMismatch, CommitError, PathEscape, RestoreError, StoreError, UploadError
+from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ class CheckpointStore(Protocol):
     async def restore(
         self, dest: Path, *, name: str | None = None, progress: Callable[[int, int], None] | None = None
     ) -> RestoreResult: ...
-    async def write_event(self, record: dict[str, Any]) -> str: ...
+    async def write_event(self, record: InterruptionRecord) -> str: ...
     async def close(self) -> None: ...
 
 
@@ -796,11 +797,11 @@ class _BaseStore(ABC):
                 f"{entry.checksum}; the stored object is damaged"
             )
 
-    async def write_event(self, record: dict[str, Any]) -> str:
+    async def write_event(self, record: InterruptionRecord) -> str:
         """Store one interruption record; returns its key."""
-        instance = _sanitize(str(record.get("instance_id") or "unknown"), 64)
+        instance = _sanitize(record.instance_id or "unknown", 64)
         key = f"{self._job}/events/{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}-{instance}.json"
-        await self._put(key, json.dumps(record, default=str, sort_keys=True).encode())
+        await self._put(key, record.to_json())
         return key
 
     async def close(self) -> None:

@@ -265,7 +265,32 @@ async def test_access_recover_and_events(backend: Backend, store: CheckpointStor
     """check_access passes on a usable store, recover() finds nothing to abort, write_event stores a record."""
     await store.check_access()
     assert await store.recover() == 0
-    key = await store.write_event({"instance_id": "i-0123", "notice": "spot"})
+    from datetime import UTC, datetime
+
+    from spotd.events import InterruptionRecord, NoticeKind
+
+    now = datetime.now(UTC)
+    record = InterruptionRecord(
+        request_id="r1",
+        kind=NoticeKind.SPOT,
+        action="terminate",
+        reason="spot-terminate",
+        final=True,
+        instance_id="i-0123",
+        instance_type="g5.xlarge",
+        notice_time=now,
+        detected_at=now,
+        deadline=now,
+        detect_seconds=0.0,
+        checkpoint_seconds=None,
+        upload_seconds=None,
+        notice_to_durable_seconds=None,
+        total_bytes=0,
+        trainers=0,
+        durable=(),
+        lost=("no trainer was connected",),
+    )
+    key = await store.write_event(record)
     assert key.startswith(f"{JOB}/events/") and key.endswith("-i-0123.json") and key in backend.objects()
 
 
