@@ -6,24 +6,39 @@ Daemon → trainer: ``welcome``, ``checkpoint``, ``durable``, ``error`` (and ``s
 Trainer → daemon: ``hello``, ``saved``, ``failed``, ``status``.
 A control client (``spotd status``/``spotd checkpoint``) says ``hello`` with ``"role": "control"`` and may
 then send ``status`` or ``drill``; it is never counted as a trainer.
+
+The daemon builds its frames with the functions below rather than literal dicts, so each frame's keys are
+written once; the key order of each is kept as it always was, so the bytes on the wire do not change.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Final
 
 from spotd.errors import ProtocolError
+from spotd.events import format_time
 
 __all__ = [
+    "CLIENT_OPS",
+    "DAEMON_OPS",
     "DEFAULT_SOCKET",
     "MAX_LINE",
     "PROTOCOL_VERSION",
+    "checkpoint",
     "decode",
+    "durable",
     "encode",
+    "error",
+    "reply",
     "socket_path",
+    "store_failed",
     "validate_client_frame",
+    "welcome",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -107,9 +122,9 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
 def validate_client_frame(message: dict[str, Any]) -> dict[str, Any]:
     """Check a trainer → daemon frame's op and field types; returns it unchanged."""
     op = message["op"]
-    fields = _FIELDS.get(op)
-    if fields is None:
-        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; expected one of {sorted(_FIELDS)}")
+    if op not in CLIENT_OPS:
+        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; expected one of {sorted(CLIENT_OPS)}")
+    fields = _FIELDS[op]
     for name, (types, required) in fields.items():
         if name not in message:
             if required:
@@ -127,3 +142,72 @@ def validate_client_frame(message: dict[str, Any]) -> dict[str, Any]:
             f"protocol version {message['v']} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
         )
     return message
+
+
+# ------------------------------------------------------------------------------ daemon → client frames
+
+
+class _Omit(enum.Enum):
+    """A field left out of a frame, as opposed to one sent as ``null``."""
+
+    OMIT = enum.auto()
+
+
+OMIT: Final = _Omit.OMIT
+
+
+def _daemon_frame(op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    if op not in DAEMON_OPS:
+        # A bug in the daemon, not the peer: no client would understand the frame.
+        raise ValueError(f"{op!r} is not a daemon → client op; add it to DAEMON_OPS or use one of them")
+    return {"op": op, **fields}
+
+
+def welcome(*, session: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer to ``hello``: the session id, then what the handler tells every client (checkpoint_dir…)."""
+    return _daemon_frame("welcome", {"v": PROTOCOL_VERSION, "session": session, **extra})
+
+
+def checkpoint(*, request_id: str, reason: str, deadline: datetime, final: bool) -> dict[str, Any]:
+    """Ask a trainer to save now; ``final`` says the instance is going away after ``deadline``."""
+    return _daemon_frame(
+        "checkpoint",
+        {"request_id": request_id, "reason": reason, "deadline": format_time(deadline), "final": final},
+    )
+
+
+def durable(*, request_id: str | None, path: str, step: int | None, name: str, uri: str) -> dict[str, Any]:
+    """The save at ``path`` is committed in the store as ``name`` (under ``uri``)."""
+    return _daemon_frame(
+        "durable", {"request_id": request_id, "path": path, "step": step, "name": name, "uri": uri}
+    )
+
+
+def error(
+    *,
+    code: str,
+    message: str,
+    request_id: str | _Omit | None = OMIT,
+    path: str | _Omit | None = OMIT,
+) -> dict[str, Any]:
+    """A refusal or failure; ``request_id`` and ``path``, sent only when given, match it to a request."""
+    fields: dict[str, Any] = {"code": code, "message": message}
+    if request_id is not OMIT:
+        fields["request_id"] = request_id
+    if path is not OMIT:
+        fields["path"] = path
+    return _daemon_frame("error", fields)
+
+
+def store_failed(*, request_id: str | None, path: str, message: str) -> dict[str, Any]:
+    """The save at ``path`` could not be committed; the trainer keeps its local copy."""
+    return _daemon_frame(
+        "error", {"code": E_STORE, "request_id": request_id, "path": path, "message": message}
+    )
+
+
+def reply(op: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer to a client's ``status`` or ``drill``: the same op, then the handler's body."""
+    if op not in CLIENT_OPS:
+        raise ValueError(f"{op!r} is not a request a client sends; only requests get a reply")
+    return _daemon_frame(op, body)

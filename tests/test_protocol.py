@@ -57,3 +57,66 @@ def test_encode_refuses_what_a_peer_would_refuse():
         protocol.encode({"path": "x"})
     with pytest.raises(ProtocolError):
         protocol.encode({"op": "saved", "path": "x" * protocol.MAX_LINE})
+
+
+def test_daemon_frame_builders_write_the_bytes_of_before():
+    """Each builder encodes to the same bytes as the literal dict the daemon sent before it existed (keys, order, values)."""
+    from datetime import UTC, datetime
+
+    deadline = datetime(2026, 11, 25, 4, 1, 50, 123456, tzinfo=UTC)
+    extra = {"checkpoint_dir": "/ckpt", "job_id": "j", "instance_id": "i-1", "phase": "Training"}
+    pairs = [
+        (
+            protocol.welcome(session="abc", extra=extra),
+            {"op": "welcome", "v": protocol.PROTOCOL_VERSION, "session": "abc", **extra},
+        ),
+        (
+            protocol.checkpoint(request_id="r1", reason="spot-terminate", deadline=deadline, final=True),
+            {
+                "op": "checkpoint",
+                "request_id": "r1",
+                "reason": "spot-terminate",
+                "deadline": "2026-11-25T04:01:50.123Z",
+                "final": True,
+            },
+        ),
+        (
+            protocol.durable(request_id=None, path="a/b.pt", step=7, name="n", uri="s3://b/p"),
+            {
+                "op": "durable",
+                "request_id": None,
+                "path": "a/b.pt",
+                "step": 7,
+                "name": "n",
+                "uri": "s3://b/p",
+            },
+        ),
+        (
+            protocol.store_failed(request_id="r1", path="a/b.pt", message="upload failed"),
+            {
+                "op": "error",
+                "code": protocol.E_STORE,
+                "request_id": "r1",
+                "path": "a/b.pt",
+                "message": "upload failed",
+            },
+        ),
+        (
+            protocol.error(code=protocol.E_PATH, message="no", request_id=None, path="../x"),
+            {"op": "error", "code": protocol.E_PATH, "message": "no", "request_id": None, "path": "../x"},
+        ),
+        (protocol.error(code="busy", message="full"), {"op": "error", "code": "busy", "message": "full"}),
+        (protocol.reply("status", {"phase": "Training"}), {"op": "status", "phase": "Training"}),
+        (protocol.reply("drill", {"ok": True}), {"op": "drill", "ok": True}),
+    ]
+    for built, literal in pairs:
+        assert protocol.encode(built) == protocol.encode(literal)
+
+
+def test_ops_come_from_daemon_ops_and_client_ops():
+    """A reply is only to a request both sides know; the validator accepts exactly CLIENT_OPS."""
+    for op in ("saved", "hello", "checkpoint"):
+        with pytest.raises(ValueError, match=op):
+            protocol.reply(op, {})
+    assert set(protocol._FIELDS) == protocol.CLIENT_OPS
+    assert {"welcome", "checkpoint", "durable", "error"} <= protocol.DAEMON_OPS

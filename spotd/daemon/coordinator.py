@@ -94,13 +94,9 @@ class Episode:
         return out
 
     def frame(self) -> dict[str, Any]:
-        return {
-            "op": "checkpoint",
-            "request_id": self.request_id,
-            "reason": self.reason,
-            "deadline": format_time(self.deadline),
-            "final": self.final,
-        }
+        return protocol.checkpoint(
+            request_id=self.request_id, reason=self.reason, deadline=self.deadline, final=self.final
+        )
 
 
 class Coordinator:
@@ -437,13 +433,11 @@ class Coordinator:
             if session is not None and self._ipc is not None:
                 await self._ipc.send(
                     session,
-                    {
-                        "op": "error",
-                        "code": protocol.E_STORE,
-                        "request_id": info.request_id,
-                        "path": save.path,
-                        "message": f"upload failed, local checkpoint kept: {exc}",
-                    },
+                    protocol.store_failed(
+                        request_id=info.request_id,
+                        path=save.path,
+                        message=f"upload failed, local checkpoint kept: {exc}",
+                    ),
                 )
             if episode is not None:
                 episode.done.set()
@@ -465,14 +459,13 @@ class Coordinator:
         if session is not None and self._ipc is not None:
             await self._ipc.send(
                 session,
-                {
-                    "op": "durable",
-                    "request_id": info.request_id,
-                    "path": save.path,
-                    "step": manifest.step,
-                    "name": manifest.name,
-                    "uri": self._store.uri,
-                },
+                protocol.durable(
+                    request_id=info.request_id,
+                    path=save.path,
+                    step=manifest.step,
+                    name=manifest.name,
+                    uri=self._store.uri,
+                ),
             )
         if episode is not None:
             episode.done.set()
