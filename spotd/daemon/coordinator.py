@@ -14,30 +14,31 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from spotd import protocol
 from spotd.config import Config
-from spotd.daemon.ipc import IpcServer, Session
-from spotd.errors import PathEscape, ProtocolError, StoreError
-from spotd.events import (
-    DurableCheckpoint,
-    InstanceIdentity,
-    InterruptionRecord,
-    Notice,
-    NoticeKind,
-    Phase,
-    format_time,
+from spotd.daemon.episode import (
+    Episode,
+    Save,
+    detect_seconds,
+    episode_deadline,
+    episode_reason,
+    notice_summary,
+    reason_label,
+    status_view,
 )
+from spotd.daemon.ipc import Session
+from spotd.errors import PathEscape, ProtocolError, StoreError
+from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, format_time
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
 from spotd.store.marker import write_disk_marker
 
-__all__ = ["Coordinator", "Episode"]
+__all__ = ["Coordinator", "TrainerChannel"]
 
 log = get_logger("spotd.coordinator")
 
@@ -47,56 +48,13 @@ COMMIT_BACKOFF_S = 1.0
 COMMIT_BACKOFF_MAX_S = 15.0
 
 
-@dataclass(slots=True)
-class _Save:
-    session_id: str
-    trainer: str
-    path: str
-    step: int | None
-    saved_at: float  # monotonic
-    manifest: Manifest | None = None
-    error: str | None = None
-    committed_at: float | None = None
+class TrainerChannel(Protocol):
+    """What the coordinator needs of the socket server (:class:`spotd.daemon.ipc.IpcServer`)."""
 
-
-@dataclass(slots=True)
-class Episode:
-    """One notice acted on: who was asked, what they saved, what reached the store."""
-
-    request_id: str
-    notice: Notice
-    reason: str
-    final: bool
-    deadline: datetime
-    started: float  # monotonic, when the notice was handed to us
-    asked: dict[str, str] = field(default_factory=dict)  # session id → trainer name
-    asked_at: float | None = None
-    asked_wall: datetime | None = None
-    saves: dict[str, _Save] = field(default_factory=dict)  # session id → its save for this request
-    failed: dict[str, str] = field(default_factory=dict)  # session id → message
-    gone: set[str] = field(default_factory=set)  # asked, then disconnected without saving
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # something changed: re-check outstanding()
-    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the episode has ended
-    finished: bool = False
-
-    def outstanding(self) -> list[str]:
-        """Trainers still owing a durable checkpoint (or a failure report)."""
-        out = []
-        for sid, name in self.asked.items():
-            if sid in self.failed:
-                continue
-            save = self.saves.get(sid)
-            if save is None:
-                if sid not in self.gone:
-                    out.append(name)
-            elif save.manifest is None and save.error is None:
-                out.append(name)
-        return out
-
-    def frame(self) -> dict[str, Any]:
-        return protocol.checkpoint(
-            request_id=self.request_id, reason=self.reason, deadline=self.deadline, final=self.final
-        )
+    @property
+    def trainers(self) -> list[Session]: ...
+    async def send(self, session: Session, message: dict[str, Any]) -> bool: ...
+    async def broadcast(self, message: dict[str, Any]) -> int: ...
 
 
 class Coordinator:
@@ -107,7 +65,6 @@ class Coordinator:
         "_checkpoint_dir",
         "_clock",
         "_config",
-        "_episodes",
         "_identity",
         "_imds_up",
         "_ipc",
@@ -140,17 +97,16 @@ class Coordinator:
         self._wall = wall
         self._imds_up = imds_up
         self._checkpoint_dir = Path(config.checkpoint_dir).resolve()
-        self._ipc: IpcServer | None = None
+        self._ipc: TrainerChannel | None = None
         self._phase = Phase.STARTING
         self._bg: set[asyncio.Task[Any]] = set()
-        self._episodes: list[Episode] = []
         self._seen_notices: list[dict[str, Any]] = []
         self._last_durable: Manifest | None = None
         self._started = clock()
         self.current: Episode | None = None
 
     # -- wiring ---------------------------------------------------------------------------------------------
-    def attach(self, ipc: IpcServer) -> None:
+    def attach(self, ipc: TrainerChannel) -> None:
         self._ipc = ipc
 
     @property
@@ -175,14 +131,7 @@ class Coordinator:
     # -- notices ---------------------------------------------------------------------------------------------
     async def handle_notice(self, notice: Notice) -> Episode | None:
         """Act on a notice; returns the episode started, or None when policy says not to checkpoint."""
-        self._seen_notices.append(
-            {
-                "kind": notice.kind.value,
-                "action": notice.action,
-                "detected_at": format_time(notice.detected_at),
-                "not_after": format_time(notice.not_after) if notice.not_after else None,
-            }
-        )
+        self._seen_notices.append(notice_summary(notice))
         del self._seen_notices[:-20]
         if notice.kind is NoticeKind.REBALANCE:
             policy = self._config.policy.on_rebalance
@@ -203,41 +152,26 @@ class Coordinator:
             return current
         return await self._start_episode(notice)
 
-    def _deadline_for(self, notice: Notice) -> datetime:
-        now = self._wall()
-        if not notice.final:
-            return now + timedelta(seconds=self._config.policy.drill_timeout)
-        if notice.not_after is None:
-            return now + timedelta(seconds=self._config.policy.shutdown_grace)
-        if notice.kind is NoticeKind.SHUTDOWN:
-            return notice.not_after
-        return max(now, notice.not_after - timedelta(seconds=self._config.policy.deadline_margin))
-
     async def _start_episode(self, notice: Notice) -> Episode:
-        reason = notice.kind.value if notice.kind is not NoticeKind.SPOT else f"spot-{notice.action}"
-        if notice.kind is NoticeKind.DRILL:
-            reason = notice.detail.get("reason", "drill")
         episode = Episode(
             request_id=uuid.uuid4().hex[:16],
             notice=notice,
-            reason=reason,
+            reason=episode_reason(notice),
             final=notice.final,
-            deadline=self._deadline_for(notice),
+            deadline=episode_deadline(notice, now=self._wall(), policy=self._config.policy),
             started=self._clock(),
         )
         self.current = episode
-        self._episodes.append(episode)
-        del self._episodes[:-20]
         if episode.final:
             self.set_phase(Phase.INTERRUPTED)
         trainers = self._ipc.trainers if self._ipc else []
         for session in trainers:
             episode.asked[session.id] = session.name
-        self._metrics.checkpoint_requests.labels(reason=_reason_label(notice)).inc()
+        self._metrics.checkpoint_requests.labels(reason=reason_label(notice)).inc()
         sent = await self._ipc.broadcast(episode.frame()) if self._ipc and trainers else 0
         episode.asked_at = self._clock()
         episode.asked_wall = self._wall()
-        self._metrics.detect_seconds.observe(_detect_seconds(notice, episode.asked_wall))
+        self._metrics.detect_seconds.observe(detect_seconds(notice, episode.asked_wall))
         log.info(
             "checkpoint.requested",
             request_id=episode.request_id,
@@ -273,19 +207,8 @@ class Coordinator:
             return
         episode.finished = True
         episode.closed.set()
-        missing = episode.outstanding()
-        durable = [s for s in episode.saves.values() if s.manifest is not None]
-        failed_uploads = [s for s in episode.saves.values() if s.error is not None]
-        lost: list[str] = [f"{name}: no checkpoint before the deadline" for name in missing]
-        lost += [f"{s.trainer}: upload failed ({s.error})" for s in failed_uploads]
-        lost += [f"{episode.asked.get(sid, sid)}: {msg}" for sid, msg in episode.failed.items()]
-        lost += [
-            f"{episode.asked[sid]}: disconnected before saving"
-            for sid in episode.gone
-            if sid in episode.asked and sid not in episode.saves
-        ]
-        if not episode.asked:
-            lost.append("no trainer was connected")
+        lost = episode.lost()
+        durable = episode.durable()
         ok = not lost
         if ok and durable:
             last = max(s.committed_at or 0.0 for s in durable)
@@ -294,43 +217,12 @@ class Coordinator:
             self.set_phase(Phase.COMPLETED if ok else Phase.STOPPED)
         elif self._phase in (Phase.UPLOADING, Phase.INTERRUPTED):
             self.set_phase(Phase.TRAINING)
-        record = self._episode_record(episode, lost)
+        record = episode.record(identity=self._identity, lost=lost)
         log_fn = log.info if ok else log.error
         log_fn("interruption.handled" if episode.final else "checkpoint.handled", **record.to_dict())
         if episode.final or episode.notice.kind is not NoticeKind.DRILL:
             with contextlib.suppress(StoreError, OSError):
                 await self._store.write_event(record)
-
-    def _episode_record(self, episode: Episode, lost: list[str]) -> InterruptionRecord:
-        notice = episode.notice
-        durable = [s for s in episode.saves.values() if s.manifest is not None]
-        saved_at = [s.saved_at for s in episode.saves.values()]
-        committed = [s.committed_at for s in durable if s.committed_at is not None]
-        asked_at = episode.asked_at or episode.started
-        return InterruptionRecord(
-            request_id=episode.request_id,
-            kind=notice.kind,
-            action=notice.action,
-            reason=episode.reason,
-            final=episode.final,
-            instance_id=self._identity.instance_id,
-            instance_type=self._identity.instance_type,
-            notice_time=notice.not_after,
-            detected_at=notice.detected_at,
-            deadline=episode.deadline,
-            detect_seconds=_detect_seconds(notice, episode.asked_wall or notice.detected_at),
-            checkpoint_seconds=max(saved_at) - asked_at if saved_at else None,
-            upload_seconds=max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None,
-            notice_to_durable_seconds=max(committed) - episode.started if committed else None,
-            total_bytes=sum(s.manifest.total_bytes for s in durable if s.manifest),
-            trainers=len(episode.asked),
-            durable=tuple(
-                DurableCheckpoint(trainer=s.trainer, name=s.manifest.name, step=s.step)
-                for s in durable
-                if s.manifest
-            ),
-            lost=tuple(lost),
-        )
 
     # -- ipc.Handler -----------------------------------------------------------------------------------------
     def welcome(self, session: Session) -> dict[str, Any]:
@@ -365,7 +257,7 @@ class Coordinator:
                 "report the path after the file is written",
             )
         episode = self.current if self.current and request_id == self.current.request_id else None
-        save = _Save(session.id, session.name, raw_path, frame.get("step"), self._clock())
+        save = Save(session.id, session.name, raw_path, frame.get("step"), self._clock())
         if episode is not None:
             episode.saves[session.id] = save
             self._metrics.checkpoint_seconds.observe(save.saved_at - (episode.asked_at or episode.started))
@@ -406,7 +298,7 @@ class Coordinator:
             instance_id=self._identity.instance_id,
             final=False,
         )
-        save = _Save("watch", trainer, str(source), step, self._clock())
+        save = Save("watch", trainer, str(source), step, self._clock())
         return await self._commit(None, source, info, Priority.BACKGROUND, save, None)
 
     async def _commit(
@@ -415,7 +307,7 @@ class Coordinator:
         source: Path,
         info: CommitInfo,
         priority: Priority,
-        save: _Save,
+        save: Save,
         episode: Episode | None,
     ) -> Manifest | None:
         try:
@@ -536,14 +428,9 @@ class Coordinator:
         if frame.get("wait", True):
             # _watch_episode closes it under its own deadline (policy.drill_timeout).
             await episode.closed.wait()
-        record = self._episode_record(episode, [])
-        ok = (
-            bool(episode.asked)
-            and not episode.outstanding()
-            and not episode.failed
-            and all(s.manifest is not None for s in episode.saves.values())
-        )
-        return {"ok": ok, **record.to_dict(), "missing": episode.outstanding()}
+        # The reply says what is outstanding in "missing"; its record's "lost" stays empty, as it always was.
+        record = episode.record(identity=self._identity, lost=())
+        return {"ok": episode.all_durable(), **record.to_dict(), "missing": episode.outstanding()}
 
     def on_disconnect(self, session: Session) -> None:
         episode = self.current
@@ -555,45 +442,19 @@ class Coordinator:
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        episode = self.current
-        last = self._last_durable
-        return {
-            "phase": self._phase.value,
-            "job_id": self._config.job_id,
-            "instance": {
-                "id": self._identity.instance_id,
-                "type": self._identity.instance_type,
-                "az": self._identity.availability_zone,
-                "life_cycle": self._identity.life_cycle,
-            },
-            "imds_up": self._imds_up(),
-            "store": self._store.uri,
-            "checkpoint_dir": str(self._checkpoint_dir),
-            "uptime_seconds": round(self._clock() - self._started, 1),
-            "trainers": [
-                {"name": s.name, "pid": s.pid, "rank": s.rank, "world_size": s.world_size, "uid": s.peer_uid}
-                for s in (self._ipc.trainers if self._ipc else [])
-            ],
-            "request": None
-            if episode is None
-            else {
-                "request_id": episode.request_id,
-                "reason": episode.reason,
-                "final": episode.final,
-                "deadline": format_time(episode.deadline),
-                "finished": episode.finished,
-                "outstanding": episode.outstanding(),
-            },
-            "notices": list(self._seen_notices),
-            "last_durable": None
-            if last is None
-            else {
-                "name": last.name,
-                "step": last.step,
-                "time": format_time(last.created_at),
-                "bytes": last.total_bytes,
-            },
-        }
+        return status_view(
+            phase=self._phase,
+            job_id=self._config.job_id,
+            identity=self._identity,
+            imds_up=self._imds_up(),
+            store_uri=self._store.uri,
+            checkpoint_dir=self._checkpoint_dir,
+            uptime_s=self._clock() - self._started,
+            trainers=self._ipc.trainers if self._ipc else [],
+            episode=self.current,
+            notices=self._seen_notices,
+            last_durable=self._last_durable,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
@@ -632,21 +493,6 @@ class Coordinator:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=1.0)
-
-
-def _detect_seconds(notice: Notice, asked: datetime) -> float:
-    """Seconds from the poll that saw the notice to the trainers being asked.
-
-    When EC2 issued a spot notice is not knowable from IMDS (its ``time`` is the action time, at coarse
-    resolution), so the polling share is measured by bench/detect.py against the simulator, not here.
-    Rebalance carries its noticeTime, but that is also coarse; it is logged, not mixed in.
-    """
-    return max(0.0, (asked - notice.detected_at).total_seconds())
-
-
-def _reason_label(notice: Notice) -> str:
-    # Low cardinality: the kind, plus the spot action, never the drill's free text.
-    return f"spot-{notice.action}" if notice.kind is NoticeKind.SPOT else notice.kind.value
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:

@@ -1,0 +1,256 @@
+"""One episode: a notice acted on, who was asked, what each trainer saved, what reached the store.
+
+Values and pure functions only, no I/O: the coordinator drives an episode, this module keeps its books and
+builds what is read off it (the ``checkpoint`` frame, the :class:`~spotd.events.InterruptionRecord`, the
+``spotd status`` view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from spotd import protocol
+from spotd.config import PolicyConfig
+from spotd.daemon.ipc import Session
+from spotd.events import (
+    DurableCheckpoint,
+    InstanceIdentity,
+    InterruptionRecord,
+    Notice,
+    NoticeKind,
+    Phase,
+    format_time,
+)
+from spotd.store import Manifest
+
+__all__ = [
+    "Episode",
+    "Save",
+    "detect_seconds",
+    "episode_deadline",
+    "episode_reason",
+    "notice_summary",
+    "reason_label",
+    "status_view",
+]
+
+
+@dataclass(slots=True)
+class Save:
+    """One ``saved`` a trainer reported, and what became of its commit."""
+
+    session_id: str
+    trainer: str
+    path: str  # as the trainer reported it, relative to checkpoint_dir
+    step: int | None
+    saved_at: float  # monotonic
+    manifest: Manifest | None = None
+    error: str | None = None
+    committed_at: float | None = None  # monotonic
+
+
+@dataclass(slots=True)
+class Episode:
+    """One notice acted on: who was asked, what they saved, what reached the store."""
+
+    request_id: str
+    notice: Notice
+    reason: str
+    final: bool
+    deadline: datetime
+    started: float  # monotonic, when the notice was handed to us
+    asked: dict[str, str] = field(default_factory=dict)  # session id → trainer name
+    asked_at: float | None = None
+    asked_wall: datetime | None = None
+    saves: dict[str, Save] = field(default_factory=dict)  # session id → its save for this request
+    failed: dict[str, str] = field(default_factory=dict)  # session id → message
+    gone: set[str] = field(default_factory=set)  # asked, then disconnected without saving
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # something changed: re-check outstanding()
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the episode has ended
+    finished: bool = False
+
+    def outstanding(self) -> list[str]:
+        """Trainers still owing a durable checkpoint (or a failure report)."""
+        out = []
+        for sid, name in self.asked.items():
+            if sid in self.failed:
+                continue
+            save = self.saves.get(sid)
+            if save is None:
+                if sid not in self.gone:
+                    out.append(name)
+            elif save.manifest is None and save.error is None:
+                out.append(name)
+        return out
+
+    def durable(self) -> list[Save]:
+        return [s for s in self.saves.values() if s.manifest is not None]
+
+    def lost(self) -> list[str]:
+        """One sentence per trainer whose work did not reach the store, naming it and why."""
+        lost = [f"{name}: no checkpoint before the deadline" for name in self.outstanding()]
+        lost += [
+            f"{s.trainer}: upload failed ({s.error})" for s in self.saves.values() if s.error is not None
+        ]
+        lost += [f"{self.asked.get(sid, sid)}: {msg}" for sid, msg in self.failed.items()]
+        lost += [
+            f"{self.asked[sid]}: disconnected before saving"
+            for sid in self.gone
+            if sid in self.asked and sid not in self.saves
+        ]
+        if not self.asked:
+            lost.append("no trainer was connected")
+        return lost
+
+    def all_durable(self) -> bool:
+        """Every trainer asked answered, and every save it reported is committed."""
+        return (
+            bool(self.asked)
+            and not self.outstanding()
+            and not self.failed
+            and all(s.manifest is not None for s in self.saves.values())
+        )
+
+    def frame(self) -> dict[str, Any]:
+        return protocol.checkpoint(
+            request_id=self.request_id, reason=self.reason, deadline=self.deadline, final=self.final
+        )
+
+    def record(self, *, identity: InstanceIdentity, lost: Sequence[str]) -> InterruptionRecord:
+        """The canonical record of this episode; ``lost`` as :meth:`lost` gave it when the episode ended."""
+        notice = self.notice
+        durable = self.durable()
+        saved_at = [s.saved_at for s in self.saves.values()]
+        committed = [s.committed_at for s in durable if s.committed_at is not None]
+        asked_at = self.asked_at or self.started
+        return InterruptionRecord(
+            request_id=self.request_id,
+            kind=notice.kind,
+            action=notice.action,
+            reason=self.reason,
+            final=self.final,
+            instance_id=identity.instance_id,
+            instance_type=identity.instance_type,
+            notice_time=notice.not_after,
+            detected_at=notice.detected_at,
+            deadline=self.deadline,
+            detect_seconds=detect_seconds(notice, self.asked_wall or notice.detected_at),
+            checkpoint_seconds=max(saved_at) - asked_at if saved_at else None,
+            upload_seconds=max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None,
+            notice_to_durable_seconds=max(committed) - self.started if committed else None,
+            total_bytes=sum(s.manifest.total_bytes for s in durable if s.manifest),
+            trainers=len(self.asked),
+            durable=tuple(
+                DurableCheckpoint(trainer=s.trainer, name=s.manifest.name, step=s.step)
+                for s in durable
+                if s.manifest
+            ),
+            lost=tuple(lost),
+        )
+
+
+def episode_deadline(notice: Notice, *, now: datetime, policy: PolicyConfig) -> datetime:
+    """When every trainer's save must be durable.
+
+    A drill or rebalance gets ``drill_timeout``; a final notice without a time ``shutdown_grace``; SIGTERM's
+    own grace is its deadline; a spot or maintenance notice keeps ``deadline_margin`` before the instance
+    goes, but never a deadline already past (asking late still beats not asking).
+    """
+    if not notice.final:
+        return now + timedelta(seconds=policy.drill_timeout)
+    if notice.not_after is None:
+        return now + timedelta(seconds=policy.shutdown_grace)
+    if notice.kind is NoticeKind.SHUTDOWN:
+        return notice.not_after
+    return max(now, notice.not_after - timedelta(seconds=policy.deadline_margin))
+
+
+def episode_reason(notice: Notice) -> str:
+    """The ``reason`` trainers are told: the kind, the spot action, or the drill's own text."""
+    if notice.kind is NoticeKind.DRILL:
+        return notice.detail.get("reason", "drill")
+    return reason_label(notice)
+
+
+def reason_label(notice: Notice) -> str:
+    # Low cardinality: the kind, plus the spot action, never the drill's free text.
+    return f"spot-{notice.action}" if notice.kind is NoticeKind.SPOT else notice.kind.value
+
+
+def detect_seconds(notice: Notice, asked: datetime) -> float:
+    """Seconds from the poll that saw the notice to the trainers being asked.
+
+    When EC2 issued a spot notice is not knowable from IMDS (its ``time`` is the action time, at coarse
+    resolution), so the polling share is measured by bench/detect.py against the simulator, not here.
+    Rebalance carries its noticeTime, but that is also coarse; it is logged, not mixed in.
+    """
+    return max(0.0, (asked - notice.detected_at).total_seconds())
+
+
+def notice_summary(notice: Notice) -> dict[str, Any]:
+    """A notice as ``spotd status`` lists it."""
+    return {
+        "kind": notice.kind.value,
+        "action": notice.action,
+        "detected_at": format_time(notice.detected_at),
+        "not_after": format_time(notice.not_after) if notice.not_after else None,
+    }
+
+
+def status_view(
+    *,
+    phase: Phase,
+    job_id: str,
+    identity: InstanceIdentity,
+    imds_up: bool,
+    store_uri: str,
+    checkpoint_dir: Path,
+    uptime_s: float,
+    trainers: Sequence[Session],
+    episode: Episode | None,
+    notices: Sequence[dict[str, Any]],
+    last_durable: Manifest | None,
+) -> dict[str, Any]:
+    """The body of the ``status`` reply (``spotd status --json`` prints it)."""
+    return {
+        "phase": phase.value,
+        "job_id": job_id,
+        "instance": {
+            "id": identity.instance_id,
+            "type": identity.instance_type,
+            "az": identity.availability_zone,
+            "life_cycle": identity.life_cycle,
+        },
+        "imds_up": imds_up,
+        "store": store_uri,
+        "checkpoint_dir": str(checkpoint_dir),
+        "uptime_seconds": round(uptime_s, 1),
+        "trainers": [
+            {"name": s.name, "pid": s.pid, "rank": s.rank, "world_size": s.world_size, "uid": s.peer_uid}
+            for s in trainers
+        ],
+        "request": None
+        if episode is None
+        else {
+            "request_id": episode.request_id,
+            "reason": episode.reason,
+            "final": episode.final,
+            "deadline": format_time(episode.deadline),
+            "finished": episode.finished,
+            "outstanding": episode.outstanding(),
+        },
+        "notices": list(notices),
+        "last_durable": None
+        if last_durable is None
+        else {
+            "name": last_durable.name,
+            "step": last_durable.step,
+            "time": format_time(last_durable.created_at),
+            "bytes": last_durable.total_bytes,
+        },
+    }
