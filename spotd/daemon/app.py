@@ -1,7 +1,8 @@
 """Composition root: builds every part, runs them in one TaskGroup, and shuts down in order.
 
-startup (store check, crash recovery, socket, restore on boot, metrics) → READY=1 → main loop (monitors,
-watchdog, watcher) → SIGTERM: last-chance checkpoint under ``policy.shutdown_grace`` → drain → close.
+startup (identity, store check and crash recovery, socket, metrics, restore on boot: :mod:`.boot`) →
+READY=1 → main loop (monitors, watchdog, watcher) → SIGTERM: last-chance checkpoint under
+``policy.shutdown_grace`` → drain → close, in the reverse order of start.
 """
 
 from __future__ import annotations
@@ -9,34 +10,29 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from spotd.aws.imds import ImdsClient
 from spotd.config import Config
+from spotd.daemon import boot
 from spotd.daemon.coordinator import Coordinator
+from spotd.daemon.http import MetricsServer
 from spotd.daemon.ipc import IpcServer
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
 from spotd.daemon.systemd import Notifier, watchdog_loop
-from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, ImdsError, RestoreError, StoreError
-from spotd.events import InstanceIdentity, Notice, Phase
+from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, StoreError
+from spotd.events import Notice, Phase
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, Manifest, open_store
-from spotd.store.marker import read_disk_marker, write_disk_marker
+from spotd.store import CheckpointStore, open_store
 
 __all__ = ["Daemon", "run_daemon"]
 
 log = get_logger("spotd.app")
-
-#: How long boot may spend retrying an unreachable store before giving up (systemd restarts us).
-RESTORE_ATTEMPTS = 3
 
 
 class Daemon:
@@ -44,14 +40,13 @@ class Daemon:
         "_config",
         "_coordinator",
         "_executor",
+        "_http",
         "_imds",
         "_ipc",
         "_metrics",
-        "_metrics_runner",
         "_notifier",
         "_stop",
         "_store",
-        "metrics_port",
     )
 
     def __init__(
@@ -72,8 +67,12 @@ class Daemon:
         self._ipc: IpcServer | None = None
         self._store: CheckpointStore | None = None
         self._coordinator: Coordinator | None = None
-        self._metrics_runner: web.AppRunner | None = None
-        self.metrics_port: int | None = None
+        self._http: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (``metrics.listen`` may ask for port 0), None while not listening."""
+        return None if self._http is None else self._http.port
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -97,36 +96,48 @@ class Daemon:
 
     async def _run(self) -> int:
         cfg = self._config
-        self._imds = ImdsClient(
+        imds = self._imds = ImdsClient(
             endpoint=cfg.imds.endpoint,
             timeout_s=cfg.imds.timeout,
             token_ttl_s=cfg.imds.token_ttl,
             allow_v1=cfg.imds.allow_v1,
             metrics=self._metrics,
         )
-        identity = await self._identity()
+        identity = await boot.identify(imds, timeout_s=max(3.0, 3 * cfg.imds.timeout))
         # Building a boto3 client takes ~0.5 s of CPU: not on the loop.
-        self._store = await asyncio.to_thread(open_store, cfg, executor=self._executor, metrics=self._metrics)
-        imds = self._imds
-        self._coordinator = Coordinator(
-            config=cfg, store=self._store, metrics=self._metrics, identity=identity, imds_up=lambda: imds.up
+        store = self._store = await asyncio.to_thread(
+            open_store, cfg, executor=self._executor, metrics=self._metrics
         )
-        coordinator = self._coordinator
+        coordinator = self._coordinator = Coordinator(
+            config=cfg, store=store, metrics=self._metrics, identity=identity, imds_up=lambda: imds.up
+        )
         await asyncio.to_thread(Path(cfg.checkpoint_dir).mkdir, parents=True, exist_ok=True)
         self._ipc = IpcServer(
             path=cfg.socket.path, handler=coordinator, metrics=self._metrics, group=cfg.socket.group
         )
         coordinator.attach(self._ipc)
         await self._ipc.start()
-        await self._start_metrics()
+        if cfg.metrics.listen:
+            self._http = MetricsServer(
+                listen=cfg.metrics.listen,
+                registry=self._metrics.registry,
+                phase=lambda: coordinator.phase.value,
+                imds_last_ok=lambda: imds.last_ok,
+                poll_interval_s=cfg.imds.poll_interval,
+                imds_timeout_s=cfg.imds.timeout,
+            )
+            await self._http.start()
         coordinator.set_phase(Phase.DOWNLOADING)
         self._notifier.status("checking the checkpoint store")
         try:
-            await self._store.check_access()
-            aborted = await self._store.recover()
-            if aborted:
-                log.warning("store.recovered", aborted_uploads=aborted)
-            await self._restore_on_boot(coordinator)
+            await boot.prepare_store(store)
+            newest = await boot.restore_on_start(
+                store,
+                checkpoint_dir=Path(cfg.checkpoint_dir),
+                enabled=cfg.policy.restore_on_start,
+                notifier=self._notifier,
+                metrics=self._metrics,
+            )
         except (StoreError, OSError) as exc:
             log.error(
                 "startup.store_failed",
@@ -135,6 +146,7 @@ class Daemon:
                 "systemd retries spotd, and the training unit waits for it",
             )
             return EXIT_FAILURE
+        coordinator.set_last_durable(newest)
         coordinator.set_phase(Phase.TRAINING)
         self._notifier.ready(f"watching IMDS; socket {cfg.socket.path}")
         log.info(
@@ -142,12 +154,12 @@ class Daemon:
             socket=cfg.socket.path,
             metrics_port=self.metrics_port,
             instance_id=identity.instance_id,
-            store=self._store.uri,
+            store=store.uri,
         )
         monitors: list[Monitor] = [
-            SpotMonitor(imds=self._imds),
-            RebalanceMonitor(imds=self._imds),
-            MaintenanceMonitor(imds=self._imds, lead_s=cfg.policy.maintenance_lead, metrics=self._metrics),
+            SpotMonitor(imds=imds),
+            RebalanceMonitor(imds=imds),
+            MaintenanceMonitor(imds=imds, lead_s=cfg.policy.maintenance_lead, metrics=self._metrics),
         ]
         loop_ = MonitorLoop(
             monitors=monitors,
@@ -179,69 +191,6 @@ class Daemon:
         assert self._coordinator is not None
         await self._coordinator.handle_notice(notice)
 
-    async def _identity(self) -> InstanceIdentity:
-        assert self._imds is not None
-        try:
-            async with asyncio.timeout(max(3.0, 3 * self._config.imds.timeout)):
-                identity = await self._imds.identity()
-        except (TimeoutError, ImdsError) as exc:
-            log.warning("imds.identity_unavailable", error=str(exc) or type(exc).__name__)
-            identity = InstanceIdentity()
-        if identity.life_cycle not in ("spot", "unknown"):
-            log.warning(
-                "instance.not_spot",
-                life_cycle=identity.life_cycle,
-                note="spot interruption notices will not come; rebalance and maintenance still watched",
-            )
-        return identity
-
-    async def _restore_on_boot(self, coordinator: Coordinator) -> None:
-        cfg = self._config
-        assert self._store is not None
-        manifests: list[Manifest] = await self._store.list()
-        if manifests:
-            coordinator.set_last_durable(manifests[0])
-        if not cfg.policy.restore_on_start:
-            log.info("restore.skipped", reason="policy.restore_on_start = false")
-            return
-        if not manifests:
-            log.info("restore.nothing", store=self._store.uri)
-            return
-        newest = manifests[0]
-        on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
-        if on_disk is not None and on_disk >= newest.name:
-            log.info("restore.up_to_date", name=on_disk)
-            return
-        self._notifier.status(f"restoring {newest.name}")
-        # A large checkpoint may take longer than TimeoutStartSec allows by default.
-        self._notifier.extend_timeout(600.0)
-        started = time.monotonic()
-        last_error: Exception | None = None
-        for attempt in range(1, RESTORE_ATTEMPTS + 1):
-            try:
-                result = await self._store.restore(Path(cfg.checkpoint_dir))
-                break
-            except RestoreError:
-                raise
-            except (StoreError, OSError) as exc:
-                last_error = exc
-                log.warning("restore.retry", attempt=attempt, error=str(exc))
-                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
-        else:
-            raise RestoreError(f"restore failed after {RESTORE_ATTEMPTS} attempts: {last_error}")
-        seconds = time.monotonic() - started
-        self._metrics.restore_seconds.observe(seconds)
-        await asyncio.to_thread(write_disk_marker, Path(cfg.checkpoint_dir), result.manifest)
-        log.info(
-            "restore.done",
-            name=result.manifest.name,
-            step=result.manifest.step,
-            files=result.files,
-            bytes=result.bytes,
-            seconds=round(seconds, 3),
-            skipped=list(result.skipped),
-        )
-
     async def _watch(self, coordinator: Coordinator) -> None:
         from spotd.daemon.watch import Watcher
 
@@ -255,49 +204,11 @@ class Daemon:
         )
         await watcher.run()
 
-    async def _start_metrics(self) -> None:
-        listen = self._config.metrics.listen
-        if not listen:
-            return
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        app = web.Application()
-        app.router.add_get("/metrics", self._handle_metrics)
-        app.router.add_get("/healthz", self._handle_health)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, int(port))
-        await site.start()
-        self._metrics_runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.metrics_port = sockets[0].getsockname()[1] if sockets else int(port)
-        log.info("metrics.listening", host=host, port=self.metrics_port)
-
-    async def _handle_metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _handle_health(self, request: web.Request) -> web.Response:
-        """503 when IMDS has not answered for 3 poll intervals: the daemon would not see a notice."""
-        status: dict[str, Any] = self._coordinator.status() if self._coordinator else {"phase": "Starting"}
-        imds = self._imds
-        limit = 3 * self._config.imds.poll_interval
-        last_ok = imds.last_ok if imds else None
-        age = None if last_ok is None else time.monotonic() - last_ok
-        healthy = age is not None and age <= max(limit, self._config.imds.timeout * 3)
-        body = {
-            "ok": healthy,
-            "imds_last_ok_seconds_ago": None if age is None else round(age, 3),
-            "phase": status.get("phase"),
-        }
-        return web.json_response(body, status=200 if healthy else 503)
-
     async def _close(self) -> None:
         if self._ipc is not None:
             await self._ipc.close(grace_s=1.0)
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
         if self._imds is not None:
             await self._imds.close()
         if self._store is not None:
