@@ -136,7 +136,6 @@ class Daemon:
                 checkpoint_dir=Path(cfg.checkpoint_dir),
                 enabled=cfg.policy.restore_on_start,
                 notifier=self._notifier,
-                metrics=self._metrics,
             )
         except (StoreError, OSError) as exc:
             log.error(

@@ -1,0 +1,81 @@
+"""Boot in process: a real Daemon against the IMDS simulator and a real store, stopped once it is ready.
+
+Each test counts what one boot did: the restore observed once in spotd_restore_seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from spotd.config import Config
+from spotd.daemon.app import Daemon
+from spotd.daemon.systemd import Notifier
+from spotd.store import CommitInfo
+from spotd.store.file import FileStore
+from tests.util import async_wait_until
+
+JOB = "test-job"
+
+
+def config(tmp_path: Path, short_tmp: Path, imds_url: str, **overrides: Any) -> Config:
+    return Config().replace(
+        **{
+            "job_id": JOB,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            "imds.endpoint": imds_url,
+            "imds.poll_interval": 0.2,
+            "imds.timeout": 0.5,
+            "socket.path": str(short_tmp / "d.sock"),
+            "metrics.listen": "",
+            **overrides,
+        }
+    )
+
+
+async def boot_once(cfg: Config) -> tuple[CollectorRegistry, list[dict[str, Any]]]:
+    """Run a Daemon until it reports Training, then stop it; returns its registry and log events."""
+    registry = CollectorRegistry()
+    daemon = Daemon(config=cfg, registry=registry, notifier=Notifier(socket_path=""))
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(daemon.run())
+        await async_wait_until(
+            lambda: task.done() or registry.get_sample_value("spotd_phase", {"phase": "Training"}) == 1,
+            timeout_s=30,
+            what="the daemon ready",
+        )
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0, [e for e in logs if e["log_level"] == "error"]
+    return registry, logs
+
+
+async def test_one_boot_restore_is_observed_once(imds_sim, tmp_path, short_tmp):
+    """A boot that restores one committed checkpoint leaves spotd_restore_seconds_count at 1 (the store observes it; boot no longer does too)."""
+    store_uri = (tmp_path / "store").as_uri()
+    source = tmp_path / "elsewhere"
+    source.mkdir()
+    (source / "model.pt").write_bytes(b"weights" * 100)
+    seed = FileStore(uri=store_uri, job_id=JOB)
+    info = CommitInfo(
+        job_id=JOB,
+        step=7,
+        trainer="t",
+        rank=None,
+        world_size=None,
+        request_id=None,
+        reason="periodic",
+        instance_id="i-old",
+        final=False,
+    )
+    await seed.commit(source / "model.pt", checkpoint_dir=source, info=info)
+    await seed.close()
+
+    registry, logs = await boot_once(config(tmp_path, short_tmp, imds_sim.url, **{"store.uri": store_uri}))
+
+    assert [e["event"] for e in logs if e["event"].startswith("restore.")] == ["restore.done"]
+    assert (tmp_path / "ckpt" / "model.pt").read_bytes() == b"weights" * 100
+    assert registry.get_sample_value("spotd_restore_seconds_count") == 1
