@@ -53,10 +53,8 @@ async def prepare_store(store: CheckpointStore) -> int:
     Raises StoreError (or OSError) naming the problem; the caller exits so systemd retries.
     """
     await store.check_access()
-    aborted = await store.recover()
-    if aborted:
-        log.warning("store.recovered", aborted_uploads=aborted)
-    return aborted
+    # The store logs store.recovered for what it removed; a second line here counted every crash twice.
+    return await store.recover()
 
 
 async def restore_on_start(

@@ -1,6 +1,7 @@
 """Boot in process: a real Daemon against the IMDS simulator and a real store, stopped once it is ready.
 
-Each test counts what one boot did: the restore observed once in spotd_restore_seconds.
+Each test counts what one boot did: the restore observed once in spotd_restore_seconds, store.recovered
+logged once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from spotd.daemon.app import Daemon
 from spotd.daemon.systemd import Notifier
 from spotd.store import CommitInfo
 from spotd.store.file import FileStore
+from tests.fixtures.s3 import S3Bucket
 from tests.util import async_wait_until
 
 JOB = "test-job"
@@ -79,3 +81,21 @@ async def test_one_boot_restore_is_observed_once(imds_sim, tmp_path, short_tmp):
     assert [e["event"] for e in logs if e["event"].startswith("restore.")] == ["restore.done"]
     assert (tmp_path / "ckpt" / "model.pt").read_bytes() == b"weights" * 100
     assert registry.get_sample_value("spotd_restore_seconds_count") == 1
+
+
+async def test_store_recovered_is_logged_once_at_start(imds_sim, tmp_path, short_tmp, s3_bucket: S3Bucket):
+    """A multipart upload a crash left behind is aborted at start and store.recovered is logged once, by the store."""
+    s3_bucket.client.create_multipart_upload(Bucket=s3_bucket.name, Key=f"pfx/{JOB}/checkpoints/x/model.pt")
+    cfg = config(
+        tmp_path,
+        short_tmp,
+        imds_sim.url,
+        **{"store.uri": s3_bucket.uri(), "store.endpoint_url": s3_bucket.endpoint_url},
+    )
+
+    _, logs = await boot_once(cfg)
+
+    recovered = [e for e in logs if e["event"] == "store.recovered"]
+    assert len(recovered) == 1 and recovered[0]["aborted_uploads"] == 1
+    left = s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
+    assert left == []
