@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +72,7 @@ class Coordinator:
         "_metrics",
         "_phase",
         "_seen_notices",
+        "_sleep",
         "_started",
         "_store",
         "_wall",
@@ -88,6 +89,7 @@ class Coordinator:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         imds_up: Callable[[], bool] = lambda: True,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._config = config
         self._store = store
@@ -96,6 +98,8 @@ class Coordinator:
         self._clock = clock
         self._wall = wall
         self._imds_up = imds_up
+        # Injected with the clocks: a test's sleep moves its clocks forward instead of waiting.
+        self._sleep = sleep
         self._checkpoint_dir = Path(config.checkpoint_dir).resolve()
         self._ipc: TrainerChannel | None = None
         self._phase = Phase.STARTING
@@ -393,7 +397,7 @@ class Coordinator:
                     error=str(exc),
                     retry_in_seconds=backoff_s,
                 )
-                await asyncio.sleep(backoff_s)
+                await self._sleep(backoff_s)
 
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
         message = frame.get("message") or "trainer reported a failed checkpoint"

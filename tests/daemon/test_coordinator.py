@@ -1,0 +1,517 @@
+"""The coordinator in process: notices become episodes, saves become commits, commits become `durable`.
+
+Built with a fake trainer channel (the part of the socket server the coordinator talks to), a real
+file:// store in tmp_path, injected clocks and a fresh registry. Time moves only when a test moves it or
+when the coordinator sleeps between commit attempts (the injected sleep advances both clocks at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from spotd import protocol
+from spotd.config import Config
+from spotd.daemon.coordinator import COMMIT_BACKOFF_S, Coordinator
+from spotd.daemon.episode import Episode
+from spotd.daemon.ipc import Session
+from spotd.errors import UploadError
+from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase
+from spotd.metrics import Metrics
+from spotd.store import CommitInfo, Manifest, Priority
+from spotd.store.file import FileStore
+
+JOB = "test-job"
+T0 = datetime(2026, 11, 25, 4, 0, 0, tzinfo=UTC)
+MARGIN_S = 10.0
+GRACE_S = 30.0
+DRILL_S = 300.0
+#: Bounds a test's wait for something the coordinator does on its own tasks; never reached when it works.
+WAIT_S = 10.0
+
+
+class FakeTime:
+    """The coordinator's clocks: monotonic seconds and UTC wall time, moving together and only when told."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return 5000.0 + self.elapsed
+
+    def wall(self) -> datetime:
+        return T0 + timedelta(seconds=self.elapsed)
+
+    def advance(self, seconds: float) -> None:
+        self.elapsed += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.advance(seconds)
+        await asyncio.sleep(0)
+
+
+class FakeChannel:
+    """What the coordinator needs of the socket server: the trainer sessions, send and broadcast.
+
+    Every frame is encoded as the real server would (so an unsendable frame fails here too) and kept per
+    session; a test awaits the next frame of an op with :meth:`next`.
+    """
+
+    def __init__(self) -> None:
+        self.trainers: list[Session] = []
+        self.frames: dict[str, list[dict[str, Any]]] = {}
+        self._changed = asyncio.Condition()
+
+    def connect(self, name: str, *, rank: int | None = None) -> Session:
+        session = Session(
+            id=uuid.uuid4().hex[:12],
+            role="trainer",
+            name=name,
+            pid=4242,
+            rank=rank,
+            world_size=None,
+            peer_pid=4242,
+            peer_uid=1000,
+            peer_gid=1000,
+            connected_at=0.0,
+        )
+        self.trainers.append(session)
+        self.frames[session.id] = []
+        return session
+
+    def disconnect(self, session: Session) -> None:
+        self.trainers.remove(session)
+
+    async def send(self, session: Session, message: dict[str, Any]) -> bool:
+        protocol.encode(message)
+        if session not in self.trainers:
+            return False
+        await self._record(session, message)
+        return True
+
+    async def broadcast(self, message: dict[str, Any]) -> int:
+        protocol.encode(message)
+        for session in self.trainers:
+            await self._record(session, message)
+        return len(self.trainers)
+
+    async def _record(self, session: Session, message: dict[str, Any]) -> None:
+        async with self._changed:
+            self.frames[session.id].append(message)
+            self._changed.notify_all()
+
+    def ops(self, session: Session) -> list[str]:
+        return [f["op"] for f in self.frames[session.id]]
+
+    async def next(self, session: Session, op: str) -> dict[str, Any]:
+        """The first frame of ``op`` sent to ``session``, waiting for it if it has not been sent yet."""
+
+        def found() -> list[dict[str, Any]]:
+            return [f for f in self.frames[session.id] if f["op"] == op]
+
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(found)
+            return found()[0]
+
+
+class FlakyStore(FileStore):
+    """A real file store whose first ``failures`` commits raise, as an S3 outage would."""
+
+    def __init__(self, *, failures: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failures = failures
+        self.calls = 0
+
+    async def commit(
+        self,
+        source: Path,
+        *,
+        checkpoint_dir: Path,
+        info: CommitInfo,
+        priority: Priority = Priority.BACKGROUND,
+        progress: Callable[[int], None] | None = None,
+    ) -> Manifest:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise UploadError(f"simulated outage, commit {self.calls} of {source.name}")
+        return await super().commit(
+            source, checkpoint_dir=checkpoint_dir, info=info, priority=priority, progress=progress
+        )
+
+
+@dataclass
+class Harness:
+    coordinator: Coordinator
+    channel: FakeChannel
+    time: FakeTime
+    registry: CollectorRegistry
+    checkpoint_dir: Path
+    store_root: Path
+    store: FileStore
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    async def save(
+        self, session: Session, step: int, request_id: str | None, *, after_s: float = 1.0
+    ) -> Path:
+        """The trainer writes a checkpoint ``after_s`` into its work and reports it, as spotd.client would."""
+        self.time.advance(after_s)
+        rel = f"{session.name}/step-{step:06d}.pt"
+        path = self.checkpoint_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"w" * 4096)
+        frame = {"op": "saved", "request_id": request_id, "path": rel, "step": step}
+        await self.coordinator.on_saved(session, protocol.validate_client_frame(frame))
+        return path
+
+    async def settle(self) -> None:
+        """Wait until the coordinator's own tasks are done (the events/ record is written after closing)."""
+        await self.coordinator.drain(grace_s=WAIT_S)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted((self.store_root / JOB / "events").glob("*.json"))]
+
+
+def block_commits(store_root: Path) -> None:
+    """Make every commit into this file store fail: its checkpoints directory is a file (root or not)."""
+    (store_root / JOB).mkdir(parents=True, exist_ok=True)
+    (store_root / JOB / "checkpoints").write_text("not a directory")
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Any]:
+    """Factory: a Coordinator wired to a FakeChannel, a file store, FakeTime and a fresh registry.
+
+    At teardown each is drained (watchers still waiting on a deadline are cancelled) and its store closed.
+    """
+    built: list[Harness] = []
+
+    def build(*, store_class: type[FileStore] = FileStore, **store_kwargs: Any) -> Harness:
+        checkpoint_dir = tmp_path / "ckpt"
+        checkpoint_dir.mkdir(exist_ok=True)
+        store_root = tmp_path / "store"
+        cfg = Config().replace(
+            **{
+                "job_id": JOB,
+                "checkpoint_dir": str(checkpoint_dir),
+                "store.uri": store_root.as_uri(),
+                "policy.deadline_margin": MARGIN_S,
+                "policy.shutdown_grace": GRACE_S,
+                "policy.drill_timeout": DRILL_S,
+            }
+        )
+        registry = CollectorRegistry()
+        metrics = Metrics(registry=registry)
+        store = store_class(uri=cfg.store.uri, job_id=JOB, metrics=metrics, **store_kwargs)
+        clock = FakeTime()
+        coordinator = Coordinator(
+            config=cfg,
+            store=store,
+            metrics=metrics,
+            identity=InstanceIdentity("i-0test", "g5.xlarge", "us-east-1a", "spot"),
+            clock=clock.monotonic,
+            wall=clock.wall,
+            sleep=clock.sleep,
+        )
+        channel = FakeChannel()
+        coordinator.attach(channel)
+        coordinator.set_phase(Phase.TRAINING)
+        harness = Harness(coordinator, channel, clock, registry, checkpoint_dir.resolve(), store_root, store)
+        built.append(harness)
+        return harness
+
+    yield build
+    for harness in built:
+        await harness.coordinator.drain(grace_s=0.0)
+        await harness.store.close()
+
+
+def spot(wall: datetime, *, in_s: float, action: str = "terminate") -> Notice:
+    return Notice(
+        kind=NoticeKind.SPOT,
+        action=action,
+        key=f"spot:{action}",
+        detected_at=wall,
+        final=True,
+        not_after=wall + timedelta(seconds=in_s),
+    )
+
+
+def shutdown(wall: datetime) -> Notice:
+    return Notice(
+        kind=NoticeKind.SHUTDOWN,
+        action="sigterm",
+        key="shutdown",
+        detected_at=wall,
+        final=True,
+        not_after=wall + timedelta(seconds=GRACE_S),
+    )
+
+
+async def closed(episode: Episode) -> Episode:
+    async with asyncio.timeout(WAIT_S):
+        await episode.closed.wait()
+    return episode
+
+
+# ---------------------------------------------------------------------------------------- deadlines
+
+
+@pytest.mark.parametrize(
+    ("notice", "expected_s"),
+    [
+        pytest.param(lambda w: spot(w, in_s=120), 120 - MARGIN_S, id="spot: notice time - margin"),
+        pytest.param(lambda w: spot(w, in_s=4), 0.0, id="spot inside the margin: now, never before"),
+        pytest.param(lambda w: spot(w, in_s=-30), 0.0, id="spot already past: now"),
+        pytest.param(shutdown, GRACE_S, id="shutdown: its own notice time"),
+        pytest.param(
+            lambda w: Notice(kind=NoticeKind.SPOT, action="hibernate", key="k", detected_at=w, final=True),
+            GRACE_S,
+            id="final without not_after: now + shutdown_grace",
+        ),
+        pytest.param(
+            lambda w: Notice(
+                kind=NoticeKind.DRILL,
+                action="checkpoint",
+                key="drill:1",
+                detected_at=w,
+                final=False,
+                detail={"reason": "game day"},
+            ),
+            DRILL_S,
+            id="drill: now + drill_timeout",
+        ),
+        pytest.param(
+            lambda w: Notice(
+                kind=NoticeKind.REBALANCE, action="rebalance", key="r", detected_at=w, final=False
+            ),
+            DRILL_S,
+            id="rebalance: now + drill_timeout",
+        ),
+    ],
+)
+async def test_deadline_arithmetic(make, notice, expected_s):
+    """Each kind of notice gets its deadline, and the checkpoint frame every trainer receives carries it."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    h.time.advance(42.0)  # the notice arrives well after start: deadlines count from its arrival
+    now = h.time.wall()
+
+    episode = await h.coordinator.handle_notice(notice(now))
+
+    assert episode is not None
+    assert episode.deadline == now + timedelta(seconds=expected_s)
+    frame = await h.channel.next(trainer, "checkpoint")
+    assert frame == protocol.checkpoint(
+        request_id=episode.request_id, reason=episode.reason, deadline=episode.deadline, final=episode.final
+    )
+
+
+async def test_notice_reason_and_finality_reach_the_trainer(make):
+    """A spot notice asks with reason spot-<action> and final=True; a drill with its own text and final=False."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    final = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120, action="stop"))
+    assert final is not None and (final.reason, final.final) == ("spot-stop", True)
+    assert h.metric("spotd_checkpoint_requests_total", reason="spot-stop") == 1
+    assert h.coordinator.phase is Phase.INTERRUPTED
+    frame = await h.channel.next(trainer, "checkpoint")
+    assert frame["final"] is True and frame["reason"] == "spot-stop"
+
+
+# ---------------------------------------------------------------------------------------- endings
+
+
+async def test_completed_when_every_asked_trainer_is_durable(make):
+    """Both trainers save, both saves commit, each hears durable; the episode ends Completed with nothing lost and one events/ record."""
+    h = make()
+    a, b = h.channel.connect("rank0", rank=0), h.channel.connect("rank1", rank=1)
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+        assert episode is not None
+        await h.save(a, 10, episode.request_id)
+        await h.save(b, 10, episode.request_id, after_s=2.0)
+        await closed(episode)
+        durable_a = await h.channel.next(a, "durable")
+        await h.settle()
+
+    assert h.coordinator.phase is Phase.COMPLETED and episode.lost() == []
+    assert durable_a["request_id"] == episode.request_id and durable_a["path"] == "rank0/step-000010.pt"
+    assert durable_a["step"] == 10 and durable_a["uri"] == h.store.uri
+    assert h.channel.ops(b) == ["checkpoint", "durable"]
+    (line,) = [e for e in logs if e["event"] == "interruption.handled"]
+    assert line["lost"] == [] and line["trainers"] == 2 and line["bytes"] == 2 * 4096
+    assert sorted(d["trainer"] for d in line["durable"]) == ["rank0", "rank1"]
+    assert line["checkpoint_seconds"] == 3.0  # asked at 0, the last saved 1 + 2 s later
+    (record,) = h.events()
+    assert record == {k: v for k, v in line.items() if k not in ("event", "log_level")}
+    assert h.metric("spotd_notice_to_durable_seconds_count") == 1
+    assert h.metric("spotd_phase", phase="Completed") == 1
+
+
+async def test_stopped_when_no_save_comes_before_the_deadline(make):
+    """A notice already inside its margin gets deadline now: the trainer is still asked, and the episode ends Stopped naming it."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=3))
+    assert episode is not None
+    await closed(episode)
+    await h.settle()
+    assert h.channel.ops(trainer) == ["checkpoint"]
+    assert episode.lost() == ["rank0: no checkpoint before the deadline"]
+    assert h.coordinator.phase is Phase.STOPPED
+    assert h.events()[0]["lost"] == ["rank0: no checkpoint before the deadline"]
+
+
+async def test_stopped_when_a_trainer_reports_failure(make):
+    """One trainer saves, the other reports failed: the episode ends Stopped with that trainer's message, the other's save durable."""
+    h = make()
+    ok, bad = h.channel.connect("rank0"), h.channel.connect("rank1")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    await h.save(ok, 5, episode.request_id)
+    failed = {"op": "failed", "request_id": episode.request_id, "message": "disk full"}
+    await h.coordinator.on_failed(bad, protocol.validate_client_frame(failed))
+    await closed(episode)
+    await h.settle()
+    assert episode.lost() == ["rank1: disk full"]
+    assert h.coordinator.phase is Phase.STOPPED
+    assert [d["trainer"] for d in h.events()[0]["durable"]] == ["rank0"]
+    assert h.metric("spotd_checkpoint_failures_total") == 1
+
+
+async def test_stopped_when_a_trainer_disconnects_before_saving(make):
+    """A trainer that goes away before saving is named as disconnected; the episode does not wait for its deadline."""
+    h = make()
+    ok, gone = h.channel.connect("rank0"), h.channel.connect("rank1")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    h.channel.disconnect(gone)
+    h.coordinator.on_disconnect(gone)
+    await h.save(ok, 5, episode.request_id)
+    await closed(episode)
+    assert episode.lost() == ["rank1: disconnected before saving"]
+    assert h.coordinator.phase is Phase.STOPPED
+
+
+async def test_stopped_when_the_upload_fails_until_the_deadline(make, tmp_path):
+    """An emergency commit into a store that always fails is retried until its deadline leaves no room, then given up: error to the trainer, Stopped."""
+    block_commits(tmp_path / "store")
+    h = make()
+    trainer = h.channel.connect("rank0")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=60))
+    assert episode is not None
+    await h.save(trainer, 5, episode.request_id)
+    error = await h.channel.next(trainer, "error")
+    await closed(episode)
+
+    assert error["code"] == protocol.E_STORE and error["request_id"] == episode.request_id
+    assert error["path"] == "rank0/step-000005.pt" and "local checkpoint kept" in error["message"]
+    (lost,) = episode.lost()
+    assert lost.startswith("rank0: upload failed (")
+    assert h.coordinator.phase is Phase.STOPPED
+    # Saved at 1 s of a 50 s deadline: pauses of 1, 2, 4, 8, 15 leave 19 s, then 15 more would leave 4.
+    assert h.time.slept == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert (h.checkpoint_dir / "rank0/step-000005.pt").is_file(), "the local checkpoint is kept"
+
+
+async def test_no_trainer_connected_is_stopped_at_once(make):
+    """A final notice with no trainer connected ends at once in Stopped, saying so."""
+    h = make()
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    await closed(episode)
+    assert episode.lost() == ["no trainer was connected"] and h.coordinator.phase is Phase.STOPPED
+
+
+async def test_a_trainer_connecting_mid_episode_is_asked_too(make):
+    """A trainer that connects while an episode runs is sent its checkpoint frame and waited for."""
+    h = make()
+    first = h.channel.connect("rank0")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    late = h.channel.connect("rank1")
+    await h.coordinator.on_ready(late)
+    assert (await h.channel.next(late, "checkpoint"))["request_id"] == episode.request_id
+    await h.save(first, 1, episode.request_id)
+    await h.channel.next(first, "durable")
+    assert episode.outstanding() == ["rank1"] and not episode.finished
+    await h.save(late, 1, episode.request_id)
+    await closed(episode)
+    assert h.coordinator.phase is Phase.COMPLETED
+
+
+# ---------------------------------------------------------------------------------------- coalescing
+
+
+async def test_sigterm_after_a_spot_notice_does_not_restart_the_episode(make):
+    """SIGTERM's shutdown notice during a spot episode returns that episode: trainers are asked once, the deadline stays."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    first = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    h.time.advance(5.0)
+    again = await h.coordinator.handle_notice(shutdown(h.time.wall()))
+    assert again is first and first is not None
+    assert first.deadline == T0 + timedelta(seconds=120 - MARGIN_S)
+    assert h.channel.ops(trainer) == ["checkpoint"]
+    assert h.metric("spotd_checkpoint_requests_total", reason="spot-terminate") == 1
+    assert h.metric("spotd_checkpoint_requests_total", reason="shutdown") == 0
+
+
+async def test_a_final_notice_supersedes_a_running_drill(make):
+    """A spot notice during a non-final drill starts a final episode: the trainer is asked again, final this time."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    drill = await h.coordinator.handle_notice(
+        Notice(kind=NoticeKind.REBALANCE, action="rebalance", key="r", detected_at=h.time.wall(), final=False)
+    )
+    final = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert final is not None and drill is not None and final is not drill
+    assert [f["final"] for f in h.channel.frames[trainer.id]] == [False, True]
+
+
+# ---------------------------------------------------------------------------------------- commit retries
+
+
+async def test_a_commit_that_fails_then_succeeds_is_durable(make):
+    """A periodic save whose first commit fails is retried after one backoff and answered durable; nothing counts as failed."""
+    h = make(store_class=FlakyStore, failures=1)
+    trainer = h.channel.connect("rank0")
+    await h.save(trainer, 3, None)
+    durable = await h.channel.next(trainer, "durable")
+    assert durable["request_id"] is None and durable["step"] == 3
+    assert h.time.slept == [COMMIT_BACKOFF_S]
+    assert h.store.calls == 2  # type: ignore[attr-defined]
+    assert h.metric("spotd_upload_failures_total") == 0
+    assert h.metric("spotd_last_durable_step") == 3
+
+
+async def test_drill_reply_carries_the_record(make):
+    """`spotd checkpoint` waits for the drill to end and gets ok, the record's figures and what is missing."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    control = h.channel.connect("cli")
+    h.channel.disconnect(control)  # a control client is never asked
+    reply_task = asyncio.create_task(h.coordinator.on_drill(control, {"op": "drill", "reason": "game day"}))
+    frame = await h.channel.next(trainer, "checkpoint")
+    assert frame["reason"] == "game day" and frame["final"] is False
+    await h.save(trainer, 9, frame["request_id"])
+    async with asyncio.timeout(WAIT_S):
+        reply = await reply_task
+    await h.settle()
+    assert reply["ok"] is True and reply["missing"] == [] and reply["reason"] == "game day"
+    assert [d["step"] for d in reply["durable"]] == [9] and reply["kind"] == "drill"
+    assert h.events() == [], "a drill writes no events/ record"
