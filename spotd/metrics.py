@@ -98,7 +98,9 @@ class Metrics:
             "spotd_upload_bytes", "Bytes uploaded to the checkpoint store.", registry=r
         )
         self.upload_failures = Counter(
-            "spotd_upload_failures", "Checkpoint uploads or commits that failed after retries.", registry=r
+            "spotd_upload_failures",
+            "Checkpoint commits that failed after all retries (the local checkpoint is kept).",
+            registry=r,
         )
         self.socket_errors = Counter(
             "spotd_socket_errors",

@@ -318,6 +318,8 @@ class Coordinator:
             manifest = await self._commit_with_retries(source, info, priority, episode)
         except (StoreError, OSError) as exc:
             save.error = str(exc)
+            # Counted here, once per commit given up, not per attempt: the help text of the metric says so.
+            self._metrics.upload_failures.inc()
             log.error(
                 "checkpoint.upload_failed",
                 trainer=info.trainer,

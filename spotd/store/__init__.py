@@ -583,8 +583,8 @@ class _BaseStore(ABC):
                 raise CommitError(f"writing {self._url(base + MANIFEST)} failed: {exc}") from exc
             await self._update_latest(name)
         except BaseException as exc:
-            if self._metrics is not None and not isinstance(exc, asyncio.CancelledError):
-                self._metrics.upload_failures.inc()
+            # Not counted in spotd_upload_failures_total: a failed attempt may yet be retried, and the
+            # coordinator counts a commit once it gives up.
             log.error(
                 "store.commit_failed",
                 name=name,

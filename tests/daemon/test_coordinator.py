@@ -408,7 +408,7 @@ async def test_stopped_when_a_trainer_disconnects_before_saving(make):
 
 
 async def test_stopped_when_the_upload_fails_until_the_deadline(make, tmp_path):
-    """An emergency commit into a store that always fails is retried until its deadline leaves no room, then given up: error to the trainer, Stopped."""
+    """An emergency commit into a store that always fails is retried until its deadline leaves no room, then given up: error to the trainer, counted once, Stopped."""
     block_commits(tmp_path / "store")
     h = make()
     trainer = h.channel.connect("rank0")
@@ -425,6 +425,7 @@ async def test_stopped_when_the_upload_fails_until_the_deadline(make, tmp_path):
     assert h.coordinator.phase is Phase.STOPPED
     # Saved at 1 s of a 50 s deadline: pauses of 1, 2, 4, 8, 15 leave 19 s, then 15 more would leave 4.
     assert h.time.slept == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert h.metric("spotd_upload_failures_total") == 1
     assert (h.checkpoint_dir / "rank0/step-000005.pt").is_file(), "the local checkpoint is kept"
 
 
