@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from spotd import protocol
 from spotd.config import Config
@@ -42,10 +42,15 @@ __all__ = ["Coordinator", "TrainerChannel"]
 
 log = get_logger("spotd.coordinator")
 
-#: Whole-commit retries for periodic checkpoints (each S3 request is already retried by the store).
-COMMIT_ATTEMPTS = 4
-COMMIT_BACKOFF_S = 1.0
-COMMIT_BACKOFF_MAX_S = 15.0
+#: Retry budgets, one owner each: botocore retries every S3 request (standard mode, ``AWS_MAX_ATTEMPTS``)
+#: and the store adds no retry of a request on top. The whole-commit retry below is the only retry above
+#: botocore's: an emergency commit is retried until its episode's deadline, a periodic (or watch-mode)
+#: one for this many seconds after its first attempt began. An attempt under way is never cut short, so
+#: a commit can outlast the budget by one attempt: a large checkpoint may rightly take longer than it.
+PERIODIC_COMMIT_BUDGET_S: Final = 60.0
+#: Pause between whole-commit attempts: doubling from the first, capped.
+COMMIT_BACKOFF_S: Final = 1.0
+COMMIT_BACKOFF_MAX_S: Final = 15.0
 
 
 class TrainerChannel(Protocol):
@@ -315,7 +320,7 @@ class Coordinator:
         episode: Episode | None,
     ) -> Manifest | None:
         try:
-            manifest = await self._commit_with_retries(source, info, priority, episode)
+            manifest = await self._commit_with_retries(source, info, priority, save, episode)
         except (StoreError, OSError) as exc:
             save.error = str(exc)
             # Counted here, once per commit given up, not per attempt: the help text of the metric says so.
@@ -325,6 +330,8 @@ class Coordinator:
                 trainer=info.trainer,
                 path=save.path,
                 error=str(exc),
+                attempts=save.attempts,
+                seconds=round(self._clock() - save.saved_at, 3),
                 local_kept=True,
                 fix="check S3 reachability and permissions; the local checkpoint is kept",
             )
@@ -370,32 +377,32 @@ class Coordinator:
         return manifest
 
     async def _commit_with_retries(
-        self, source: Path, info: CommitInfo, priority: Priority, episode: Episode | None
+        self, source: Path, info: CommitInfo, priority: Priority, save: Save, episode: Episode | None
     ) -> Manifest:
-        """The store retries each request; this retries the whole commit while it can still matter.
+        """Retry the whole commit while it can still matter; raises the last attempt's error when not.
 
         An emergency commit keeps trying until its episode's deadline (a late upload still beats none);
-        a periodic one gives up after ``COMMIT_ATTEMPTS`` and leaves the local checkpoint in place.
+        a periodic one for ``PERIODIC_COMMIT_BUDGET_S``, then leaves the local checkpoint in place.
         """
-        attempt = 0
+        give_up_at = self._clock() + PERIODIC_COMMIT_BUDGET_S
         while True:
-            attempt += 1
+            save.attempts += 1
             try:
                 return await self._store.commit(
                     source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
                 )
             except (StoreError, OSError) as exc:
-                backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (attempt - 1))
+                backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (save.attempts - 1))
                 if episode is not None:
-                    left = (episode.deadline - self._wall()).total_seconds()
-                    if left <= backoff_s or episode.finished:
+                    left_s = (episode.deadline - self._wall()).total_seconds()
+                    if left_s <= backoff_s or episode.finished:
                         raise
-                elif attempt >= COMMIT_ATTEMPTS:
+                elif self._clock() + backoff_s > give_up_at:
                     raise
                 log.warning(
                     "checkpoint.upload_retry",
                     trainer=info.trainer,
-                    attempt=attempt,
+                    attempt=save.attempts,
                     error=str(exc),
                     retry_in_seconds=backoff_s,
                 )

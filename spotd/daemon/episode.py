@@ -52,6 +52,7 @@ class Save:
     manifest: Manifest | None = None
     error: str | None = None
     committed_at: float | None = None  # monotonic
+    attempts: int = 0  # whole-commit attempts so far
 
 
 @dataclass(slots=True)

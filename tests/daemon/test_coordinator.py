@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from spotd import protocol
 from spotd.config import Config
-from spotd.daemon.coordinator import COMMIT_BACKOFF_S, Coordinator
+from spotd.daemon.coordinator import COMMIT_BACKOFF_S, PERIODIC_COMMIT_BUDGET_S, Coordinator
 from spotd.daemon.episode import Episode
 from spotd.daemon.ipc import Session
 from spotd.errors import UploadError
@@ -498,6 +498,26 @@ async def test_a_commit_that_fails_then_succeeds_is_durable(make):
     assert h.store.calls == 2  # type: ignore[attr-defined]
     assert h.metric("spotd_upload_failures_total") == 0
     assert h.metric("spotd_last_durable_step") == 3
+
+
+async def test_periodic_budget_exhausted_counts_once_and_tells_the_trainer(make, tmp_path):
+    """A periodic commit into a store that always fails stops retrying within PERIODIC_COMMIT_BUDGET_S, counts one failure (not one per attempt) and sends error."""
+    block_commits(tmp_path / "store")
+    h = make()
+    trainer = h.channel.connect("rank0")
+    with structlog.testing.capture_logs() as logs:
+        await h.save(trainer, 3, None)
+        error = await h.channel.next(trainer, "error")
+    assert error == protocol.store_failed(
+        request_id=None, path="rank0/step-000003.pt", message=error["message"]
+    )
+    assert sum(h.time.slept) <= PERIODIC_COMMIT_BUDGET_S
+    assert h.time.slept == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+    (failed,) = [e for e in logs if e["event"] == "checkpoint.upload_failed"]
+    assert failed["attempts"] == 8 and failed["local_kept"] is True
+    assert len([e for e in logs if e["event"] == "checkpoint.upload_retry"]) == 7
+    assert h.metric("spotd_upload_failures_total") == 1
+    assert h.coordinator.phase is Phase.TRAINING
 
 
 async def test_drill_reply_carries_the_record(make):
