@@ -5,6 +5,9 @@ One *episode* per notice acted on (a spot interruption, a maintenance event, SIG
 starts is asked once (and any trainer that connects while it runs); each ``saved`` is handed to the store at
 once, without waiting for the others, and answered ``durable`` when committed. A final episode ends in
 Completed (everything durable) or Stopped (deadline passed; the canonical log line says what was missing).
+
+The episode's books and what is read off them live in :mod:`.episode`; making one save durable (the commit
+and its retries) in :mod:`.commits`.
 """
 
 from __future__ import annotations
@@ -14,20 +17,23 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from spotd import protocol
 from spotd.config import Config
+from spotd.daemon.commits import Committer
 from spotd.daemon.episode import (
     Episode,
     Save,
     detect_seconds,
+    drill_notice,
     episode_deadline,
     episode_reason,
     notice_summary,
     reason_label,
+    shutdown_notice,
     status_view,
 )
 from spotd.daemon.ipc import Session
@@ -35,22 +41,11 @@ from spotd.errors import PathEscape, ProtocolError, StoreError
 from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, format_time
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
-from spotd.store.marker import write_disk_marker
+from spotd.store import CheckpointStore, CommitInfo, Manifest, resolve_inside
 
 __all__ = ["Coordinator", "TrainerChannel"]
 
 log = get_logger("spotd.coordinator")
-
-#: Retry budgets, one owner each: botocore retries every S3 request (standard mode, ``AWS_MAX_ATTEMPTS``)
-#: and the store adds no retry of a request on top. The whole-commit retry below is the only retry above
-#: botocore's: an emergency commit is retried until its episode's deadline, a periodic (or watch-mode)
-#: one for this many seconds after its first attempt began. An attempt under way is never cut short, so
-#: a commit can outlast the budget by one attempt: a large checkpoint may rightly take longer than it.
-PERIODIC_COMMIT_BUDGET_S: Final = 60.0
-#: Pause between whole-commit attempts: doubling from the first, capped.
-COMMIT_BACKOFF_S: Final = 1.0
-COMMIT_BACKOFF_MAX_S: Final = 15.0
 
 
 class TrainerChannel(Protocol):
@@ -69,6 +64,7 @@ class Coordinator:
         "_bg",
         "_checkpoint_dir",
         "_clock",
+        "_committer",
         "_config",
         "_identity",
         "_imds_up",
@@ -77,7 +73,6 @@ class Coordinator:
         "_metrics",
         "_phase",
         "_seen_notices",
-        "_sleep",
         "_started",
         "_store",
         "_wall",
@@ -103,9 +98,16 @@ class Coordinator:
         self._clock = clock
         self._wall = wall
         self._imds_up = imds_up
-        # Injected with the clocks: a test's sleep moves its clocks forward instead of waiting.
-        self._sleep = sleep
         self._checkpoint_dir = Path(config.checkpoint_dir).resolve()
+        self._committer = Committer(
+            store=store,
+            metrics=metrics,
+            checkpoint_dir=self._checkpoint_dir,
+            on_durable=self.set_last_durable,
+            clock=clock,
+            wall=wall,
+            sleep=sleep,
+        )
         self._ipc: TrainerChannel | None = None
         self._phase = Phase.STARTING
         self._bg: set[asyncio.Task[Any]] = set()
@@ -201,11 +203,11 @@ class Coordinator:
 
     async def _watch_episode(self, episode: Episode) -> None:
         """Close the episode when everything is durable, or at its deadline with what is missing."""
-        remaining = (episode.deadline - self._wall()).total_seconds()
-        if not episode.asked:
-            remaining = 0
+        # The deadline is wall time (it came from the notice); the loop's clock is what a timeout can wait on.
+        remaining_s = (episode.deadline - self._wall()).total_seconds() if episode.asked else 0.0
+        deadline = asyncio.get_running_loop().time() + max(0.0, remaining_s)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, remaining)):
+            async with asyncio.timeout_at(deadline):
                 while episode.outstanding():
                     episode.done.clear()
                     await episode.done.wait()
@@ -291,8 +293,12 @@ class Coordinator:
             instance_id=self._identity.instance_id,
             final=bool(episode and episode.final),
         )
-        priority = Priority.EMERGENCY if episode is not None else Priority.BACKGROUND
-        self._spawn(self._commit(session, source, info, priority, save, episode))
+        ipc = self._ipc
+
+        async def reply(frame: dict[str, Any]) -> bool:
+            return ipc is not None and await ipc.send(session, frame)
+
+        self._spawn(self._committer.commit(source, info=info, save=save, episode=episode, reply=reply))
 
     async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
         """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer."""
@@ -308,105 +314,7 @@ class Coordinator:
             final=False,
         )
         save = Save("watch", trainer, str(source), step, self._clock())
-        return await self._commit(None, source, info, Priority.BACKGROUND, save, None)
-
-    async def _commit(
-        self,
-        session: Session | None,
-        source: Path,
-        info: CommitInfo,
-        priority: Priority,
-        save: Save,
-        episode: Episode | None,
-    ) -> Manifest | None:
-        try:
-            manifest = await self._commit_with_retries(source, info, priority, save, episode)
-        except (StoreError, OSError) as exc:
-            save.error = str(exc)
-            # Counted here, once per commit given up, not per attempt: the help text of the metric says so.
-            self._metrics.upload_failures.inc()
-            log.error(
-                "checkpoint.upload_failed",
-                trainer=info.trainer,
-                path=save.path,
-                error=str(exc),
-                attempts=save.attempts,
-                seconds=round(self._clock() - save.saved_at, 3),
-                local_kept=True,
-                fix="check S3 reachability and permissions; the local checkpoint is kept",
-            )
-            if session is not None and self._ipc is not None:
-                await self._ipc.send(
-                    session,
-                    protocol.store_failed(
-                        request_id=info.request_id,
-                        path=save.path,
-                        message=f"upload failed, local checkpoint kept: {exc}",
-                    ),
-                )
-            if episode is not None:
-                episode.done.set()
-            return None
-        save.manifest = manifest
-        save.committed_at = self._clock()
-        self.set_last_durable(manifest)
-        await asyncio.to_thread(write_disk_marker, self._checkpoint_dir, manifest)
-        log.info(
-            "checkpoint.durable",
-            trainer=info.trainer,
-            name=manifest.name,
-            step=manifest.step,
-            bytes=manifest.total_bytes,
-            files=len(manifest.files),
-            seconds=round(save.committed_at - save.saved_at, 3),
-            request_id=info.request_id,
-        )
-        if session is not None and self._ipc is not None:
-            await self._ipc.send(
-                session,
-                protocol.durable(
-                    request_id=info.request_id,
-                    path=save.path,
-                    step=manifest.step,
-                    name=manifest.name,
-                    uri=self._store.uri,
-                ),
-            )
-        if episode is not None:
-            episode.done.set()
-        return manifest
-
-    async def _commit_with_retries(
-        self, source: Path, info: CommitInfo, priority: Priority, save: Save, episode: Episode | None
-    ) -> Manifest:
-        """Retry the whole commit while it can still matter; raises the last attempt's error when not.
-
-        An emergency commit keeps trying until its episode's deadline (a late upload still beats none);
-        a periodic one for ``PERIODIC_COMMIT_BUDGET_S``, then leaves the local checkpoint in place.
-        """
-        give_up_at = self._clock() + PERIODIC_COMMIT_BUDGET_S
-        while True:
-            save.attempts += 1
-            try:
-                return await self._store.commit(
-                    source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
-                )
-            except (StoreError, OSError) as exc:
-                backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (save.attempts - 1))
-                if episode is not None:
-                    left_s = (episode.deadline - self._wall()).total_seconds()
-                    if left_s <= backoff_s or episode.finished:
-                        raise
-                elif self._clock() + backoff_s > give_up_at:
-                    raise
-                log.warning(
-                    "checkpoint.upload_retry",
-                    trainer=info.trainer,
-                    attempt=save.attempts,
-                    error=str(exc),
-                    retry_in_seconds=backoff_s,
-                )
-                await self._sleep(backoff_s)
+        return await self._committer.commit(source, info=info, save=save, episode=None, reply=None)
 
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
         message = frame.get("message") or "trainer reported a failed checkpoint"
@@ -426,15 +334,7 @@ class Coordinator:
         return self.status()
 
     async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
-        reason = frame.get("reason") or "drill"
-        notice = Notice(
-            kind=NoticeKind.DRILL,
-            action="checkpoint",
-            key=f"drill:{uuid.uuid4().hex}",
-            detected_at=self._wall(),
-            final=False,
-            detail={"reason": reason},
-        )
+        notice = drill_notice(reason=frame.get("reason") or "drill", now=self._wall())
         episode = await self.handle_notice(notice)
         if episode is None:
             return {"ok": False, "message": "not started"}
@@ -478,23 +378,16 @@ class Coordinator:
 
     async def last_chance(self, *, grace_s: float) -> None:
         """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
-        now = self._wall()
-        notice = Notice(
-            kind=NoticeKind.SHUTDOWN,
-            action="sigterm",
-            key="shutdown",
-            detected_at=now,
-            final=True,
-            not_after=now + timedelta(seconds=grace_s),
-        )
         if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.finished):
             log.info("shutdown.nothing_to_save")
             return
-        episode = await self.handle_notice(notice)
+        # A second past the grace: the episode's own watcher closes it at the deadline, this only backs it up.
+        give_up_at = asyncio.get_running_loop().time() + grace_s + 1.0
+        episode = await self.handle_notice(shutdown_notice(now=self._wall(), grace_s=grace_s))
         if episode is None:
             return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s + 1.0):
+            async with asyncio.timeout_at(give_up_at):
                 await episode.closed.wait()
 
     async def drain(self, *, grace_s: float) -> None:

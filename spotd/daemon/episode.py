@@ -8,6 +8,7 @@ builds what is read off it (the ``checkpoint`` frame, the :class:`~spotd.events.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,10 +33,12 @@ __all__ = [
     "Episode",
     "Save",
     "detect_seconds",
+    "drill_notice",
     "episode_deadline",
     "episode_reason",
     "notice_summary",
     "reason_label",
+    "shutdown_notice",
     "status_view",
 ]
 
@@ -153,6 +156,30 @@ class Episode:
             ),
             lost=tuple(lost),
         )
+
+
+def drill_notice(*, reason: str, now: datetime) -> Notice:
+    """``spotd checkpoint``: a non-final notice of its own, never coalesced with another drill's key."""
+    return Notice(
+        kind=NoticeKind.DRILL,
+        action="checkpoint",
+        key=f"drill:{uuid.uuid4().hex}",
+        detected_at=now,
+        final=False,
+        detail={"reason": reason},
+    )
+
+
+def shutdown_notice(*, now: datetime, grace_s: float) -> Notice:
+    """SIGTERM: a final notice whose deadline is the end of the grace systemd gives us."""
+    return Notice(
+        kind=NoticeKind.SHUTDOWN,
+        action="sigterm",
+        key="shutdown",
+        detected_at=now,
+        final=True,
+        not_after=now + timedelta(seconds=grace_s),
+    )
 
 
 def episode_deadline(notice: Notice, *, now: datetime, policy: PolicyConfig) -> datetime:

@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from spotd import protocol
 from spotd.config import Config
-from spotd.daemon.coordinator import COMMIT_BACKOFF_S, PERIODIC_COMMIT_BUDGET_S, Coordinator
+from spotd.daemon.commits import COMMIT_BACKOFF_S, PERIODIC_COMMIT_BUDGET_S
+from spotd.daemon.coordinator import Coordinator
 from spotd.daemon.episode import Episode
 from spotd.daemon.ipc import Session
 from spotd.errors import UploadError
