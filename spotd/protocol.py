@@ -104,6 +104,11 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "rank": ((int, type(None)), False),
         "world_size": ((int, type(None)), False),
         "role": (str, False),
+        # torchrun's placement and the run's identity (the same on every rank of one run).
+        "local_rank": ((int, type(None)), False),
+        "local_world_size": ((int, type(None)), False),
+        "node_rank": ((int, type(None)), False),
+        "run_id": ((str, type(None)), False),
     },
     "saved": {
         "request_id": ((str, type(None)), False),

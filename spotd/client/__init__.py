@@ -61,11 +61,16 @@ def connect(
     reconnect_interval_s: float = 1.0,
     handle_sigterm: bool | None = None,
     sigterm_grace_s: float | None = None,
+    local_rank: int | None = None,
+    local_world_size: int | None = None,
+    node_rank: int | None = None,
+    run_id: str | None = None,
 ) -> Guard:
     """Register this process with spotd. Without a daemon: one SpotdUnavailableWarning, then a quiet guard.
 
-    The socket is ``socket_path``, else ``$SPOTD_SOCKET``, else /run/spotd/spotd.sock; rank and world size
-    default to ``$RANK`` and ``$WORLD_SIZE`` (set by torchrun).
+    The socket is ``socket_path``, else ``$SPOTD_SOCKET``, else /run/spotd/spotd.sock; rank, world size,
+    local rank, local world size and node default to torchrun's ``$RANK``, ``$WORLD_SIZE``, ``$LOCAL_RANK``,
+    ``$LOCAL_WORLD_SIZE`` and ``$GROUP_RANK``; ``run_id`` names the run (the same on every rank).
 
     SIGTERM (systemd stopping the unit, torchrun forwarding a stop) becomes a final checkpoint request of
     this guard's own, with ``sigterm_grace_s`` (default ``$SPOTD_SIGTERM_GRACE`` or 60 s) to become durable;
@@ -79,6 +84,14 @@ def connect(
         world_size=world_size if world_size is not None else _env_int("WORLD_SIZE"),
         reconnect_interval_s=reconnect_interval_s,
         sigterm_grace_s=signals.sigterm_grace_s(sigterm_grace_s),
+        placement={
+            "local_rank": local_rank if local_rank is not None else _env_int("LOCAL_RANK"),
+            "local_world_size": local_world_size
+            if local_world_size is not None
+            else _env_int("LOCAL_WORLD_SIZE"),
+            "node_rank": node_rank if node_rank is not None else _env_int("GROUP_RANK"),
+            "run_id": run_id,
+        },
     )
     if signals.sigterm_enabled(handle_sigterm) and not signals.install(guard.on_sigterm):
         log.warning(

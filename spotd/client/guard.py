@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final
@@ -73,7 +74,9 @@ class Guard:
         world_size: int | None,
         reconnect_interval_s: float,
         sigterm_grace_s: float = signals.DEFAULT_GRACE_S,
+        placement: Mapping[str, int | str | None] | None = None,
     ) -> None:
+        """``placement``: local_rank, local_world_size, node_rank, run_id, said in hello when known."""
         self._path = socket_path
         self._hello: dict[str, Any] = {
             "op": "hello",
@@ -84,6 +87,7 @@ class Guard:
             "world_size": world_size,
             "role": "trainer",
         }
+        self._hello.update({k: v for k, v in (placement or {}).items() if v is not None})
         self._interval_s = reconnect_interval_s
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -151,8 +155,11 @@ class Guard:
 
     # -- what a training loop calls ----------------------------------------------------------------
 
-    def saved(self, path: str | os.PathLike[str], step: int | None = None) -> None:
-        """Report a checkpoint written under ``checkpoint_dir`` (relative, or absolute inside it)."""
+    def saved(self, path: str | os.PathLike[str], step: int | None = None, *, final: bool = False) -> None:
+        """Report a checkpoint written under ``checkpoint_dir`` (relative, or absolute inside it).
+
+        ``final=True``: this process was not asked, but a peer rank (maybe on another node) was, and the job
+        stops after this save; the daemon uploads it at once, as it would its own final request."""
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise TypeError(f"step must be an int or None, not {type(step).__name__}")
         if self._inert:
@@ -168,6 +175,8 @@ class Guard:
             if last_chance:
                 # The daemon did not ask: say why, so it uploads this at emergency priority.
                 frame.update(final=True, reason="sigterm")
+            elif final and request_id is None:
+                frame.update(final=True, reason="peer")
             self._last_save = frame
             self._save_state = "pending"
         self._send(frame)

@@ -36,16 +36,15 @@ from typing import Any, Final
 
 import torch
 
-from spotd.integrations.torch import files
+from spotd.integrations.torch import files, ranks
 from spotd.integrations.torch.files import CheckpointError, LocalCheckpoint
 from spotd.integrations.torch.link import (
     AUTO,
-    CheckpointRequestLike,
+    DaemonLink,
     Guard,
     _Auto,
     connect,
     default_socket_path,
-    rank_and_world,
     resolve_dir,
 )
 from spotd.integrations.torch.state import (
@@ -62,6 +61,8 @@ __all__ = ["Checkpointer", "SaveInfo"]
 log = logging.getLogger("spotd.torch")
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: How long a rank that was not asked itself (a peer rank or node was) waits for its save to be durable.
+PEER_GRACE_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,24 +87,24 @@ class Checkpointer:
     """
 
     __slots__ = (
+        "_agreement",
         "_by_step",
-        "_daemon_seen",
         "_dir",
         "_every_s",
         "_every_steps",
-        "_guard",
         "_handled_request",
         "_keep",
         "_last_save_t",
         "_last_saved_step",
+        "_link",
         "_map_location",
         "_name",
         "_on_save",
-        "_own_guard",
         "_parts",
         "_pending_step",
         "_rank",
-        "_socket_path",
+        "_run_id",
+        "_topology",
         "_weights_only",
         "_world_size",
     )
@@ -126,6 +127,8 @@ class Checkpointer:
         weights_only: bool = True,
         on_save: Callable[[SaveInfo], None] | None = None,
         handle_sigterm: bool | None = None,
+        sync_every: int = 1,
+        process_group: Any = None,
     ) -> None:
         if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
             raise ValueError(f"every_steps={every_steps!r}: give a whole number of steps >= 1, or None")
@@ -147,18 +150,36 @@ class Checkpointer:
         self._map_location = map_location
         self._weights_only = weights_only
         self._on_save = on_save
-        self._own_guard = guard is AUTO
+        self._topology = ranks.topology()
+        self._rank, self._world_size = self._topology.rank, self._topology.world_size
+        # Collective: every rank must build its Checkpointer, as every rank must call step().
+        self._run_id = ranks.run_identity(group=process_group)
+        self._agreement = (
+            ranks.StopAgreement(group=process_group, every=sync_every)
+            if ranks.distributed(process_group)
+            else None
+        )
         if isinstance(guard, _Auto):
-            self._socket_path: str | None = default_socket_path()
-            self._guard: Guard | None = connect(name, self._socket_path, handle_sigterm=handle_sigterm)
+            socket_path = default_socket_path()
+            self._link = DaemonLink(
+                guard=connect(
+                    name,
+                    socket_path,
+                    handle_sigterm=handle_sigterm,
+                    topology=self._topology,
+                    run_id=self._run_id,
+                ),
+                socket_path=socket_path,
+                owned=True,
+            )
         else:
-            self._guard = guard
             path = getattr(guard, "socket_path", None) if guard is not None else None
-            self._socket_path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-        # Sticky: once a daemon is known to exist, a save is durable only when it says so.
-        self._daemon_seen = False
-        self._rank, self._world_size = rank_and_world()
-        self._dir = resolve_dir(checkpoint_dir, self._guard) / name
+            self._link = DaemonLink(
+                guard=guard,
+                socket_path=os.fspath(path) if isinstance(path, (str, os.PathLike)) else None,
+                owned=False,
+            )
+        self._dir = resolve_dir(checkpoint_dir, self._link.guard) / name
         self._by_step: dict[int, LocalCheckpoint] = {}
         self._handled_request: str | None = None
         self._last_saved_step: int | None = None
@@ -185,25 +206,17 @@ class Checkpointer:
         self._dir.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temps(self._dir, rank=self._rank, world_size=self._world_size)
         found = files.scan(self._dir, rank=self._rank, world_size=self._world_size)
-        expected = self._daemon_expected()
+        expected = self._link.expected()
         # A file found on disk may be a restore from the store or an unreported local save: without a daemon
         # either counts for retention; with one, it waits for a newer durable save before being deleted.
         self._by_step = {s: LocalCheckpoint(step=s, path=p, durable=not expected) for s, p in found}
         self._last_save_t = time.monotonic()
+        if self._agreement is not None:
+            return self._restore_agreed(dict(found))
         failures: list[str] = []
         for step, path in sorted(found, reverse=True):
-            try:
-                payload = load_payload(path, map_location=self._map_location, weights_only=self._weights_only)
-            except CheckpointError:
-                raise
-            except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
-                failures.append(f"{path.name}: {exc}")
-                log.warning("skipping unreadable checkpoint %s (%s); trying an older one", path, exc)
-                continue
-            apply_payload(self._parts, payload, path)
-            self._last_saved_step = step
-            log.info("restored %s: resuming at step %d", path, step)
-            return step
+            if self._load(step, path, failures):
+                return step
         if failures:
             raise CheckpointError(
                 f"no checkpoint in {self._dir} is readable ({'; '.join(failures)}); fix: restore them again "
@@ -211,59 +224,90 @@ class Checkpointer:
             )
         return 0
 
+    def _load(self, step: int, path: Path, failures: list[str]) -> bool:
+        try:
+            payload = load_payload(path, map_location=self._map_location, weights_only=self._weights_only)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+            failures.append(f"{path.name}: {exc}")
+            log.warning("skipping unreadable checkpoint %s (%s); trying an older one", path, exc)
+            return False
+        apply_payload(self._parts, payload, path)
+        self._last_saved_step = step
+        log.info("restored %s: resuming at step %d", path, step)
+        return True
+
+    def _restore_agreed(self, found: dict[int, Path]) -> int:
+        """Every rank loads the newest step that every rank can read, so all resume at the same step."""
+        failures: list[str] = []
+        candidates = set(found)
+        while True:
+            common = ranks.common_step(candidates)
+            if common is None:
+                anyone_had_files = not ranks.all_ok(not found)
+                if anyone_had_files:
+                    raise CheckpointError(
+                        f"the ranks hold no readable checkpoint step in common (rank {self._rank} has "
+                        f"{sorted(found) or 'none'}{'; ' + '; '.join(failures) if failures else ''}); fix: "
+                        "restore them again (spotd restore), or move the directories away to start at step 0"
+                    )
+                return 0
+            ok = self._load(common, found[common], failures)
+            if ranks.all_ok(ok):
+                return common
+            candidates.discard(common)
+
     def step(self, step: int) -> bool:
         """Call after finishing ``step``. Saves when due or asked; True means stop now (final request)."""
         done = step + 1
-        guard = self._guard
-        if not self._daemon_seen and self._guard_connected():
-            self._daemon_seen = True  # cheap to read every step, so a short-lived connection is not missed
-        request = self._pending_request(guard)
-        if request is not None and guard is not None:
-            self._handled_request = request.request_id
-            final = bool(request.final)
-            reason = "sigterm" if request.reason == "sigterm" else "final" if final else "request"
-            try:
-                self._save(done, reason=reason, request_id=request.request_id)
-            except CheckpointError as exc:
-                # Tell spotd now, so it stops waiting for this trainer instead of burning the deadline.
-                self._report_failure(exc, periodic=False)
-                if final:
-                    raise  # the instance is going away with nothing saved: say so, loudly
-                log.error(
-                    "the checkpoint spotd asked for at step %d failed (%s); training goes on", done, exc
-                )
-                return False
-            if not final:
-                return False
-            timeout_s = max(0.0, float(request.seconds_left()))
-            # With no daemon configured there is nothing to wait for: the local save is all there is.
-            if not self.wait_durable(timeout=timeout_s):
-                log.warning(
-                    "checkpoint at step %d not confirmed durable within %.1fs; stopping anyway",
-                    done,
-                    timeout_s,
-                )
-            return True
-        if self._due(done):
+        self._link.notice_connection()
+        request = self._link.pending_request(self._handled_request)
+        level = ranks.NONE
+        if request is not None:
+            level = ranks.STOP if request.final else ranks.SAVE
+        elif self._due(done):
+            level = ranks.PERIODIC
+        if self._agreement is not None:
+            # Collective: every rank gets the same answer here, whichever rank (or node) was asked.
+            level = self._agreement(level, step)
+        if level == ranks.NONE:
+            return False
+        if level == ranks.PERIODIC:
             try:
                 self._save(done, reason="periodic", request_id=None)
             except CheckpointError as exc:
                 # One missed periodic save costs a little work; a crash would cost the whole run.
-                self._report_failure(exc, periodic=True)
+                self._link.report_failure(exc, periodic=True)
                 log.error("periodic checkpoint at step %d failed (%s); training goes on", done, exc)
-        return False
-
-    def _report_failure(self, exc: CheckpointError, *, periodic: bool) -> None:
-        failed = getattr(self._guard, "failed", None)
-        if not callable(failed):
-            return
+            return False
+        final = level == ranks.STOP
+        if request is not None:
+            self._handled_request = request.request_id
+            reason = "sigterm" if request.reason == "sigterm" else "final" if request.final else "request"
+            request_id: str | None = request.request_id
+        else:
+            reason, request_id = ("final" if final else "request"), None
         try:
-            if periodic:
-                failed(str(exc), periodic=True)
-            else:
-                failed(str(exc))
-        except Exception as report_exc:
-            log.warning("telling spotd about the failed save failed: %s", report_exc)
+            self._save(done, reason=reason, request_id=request_id, for_peer=request is None)
+        except CheckpointError as exc:
+            # Tell spotd now, so it stops waiting for this trainer instead of burning the deadline.
+            self._link.report_failure(exc, periodic=False)
+            if final:
+                raise  # the instance is going away with nothing saved: say so, loudly
+            log.error("the checkpoint spotd asked for at step %d failed (%s); training goes on", done, exc)
+            return False
+        if not final:
+            return False
+        timeout_s = max(0.0, float(request.seconds_left())) if request is not None else PEER_GRACE_S
+        # With no daemon configured there is nothing to wait for: the local save is all there is.
+        if not self.wait_durable(timeout=timeout_s):
+            log.warning(
+                "checkpoint at step %d not confirmed durable within %.1fs; stopping anyway",
+                done,
+                timeout_s,
+            )
+        return True
 
     def save(self, step: int) -> SaveInfo:
         """Save now, as if ``step`` steps are done (the value :meth:`restore` will return)."""
@@ -277,7 +321,7 @@ class Checkpointer:
         """
         if self._pending_step is None:
             return True  # nothing saved since the last durable one, or no daemon (saves count as durable)
-        durable = self._wait_guard_durable(timeout)
+        durable = self._link.wait_durable(timeout)
         if durable:
             self._mark_durable(self._pending_step)
             self._apply_retention()
@@ -285,9 +329,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Disconnect from the daemon if this Checkpointer connected itself."""
-        if self._own_guard and self._guard is not None:
-            self._guard.close()
-            self._guard = None
+        self._link.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -297,27 +339,12 @@ class Checkpointer:
 
     # -- saving ------------------------------------------------------------------------------------
 
-    def _pending_request(self, guard: Guard | None) -> CheckpointRequestLike | None:
-        if guard is None:
-            return None
-        try:
-            if not guard.checkpoint_requested:
-                return None
-            request = guard.request
-        except Exception as exc:
-            log.warning("reading the spotd request failed: %s", exc)
-            return None
-        # The client may keep showing a request after we reported it; answer each one once.
-        if request is None or request.request_id == self._handled_request:
-            return None
-        return request
-
     def _due(self, done: int) -> bool:
         if self._every_steps is not None and done % self._every_steps == 0:
             return True
         return self._every_s is not None and time.monotonic() - self._last_save_t >= self._every_s
 
-    def _save(self, step: int, *, reason: str, request_id: str | None) -> SaveInfo:
+    def _save(self, step: int, *, reason: str, request_id: str | None, for_peer: bool = False) -> SaveInfo:
         started = time.monotonic()
         self._dir.mkdir(parents=True, exist_ok=True)
         final_path = self._dir / files.filename(step, rank=self._rank, world_size=self._world_size)
@@ -335,9 +362,9 @@ class Checkpointer:
         self._last_saved_step = step
         # The client tracks only the last report: learn whether the previous one became durable first.
         self._refresh_durable()
-        relative = self._report(final_path, step)
+        relative = self._link.report(final_path, step, final=for_peer and reason == "final")
         # A save made while the daemon is away is not durable: the client re-sends it on reconnect.
-        expected = self._daemon_expected()
+        expected = self._link.expected()
         self._by_step[step] = LocalCheckpoint(step=step, path=final_path, durable=not expected)
         if expected:
             self._pending_step = step
@@ -356,81 +383,6 @@ class Checkpointer:
             self._on_save(info)
         return info
 
-    def _report(self, path: Path, step: int) -> str:
-        guard = self._guard
-        daemon_dir = guard.checkpoint_dir if guard is not None else None
-        relative = str(path)
-        if daemon_dir:
-            try:
-                relative = str(path.resolve().relative_to(Path(daemon_dir).resolve()))
-            except ValueError:
-                log.warning(
-                    "%s is outside the daemon's checkpoint_dir %s: it will not be uploaded; fix: drop the "
-                    "checkpoint_dir argument or point it inside %s",
-                    path,
-                    daemon_dir,
-                    daemon_dir,
-                )
-        if guard is not None:
-            try:
-                guard.saved(relative, step=step)
-            except Exception as exc:
-                log.warning("telling spotd about %s failed: %s", relative, exc)
-        return relative
-
-    # -- retention ---------------------------------------------------------------------------------
-
-    def _guard_connected(self) -> bool:
-        if self._guard is None:
-            return False
-        try:
-            return bool(self._guard.connected)
-        except Exception:
-            return False
-
-    def _daemon_expected(self) -> bool:
-        """Whether saves must wait for the daemon's word: a daemon was connected once or its socket exists.
-
-        Only with no daemon configured at all do saves count as durable at once (plain checkpointing).
-        """
-        if self._daemon_seen:
-            return True
-        guard = self._guard
-        if guard is None:
-            return False
-        seen = self._guard_connected()
-        if not seen:
-            try:
-                seen = bool(getattr(guard, "ever_connected", False))
-            except Exception:
-                seen = False
-        if not seen and self._socket_path:
-            seen = os.path.exists(self._socket_path)
-        self._daemon_seen = seen
-        return seen
-
-    def _wait_guard_durable(self, timeout: float | None) -> bool:
-        """The daemon's confirmation of the last save; rides out a disconnect until ``timeout`` runs out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        remaining = timeout
-        while True:
-            guard = self._guard
-            if guard is None:
-                return False
-            try:
-                if guard.wait_durable(timeout=remaining):
-                    return True
-            except Exception as exc:  # the daemon's trouble must not turn into a crash of training
-                log.warning("waiting for durability failed: %s", exc)
-                return False
-            # Connected and still False: spotd refused it or time ran out. Disconnected: the client re-sends
-            # the save when it reconnects, so keep asking until the deadline (none given: do not hang).
-            if remaining is None or remaining <= 0 or self._guard_connected():
-                return False
-            time.sleep(min(0.05, remaining))
-            assert deadline is not None
-            remaining = max(0.0, deadline - time.monotonic())
-
     def _mark_durable(self, step: int) -> None:
         for local in self._by_step.values():
             if local.step <= step:
@@ -439,13 +391,7 @@ class Checkpointer:
             self._pending_step = None
 
     def _refresh_durable(self) -> None:
-        if self._pending_step is None or self._guard is None:
-            return
-        try:
-            durable = self._guard.wait_durable(timeout=0)
-        except Exception:
-            durable = False
-        if durable:
+        if self._pending_step is not None and self._link.wait_durable(0):
             self._mark_durable(self._pending_step)
 
     def _apply_retention(self) -> None:

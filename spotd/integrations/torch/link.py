@@ -4,23 +4,27 @@ daemon, the checkpoint directory and its own rank."""
 from __future__ import annotations
 
 import enum
+import logging
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import torch
+from spotd.integrations.torch.ranks import Topology
 
 __all__ = [
     "AUTO",
     "DEFAULT_CHECKPOINT_DIR",
     "CheckpointRequestLike",
+    "DaemonLink",
     "Guard",
     "connect",
     "default_socket_path",
-    "rank_and_world",
     "resolve_dir",
 ]
+
+log = logging.getLogger("spotd.torch")
 
 DEFAULT_CHECKPOINT_DIR: Final = "/opt/ml/checkpoints"
 
@@ -78,10 +82,28 @@ def default_socket_path() -> str:
     return socket_path()
 
 
-def connect(name: str, socket_path: str, *, handle_sigterm: bool | None = None) -> Guard:
+def connect(
+    name: str,
+    socket_path: str,
+    *,
+    handle_sigterm: bool | None = None,
+    topology: Topology | None = None,
+    run_id: str | None = None,
+) -> Guard:
     import spotd.client
 
-    guard: Guard = spotd.client.connect(name=name, socket_path=socket_path, handle_sigterm=handle_sigterm)
+    where = topology or Topology()
+    guard: Guard = spotd.client.connect(
+        name=name,
+        socket_path=socket_path,
+        handle_sigterm=handle_sigterm,
+        rank=where.rank,
+        world_size=where.world_size,
+        local_rank=where.local_rank,
+        local_world_size=where.local_world_size,
+        node_rank=where.node_rank,
+        run_id=run_id,
+    )
     return guard
 
 
@@ -99,8 +121,132 @@ def resolve_dir(argument: str | os.PathLike[str] | None, guard: Guard | None) ->
     return Path(os.environ.get("SPOTD_CHECKPOINT_DIR") or DEFAULT_CHECKPOINT_DIR)
 
 
-def rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    return 0, 1
+class DaemonLink:
+    """What the Checkpointer says to spotd and hears from it, through a guard that may be absent, gone, or a
+    test's own object: none of the daemon's trouble ever becomes an exception in the training loop."""
+
+    __slots__ = ("_daemon_seen", "_owned", "_socket_path", "guard")
+
+    def __init__(self, *, guard: Guard | None, socket_path: str | None, owned: bool) -> None:
+        self.guard = guard
+        self._socket_path = socket_path
+        self._owned = owned
+        # Sticky: once a daemon is known to exist, a save is durable only when it says so.
+        self._daemon_seen = False
+
+    def connected(self) -> bool:
+        if self.guard is None:
+            return False
+        try:
+            return bool(self.guard.connected)
+        except Exception:
+            return False
+
+    def notice_connection(self) -> None:
+        # Cheap to read every step, so a short-lived connection is not missed.
+        if not self._daemon_seen and self.connected():
+            self._daemon_seen = True
+
+    def expected(self) -> bool:
+        """Whether saves must wait for the daemon's word: a daemon was connected once or its socket exists.
+
+        Only with no daemon configured at all do saves count as durable at once (plain checkpointing).
+        """
+        if self._daemon_seen:
+            return True
+        guard = self.guard
+        if guard is None:
+            return False
+        seen = self.connected()
+        if not seen:
+            try:
+                seen = bool(getattr(guard, "ever_connected", False))
+            except Exception:
+                seen = False
+        if not seen and self._socket_path:
+            seen = os.path.exists(self._socket_path)
+        self._daemon_seen = seen
+        return seen
+
+    def pending_request(self, handled: str | None) -> CheckpointRequestLike | None:
+        """The open request, unless it is ``handled`` (the client keeps showing one after it was answered)."""
+        guard = self.guard
+        if guard is None:
+            return None
+        try:
+            if not guard.checkpoint_requested:
+                return None
+            request = guard.request
+        except Exception as exc:
+            log.warning("reading the spotd request failed: %s", exc)
+            return None
+        if request is None or request.request_id == handled:
+            return None
+        return request
+
+    def report(self, path: Path, step: int, *, final: bool = False) -> str:
+        """Tell spotd about a save; returns the path as told (relative to the daemon's checkpoint_dir)."""
+        guard = self.guard
+        daemon_dir = guard.checkpoint_dir if guard is not None else None
+        relative = str(path)
+        if daemon_dir:
+            try:
+                relative = str(path.resolve().relative_to(Path(daemon_dir).resolve()))
+            except ValueError:
+                log.warning(
+                    "%s is outside the daemon's checkpoint_dir %s: it will not be uploaded; fix: drop the "
+                    "checkpoint_dir argument or point it inside %s",
+                    path,
+                    daemon_dir,
+                    daemon_dir,
+                )
+        if guard is not None:
+            try:
+                if final:
+                    # Asked on another rank, maybe another node: this node's spotd must upload it now.
+                    guard.saved(relative, step=step, final=True)  # type: ignore[call-arg]
+                else:
+                    guard.saved(relative, step=step)
+            except Exception as exc:
+                log.warning("telling spotd about %s failed: %s", relative, exc)
+        return relative
+
+    def report_failure(self, exc: Exception, *, periodic: bool) -> None:
+        failed = getattr(self.guard, "failed", None)
+        if not callable(failed):
+            return
+        try:
+            if periodic:
+                failed(str(exc), periodic=True)
+            else:
+                failed(str(exc))
+        except Exception as report_exc:
+            log.warning("telling spotd about the failed save failed: %s", report_exc)
+
+    def wait_durable(self, timeout: float | None) -> bool:
+        """The daemon's confirmation of the last save; rides out a disconnect until ``timeout`` runs out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = timeout
+        while True:
+            guard = self.guard
+            if guard is None:
+                return False
+            try:
+                if guard.wait_durable(timeout=remaining):
+                    return True
+            except Exception as exc:  # the daemon's trouble must not turn into a crash of training
+                log.warning("waiting for durability failed: %s", exc)
+                return False
+            # Connected and still False: spotd refused it or time ran out. Disconnected: the client re-sends
+            # the save when it reconnects, so keep asking until the deadline (none given: do not hang).
+            if remaining is None or remaining <= 0 or self.connected():
+                return False
+            time.sleep(min(0.05, remaining))
+            assert deadline is not None
+            remaining = max(0.0, deadline - time.monotonic())
+
+    def close(self) -> None:
+        """Disconnect, if the Checkpointer connected the guard itself."""
+        if self._owned and self.guard is not None:
+            self.guard.close()
+            self.guard = None
