@@ -72,7 +72,9 @@ def spotd_imports(module: str) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            # `from pkg import mod` imports the submodule pkg.mod (pkg's __init__ only runs first, as for
+            # any pkg.mod); `from pkg import Name` resolves to pkg itself below.
+            targets = [f"{base}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         for t in targets:
