@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3
 
-from spotd.store import CommitInfo, Priority, choose_checksum, hash_file
+from spotd.store import CommitInfo, Priority
+from spotd.store.checksums import choose_checksum, hash_file
 from spotd.store.s3 import S3Store
 
 BIN = Path(sys.executable).parent

@@ -6,24 +6,31 @@ is published with ``os.link`` so an existing one is never overwritten (the If-No
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
 from spotd.errors import StoreAccessError, StoreError, UploadError
-from spotd.store import CHUNK, TMP_PREFIX, Priority, _BaseStore, _Exists, _fsync_dir, _Hasher, _LocalFile
+from spotd.store.api import Priority
+from spotd.store.base import AlreadyExists, BaseStore
+from spotd.store.checksums import CHUNK, Hasher
+from spotd.store.localfs import LocalFile, fsync_dir
 
 if TYPE_CHECKING:
     from spotd.metrics import Metrics
 
-__all__ = ["FileStore"]
+__all__ = ["TMP_PREFIX", "FileStore"]
+
+#: Prefix of half-written files; list_keys skips them and recover() removes them.
+TMP_PREFIX: Final = ".spotd-tmp-"
 
 
-class FileStore(_BaseStore):
+class FileStore(BaseStore):
     __slots__ = ("_root",)
 
     def __init__(
@@ -70,12 +77,12 @@ class FileStore(_BaseStore):
                 try:
                     os.link(tmp, target)  # fails if target exists: never overwrite a commit
                 except FileExistsError:
-                    raise _Exists(key) from None
+                    raise AlreadyExists(f"{target} already exists; not overwritten") from None
             else:
                 os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def _read(self, key: str) -> bytes | None:
         try:
@@ -99,7 +106,7 @@ class FileStore(_BaseStore):
         for key in keys:
             self._path(key).unlink(missing_ok=True)
             parents.add(self._path(key).parent)
-        ckpts = self._path(self._prefix)
+        ckpts = self._path(self.checkpoints_prefix)
         for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
             # Remove directories left empty, up to (not including) the checkpoints directory.
             p = parent
@@ -110,12 +117,12 @@ class FileStore(_BaseStore):
                     break
                 p = p.parent
 
-    def _copy(self, file: _LocalFile, key: str, progress: Callable[[int], None] | None) -> str:
+    def _copy(self, file: LocalFile, key: str, progress: Callable[[int], None] | None) -> str:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
         try:
-            size, checksum = _copy_hashed(file.path, tmp, self._algo, progress)
+            size, checksum = _copy_hashed(file.path, tmp, self.algo, progress)
             if size != file.size:
                 raise UploadError(
                     f"{file.rel} changed while uploading ({file.size} → {size} bytes); "
@@ -124,7 +131,7 @@ class FileStore(_BaseStore):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return checksum
 
     def _copy_out(
@@ -134,36 +141,36 @@ class FileStore(_BaseStore):
 
     # ---- primitives
 
-    async def _put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         try:
-            await self._run(self._write_atomic, key, data, if_absent)
+            await self.run(self._write_atomic, key, data, if_absent)
         except OSError as exc:
             raise StoreError(f"writing {self._path(key)} failed: {exc}") from exc
 
-    async def _get(self, key: str) -> bytes | None:
-        return await self._run(self._read, key)
+    async def get_bytes(self, key: str) -> bytes | None:
+        return await self.run(self._read, key)
 
-    async def _list(self, prefix: str) -> list[str]:
-        return await self._run(self._walk, prefix)
+    async def list_keys(self, prefix: str) -> list[str]:
+        return await self.run(self._walk, prefix)
 
-    async def _delete(self, keys: Sequence[str]) -> None:
-        await self._run(self._unlink, list(keys))
+    async def delete_keys(self, keys: Sequence[str]) -> None:
+        await self.run(self._unlink, list(keys))
 
-    async def _upload(
-        self, file: _LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
+    async def upload_file(
+        self, file: LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
     ) -> str:
         try:
-            return await self._run(self._copy, file, key, _threadsafe(progress))
+            return await self.run(self._copy, file, key, _threadsafe(progress))
         except UploadError:
             raise
         except OSError as exc:
             raise UploadError(f"copying {file.rel} to {self._path(key)} failed: {exc}") from exc
 
-    async def _download(
+    async def download_file(
         self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str] | None:
         try:
-            return await self._run(self._copy_out, key, dest, algo, _threadsafe(progress))
+            return await self.run(self._copy_out, key, dest, algo, _threadsafe(progress))
         except OSError as exc:
             raise StoreError(f"reading {self._path(key)} failed: {exc}") from exc
 
@@ -171,14 +178,14 @@ class FileStore(_BaseStore):
 
     async def check_access(self) -> None:
         def probe() -> None:
-            self._write_atomic(f"{self._job}/.spotd-access-probe", b"ok", False)
-            self._path(f"{self._job}/.spotd-access-probe").unlink()
+            self._write_atomic(f"{self.job_id}/.spotd-access-probe", b"ok", False)
+            self._path(f"{self.job_id}/.spotd-access-probe").unlink()
 
         try:
-            await self._run(probe)
+            await self.run(probe)
         except OSError as exc:
             raise StoreAccessError(
-                f"cannot write to the store directory {self._root}/{self._job}: {exc}; "
+                f"cannot write to the store directory {self._root}/{self.job_id}: {exc}; "
                 "fix: create it and let the spotd user write to it, or change store.uri"
             ) from exc
 
@@ -186,7 +193,7 @@ class FileStore(_BaseStore):
         """Remove temporary files a crash left behind; committed checkpoints are never touched."""
 
         def sweep() -> int:
-            base = self._path(self._job)
+            base = self._path(self.job_id)
             count = 0
             if base.is_dir():
                 for dirpath, _dirs, filenames in os.walk(base):
@@ -196,15 +203,13 @@ class FileStore(_BaseStore):
                             count += 1
             return count
 
-        return await self._run(sweep)
+        return await self.run(sweep)
 
 
 def _threadsafe(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
     """Progress callbacks run on the loop thread, whatever thread reports them."""
     if progress is None:
         return None
-    import asyncio
-
     loop = asyncio.get_running_loop()
 
     def report(n: int) -> None:
@@ -218,7 +223,7 @@ def _copy_hashed(src: Path, dst: Path, algo: str, progress: Callable[[int], None
 
     Returns the bytes copied and their checksum, for the caller to compare with what it expected.
     """
-    hasher = _Hasher(algo)
+    hasher = Hasher(algo)
     size = 0
     buf = bytearray(CHUNK)
     view = memoryview(buf)

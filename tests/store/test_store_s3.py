@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-import spotd.store
+import spotd.store.checksums
 from spotd.errors import RestoreError, StoreError, UploadError
 from spotd.metrics import Metrics
-from spotd.store import CommitInfo, Priority, hash_file
+from spotd.store import CommitInfo, Priority
+from spotd.store.checksums import hash_file
 from spotd.store.s3 import S3Store
 from tests.fixtures.s3 import FaultProxy, S3Bucket
 from tests.util import async_wait_until, free_port
@@ -88,7 +89,7 @@ async def test_without_awscrt_auto_falls_back_to_crc32(
     s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without awscrt, auto is CRC32 hashed in a sequential pass; a damaged object still fails restore."""
-    monkeypatch.setattr(spotd.store, "_have_awscrt", lambda: False)
+    monkeypatch.setattr(spotd.store.checksums, "have_awscrt", lambda: False)
     src = tmp_path / "src"
     src.mkdir()
     (src / "m.pt").write_bytes(os.urandom(11 * MIB))

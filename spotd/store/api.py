@@ -1,0 +1,59 @@
+"""The store as the daemon and the CLI see it: the :class:`CheckpointStore` protocol and its values.
+
+:func:`spotd.store.open_store` makes one; :class:`spotd.store.base.BaseStore` implements it for every backend.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from spotd.events import InterruptionRecord
+from spotd.store.manifest import CommitInfo, Manifest
+
+__all__ = ["CheckpointStore", "Priority", "RestoreResult"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestoreResult:
+    """What a restore put in place: the manifest of the (first) checkpoint restored, and the figures."""
+
+    manifest: Manifest
+    files: int
+    bytes: int
+    seconds: float
+    skipped: tuple[str, ...]  # names that failed verification and were fallen back from
+
+
+class Priority(enum.Enum):
+    """How urgent a commit is: an EMERGENCY one (the instance is going away) holds BACKGROUND ones back."""
+
+    EMERGENCY = "emergency"
+    BACKGROUND = "background"
+
+
+class CheckpointStore(Protocol):
+    """What the daemon and the CLI use of a store (:func:`spotd.store.open_store` makes one)."""
+
+    uri: str
+
+    async def check_access(self) -> None: ...
+    async def recover(self) -> int: ...
+    async def commit(
+        self,
+        source: Path,
+        *,
+        checkpoint_dir: Path,
+        info: CommitInfo,
+        priority: Priority = Priority.BACKGROUND,
+        progress: Callable[[int], None] | None = None,
+    ) -> Manifest: ...
+    async def list(self) -> list[Manifest]: ...
+    async def restore(
+        self, dest: Path, *, name: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> RestoreResult: ...
+    async def write_event(self, record: InterruptionRecord) -> str: ...
+    async def close(self) -> None: ...

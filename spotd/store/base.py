@@ -1,0 +1,433 @@
+"""The backend contract: :class:`BaseStore` runs commit, list, restore and retention over a few storage
+primitives that a backend (``file://``, ``s3://``) implements.
+
+Layout under the store URI (design.md)::
+
+    <job_id>/checkpoints/<name>/<files…>        data first
+    <job_id>/checkpoints/<name>/MANIFEST.json   written last, never overwritten: the commit point
+    <job_id>/LATEST                             name of the newest commit (for people and tools)
+    <job_id>/events/<time>-<instance>.json      one record per interruption handled
+
+A checkpoint without a parseable MANIFEST.json does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from spotd.errors import ChecksumMismatch, CommitError, RestoreError, StoreError
+from spotd.events import InterruptionRecord
+from spotd.logs import get_logger
+from spotd.store.api import Priority, RestoreResult
+from spotd.store.checksums import choose_checksum, hash_file
+from spotd.store.localfs import LocalFile, collect_files, make_staging, move_into_place
+from spotd.store.manifest import MANIFEST, CommitInfo, FileEntry, Manifest, safe_relative
+from spotd.store.selection import (
+    checkpoint_name,
+    event_name,
+    named_candidates,
+    plan_retention,
+    restore_candidates,
+    scan_listing,
+)
+
+if TYPE_CHECKING:
+    from spotd.metrics import Metrics
+
+__all__ = ["AlreadyExists", "BaseStore", "gather_or_cancel"]
+
+log = get_logger("spotd.store")
+
+T = TypeVar("T")
+
+
+class AlreadyExists(StoreError):
+    """A conditional write (``put_bytes(..., if_absent=True)``) found the key already there."""
+
+
+class BaseStore(ABC):
+    """:class:`~spotd.store.api.CheckpointStore` over storage primitives; a backend subclasses this and
+    implements them.
+
+    Keys are posix, relative to the store root, and begin with the job id (``job1/checkpoints/<name>/a.pt``).
+    Every primitive is a coroutine called on the event loop, possibly many at once (commits of several
+    trainers overlap); a primitive never blocks the loop: blocking work goes through :meth:`run` (the store's
+    executor) or the backend's own threads. A primitive raises :class:`StoreError` (or a subclass) naming
+    what failed.
+
+    A backend implements:
+
+    - ``put_bytes(key, data, if_absent=False)``: one small object, whole or not at all. With ``if_absent``
+      it raises :class:`AlreadyExists` when the key is there and never overwrites it (the commit point).
+    - ``get_bytes(key)``: the object, or None when there is none.
+    - ``list_keys(prefix)``: every key under ``prefix``, half-written temporaries excluded.
+    - ``delete_keys(keys)``: remove them; a key already gone is not an error.
+    - ``upload_file(file, key, priority, progress)``: one local file to ``key``; returns its checksum
+      (algorithm :attr:`algo`) computed from the bytes it sent. ``progress(n)`` on the loop thread.
+    - ``download_file(key, dest, size=, algo=, progress=)``: one object into ``dest``, fsynced; returns
+      (size, checksum) when it hashed the bytes as they arrived, or None to have ``dest`` hashed afterwards.
+    - ``check_access()`` and ``recover()`` of :class:`CheckpointStore` (what "usable" and "left behind by a
+      crash" mean is the backend's), and optionally ``begin_emergency()`` / ``end_emergency()``
+      (preemption of background transfers) and ``close()`` (then ``await super().close()``).
+
+    The order the protocol calls them in:
+
+    - ``commit``: collect the files (:func:`~spotd.store.localfs.collect_files`, on the executor) →
+      ``begin_emergency()`` if EMERGENCY → ``upload_file`` for every file, concurrently → ``put_bytes``
+      MANIFEST.json with ``if_absent`` (on :class:`AlreadyExists`: ``get_bytes`` it back; the same bytes
+      mean a retried write that had landed) → ``get_bytes`` LATEST → ``put_bytes`` LATEST if the new name
+      sorts after it → ``end_emergency()`` (always, once per ``begin``) → retention.
+    - retention (after every commit): ``list_keys`` of ``<job>/checkpoints/`` → ``get_bytes`` of every
+      MANIFEST.json → per checkpoint to delete, ``delete_keys`` of its MANIFEST.json, then of its other keys.
+    - ``list``: ``list_keys`` → ``get_bytes`` of every MANIFEST.json.
+    - ``restore``: ``list`` → ``download_file`` for every file of the chosen set, concurrently, into a
+      staging directory inside ``dest`` → verify → move into place; on a failure the next candidate.
+    - ``write_event``: one ``put_bytes``.
+
+    The daemon calls ``check_access()`` and ``recover()`` once at start, before any commit (the CLI's list
+    and restore need neither), and ``close()`` last, after every other call has returned. All ranks of a
+    node commit through one store, concurrently and each under its own name; only LATEST is shared, and it
+    only moves forward.
+    """
+
+    __slots__ = ("_executor", "_inflight", "_keep", "_metrics", "_owns_executor", "algo", "job_id", "uri")
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        job_id: str,
+        keep: int,
+        checksum: str,
+        executor: concurrent.futures.Executor | None,
+        metrics: Metrics | None,
+        workers: int,
+    ) -> None:
+        self.uri = uri
+        self.job_id = job_id
+        #: The checksum algorithm of new commits (``store.checksum`` resolved).
+        self.algo = choose_checksum(checksum)
+        self._keep = keep
+        self._owns_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="spotd-store"
+        )
+        self._metrics = metrics
+        self._inflight: set[str] = set()
+
+    # ---- primitives
+
+    @abstractmethod
+    async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+    @abstractmethod
+    async def get_bytes(self, key: str) -> bytes | None: ...
+    @abstractmethod
+    async def list_keys(self, prefix: str) -> list[str]: ...
+    @abstractmethod
+    async def delete_keys(self, keys: Sequence[str]) -> None: ...
+    @abstractmethod
+    async def upload_file(
+        self, file: LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
+    ) -> str: ...
+    @abstractmethod
+    async def download_file(
+        self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
+    ) -> tuple[int, str] | None: ...
+
+    def begin_emergency(self) -> None:  # noqa: B027  (backends without preemption keep the default)
+        """An EMERGENCY commit starts: background transfers should yield to it."""
+
+    def end_emergency(self) -> None:  # noqa: B027
+        """An EMERGENCY commit ended (committed or not)."""
+
+    # ---- for backends
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store's executor."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        """Where :meth:`run` runs blocking work; a backend may hand it to its helpers."""
+        return self._executor
+
+    @property
+    def checkpoints_prefix(self) -> str:
+        return f"{self.job_id}/checkpoints/"
+
+    def url(self, key: str) -> str:
+        """``key`` as a person would look it up (``s3://bucket/prefix/job1/LATEST``)."""
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    # ---- protocol
+
+    async def commit(
+        self,
+        source: Path,
+        *,
+        checkpoint_dir: Path,
+        info: CommitInfo,
+        priority: Priority = Priority.BACKGROUND,
+        progress: Callable[[int], None] | None = None,
+    ) -> Manifest:
+        """Upload data files, then MANIFEST.json (never overwriting), then LATEST; then retention.
+
+        A failure before the manifest is written leaves only an orphan directory that list() ignores
+        and a later retention pass removes. Nothing local is deleted.
+        """
+        started = time.monotonic()
+        files = await self.run(collect_files, checkpoint_dir, source)
+        created = datetime.now(UTC)
+        name = checkpoint_name(info, created)
+        base = f"{self.checkpoints_prefix}{name}/"
+        self._inflight.add(name)
+        if priority is Priority.EMERGENCY:
+            self.begin_emergency()
+        try:
+            checksums = await gather_or_cancel(
+                [self.upload_file(f, base + f.rel, priority, progress) for f in files]
+            )
+            entries = tuple(
+                FileEntry(path=f.rel, size=f.size, checksum=c) for f, c in zip(files, checksums, strict=True)
+            )
+            manifest = Manifest.of_commit(info, name=name, created_at=created, files=entries)
+            try:
+                await self.put_bytes(base + MANIFEST, manifest.to_json(), if_absent=True)
+            except AlreadyExists:
+                # A retried PUT whose first try reached the server finds its own manifest: that is success.
+                if await self.get_bytes(base + MANIFEST) != manifest.to_json():
+                    raise CommitError(
+                        f"{self.url(base + MANIFEST)} already exists; not overwritten"
+                    ) from None
+            except StoreError as exc:
+                raise CommitError(f"writing {self.url(base + MANIFEST)} failed: {exc}") from exc
+            await self._update_latest(name)
+        except BaseException as exc:
+            # Not counted in spotd_upload_failures_total: a failed attempt may yet be retried, and the
+            # coordinator counts a commit once it gives up.
+            log.error(
+                "store.commit_failed",
+                name=name,
+                source=str(source),
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            raise
+        finally:
+            if priority is Priority.EMERGENCY:
+                self.end_emergency()
+            self._inflight.discard(name)
+        seconds = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.upload_bytes.inc(manifest.total_bytes)
+            self._metrics.upload_seconds.observe(seconds)
+        log.info(
+            "store.committed",
+            name=name,
+            url=self.url(base),
+            files=len(files),
+            bytes=manifest.total_bytes,
+            seconds=round(seconds, 3),
+            priority=priority.value,
+            step=info.step,
+            rank=info.rank,
+        )
+        try:
+            await self._retention()
+        except Exception as exc:  # a failed cleanup never fails a commit that already happened
+            log.warning("store.retention_failed", error=str(exc))
+        return manifest
+
+    async def _update_latest(self, name: str) -> None:
+        key = f"{self.job_id}/LATEST"
+        try:
+            current = await self.get_bytes(key)
+            # Concurrent ranks commit out of order; LATEST only moves forward.
+            if current is not None and current.decode(errors="replace").strip() >= name:
+                return
+            await self.put_bytes(key, name.encode() + b"\n")
+        except StoreError as exc:
+            raise CommitError(
+                f"writing {self.url(key)} failed (the checkpoint itself is committed): {exc}"
+            ) from exc
+
+    async def _manifests(self) -> tuple[list[Manifest], frozenset[str]]:
+        """Committed manifests newest first, and every name present (committed or not)."""
+        prefix = self.checkpoints_prefix
+        listing = scan_listing(await self.list_keys(prefix), prefix)
+        bodies = await asyncio.gather(
+            *(self.get_bytes(f"{prefix}{n}/{MANIFEST}") for n in listing.with_manifest)
+        )
+        out: list[Manifest] = []
+        for name, body in zip(listing.with_manifest, bodies, strict=True):
+            if body is None:
+                continue
+            try:
+                m = Manifest.from_json(body)
+            except StoreError as exc:
+                log.warning("store.bad_manifest", name=name, error=str(exc))
+                continue
+            if m.name != name:
+                log.warning("store.bad_manifest", name=name, error=f"manifest names {m.name!r}")
+                continue
+            out.append(m)
+        out.sort(key=lambda m: m.name, reverse=True)
+        return out, listing.names
+
+    async def list(self) -> list[Manifest]:
+        """Committed checkpoints (MANIFEST.json present and parseable), newest first."""
+        manifests, _ = await self._manifests()
+        return manifests
+
+    async def _retention(self) -> None:
+        """Keep ``store.keep`` commits per rank; delete older ones manifest first (so a crash mid-delete
+        leaves an invisible orphan, never a half checkpoint), and orphans older than every kept commit."""
+        manifests, names = await self._manifests()
+        plan = plan_retention(manifests, names, keep=self._keep, inflight=self._inflight)
+        if not plan.doomed and not plan.orphans:
+            return
+        all_keys = await self.list_keys(self.checkpoints_prefix)
+        for name in [*plan.doomed, *plan.orphans]:
+            base = f"{self.checkpoints_prefix}{name}/"
+            if name in plan.doomed:
+                await self.delete_keys([base + MANIFEST])
+            await self.delete_keys([k for k in all_keys if k.startswith(base) and k != base + MANIFEST])
+        log.info("store.retention", deleted=list(plan.doomed), orphans=list(plan.orphans), keep=self._keep)
+
+    async def restore(
+        self, dest: Path, *, name: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> RestoreResult:
+        """Download a committed checkpoint into ``dest``, verify every file, then move it into place.
+
+        ``name`` None means the newest; if its newest manifest has world_size > 1, every rank's newest
+        checkpoint of that step is restored together (a step with a rank missing is skipped). When a
+        download or verification fails, the previous candidate is tried and the failed names are returned
+        in ``skipped``. :class:`RestoreError` when nothing could be restored.
+        """
+        started = time.monotonic()
+        where = self.url(self.checkpoints_prefix)
+        manifests = await self.list()
+        if name is not None:
+            if not safe_relative(name) or "/" in name:
+                raise RestoreError(
+                    f"checkpoint name {name!r} is not a name; fix: use one shown by `spotd list`"
+                )
+            candidates = named_candidates(manifests, name)
+            if not candidates:
+                raise RestoreError(
+                    f"no committed checkpoint {name!r} under {where}; fix: pick one from `spotd list`"
+                )
+        else:
+            found = restore_candidates(manifests)
+            for step in found.incomplete:
+                log.warning(
+                    "restore.incomplete_step",
+                    step=step.step,
+                    world_size=step.world_size,
+                    ranks=list(step.ranks),
+                )
+            candidates = found.sets
+        if not candidates:
+            raise RestoreError(f"no committed checkpoint under {where}; nothing to restore")
+        skipped: list[str] = []
+        for group in candidates:
+            try:
+                nfiles, nbytes = await self._restore_group(group, dest, progress)
+            except StoreError as exc:
+                names = [m.name for m in group]
+                skipped.extend(names)
+                log.warning("restore.fallback", failed=names, error=str(exc), error_type=type(exc).__name__)
+                continue
+            seconds = time.monotonic() - started
+            if self._metrics is not None:
+                self._metrics.restore_seconds.observe(seconds)
+            log.info(
+                "store.restored",
+                names=[m.name for m in group],
+                files=nfiles,
+                bytes=nbytes,
+                seconds=round(seconds, 3),
+                dest=str(dest),
+                skipped=skipped,
+            )
+            return RestoreResult(
+                manifest=group[0], files=nfiles, bytes=nbytes, seconds=seconds, skipped=tuple(skipped)
+            )
+        raise RestoreError(
+            f"no committed checkpoint under {where} could be downloaded and verified "
+            f"(tried {', '.join(skipped)}); see the restore.fallback log lines"
+        )
+
+    async def _restore_group(
+        self, group: Sequence[Manifest], dest: Path, progress: Callable[[int, int], None] | None
+    ) -> tuple[int, int]:
+        staging = await self.run(make_staging, dest)
+        total = sum(m.total_bytes for m in group)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        try:
+            jobs = []
+            for m in group:
+                for f in m.files:
+                    target = staging / f.path
+                    if not target.resolve().is_relative_to(staging.resolve()):
+                        raise RestoreError(f"{m.name}: file {f.path!r} would land outside {dest}")
+                    key = f"{self.checkpoints_prefix}{m.name}/{f.path}"
+                    jobs.append(self._fetch_verified(key, target, f, m.name, advance))
+            await gather_or_cancel(jobs)
+            await self.run(move_into_place, staging, dest)
+        finally:
+            await self.run(shutil.rmtree, staging, True)
+        return sum(len(m.files) for m in group), total
+
+    async def _fetch_verified(
+        self, key: str, target: Path, entry: FileEntry, name: str, advance: Callable[[int], None]
+    ) -> None:
+        await self.run(lambda: target.parent.mkdir(parents=True, exist_ok=True))
+        algo = entry.checksum.split(":", 1)[0]
+        hashed = await self.download_file(key, target, size=entry.size, algo=algo, progress=advance)
+        if hashed is None:
+            hashed = await self.run(lambda: hash_file(target, algo, fsync=True))
+        size, checksum = hashed
+        if size != entry.size or checksum != entry.checksum:
+            raise ChecksumMismatch(
+                f"{name}: {entry.path} has size {size} and {checksum}, the manifest says {entry.size} and "
+                f"{entry.checksum}; the stored object is damaged"
+            )
+
+    async def write_event(self, record: InterruptionRecord) -> str:
+        """Store one interruption record; returns its key."""
+        key = f"{self.job_id}/events/{event_name(record.instance_id, datetime.now(UTC))}"
+        await self.put_bytes(key, record.to_json())
+        return key
+
+    async def close(self) -> None:
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+
+
+async def gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """All results in order; on the first failure the others are cancelled (not left writing into a
+    staging directory that is about to be removed) and that failure is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,135 @@
+"""The local side of a checkpoint: which files a reported path means, that none escapes checkpoint_dir,
+and putting a verified restore into place durably. Everything here blocks: run it on an executor."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Final
+
+from spotd.errors import PathEscape, UploadError
+from spotd.store.manifest import MANIFEST
+
+__all__ = [
+    "RESTORE_PREFIX",
+    "LocalFile",
+    "collect_files",
+    "fsync_dir",
+    "make_staging",
+    "move_into_place",
+    "resolve_inside",
+]
+
+#: Prefix of a restore's staging directory inside the destination; removed whether the restore succeeds
+#: or not.
+RESTORE_PREFIX: Final = ".spotd-restore-"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalFile:
+    """One file of a checkpoint being committed, as it was when the commit started."""
+
+    rel: str  # posix, relative to checkpoint_dir
+    path: Path  # what to read (a symlink inside is read through)
+    size: int
+
+
+def resolve_inside(checkpoint_dir: Path, path: str) -> Path:
+    """Resolve ``path`` (relative to ``checkpoint_dir``, or absolute inside it) and refuse escapes.
+
+    Refused with :class:`PathEscape`: any ``..`` component, absolute paths elsewhere, symlinks that lead
+    out, and for a directory any symlink inside it that leads out. Blocking (stat calls): run it on an
+    executor for big directory trees.
+    """
+    root = checkpoint_dir.resolve()
+    fix = f"save checkpoints inside checkpoint_dir {str(checkpoint_dir)!r} and report them relative to it"
+    if not path or "\x00" in path:
+        raise PathEscape(f"checkpoint path {path!r} is empty or contains NUL; fix: {fix}")
+    pure = PurePosixPath(path)
+    if ".." in pure.parts:
+        raise PathEscape(
+            f"checkpoint path {path!r} contains '..' (checkpoint_dir {str(checkpoint_dir)!r}); fix: {fix}"
+        )
+    candidate = Path(path) if pure.is_absolute() else root / path
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        raise PathEscape(
+            f"checkpoint path {path!r} resolves to {str(resolved)!r}, outside checkpoint_dir "
+            f"{str(checkpoint_dir)!r}; fix: {fix} (and make symlinks point inside it)"
+        )
+    if resolved.is_dir():
+        for dirpath, dirnames, filenames in os.walk(resolved):
+            for entry in (*dirnames, *filenames):
+                p = Path(dirpath, entry)
+                if p.is_symlink() and not p.resolve().is_relative_to(root):
+                    raise PathEscape(
+                        f"symlink {str(p)!r} in checkpoint {path!r} leads to {str(p.resolve())!r}, outside "
+                        f"checkpoint_dir {str(checkpoint_dir)!r}; fix: copy the file in instead of linking it"
+                    )
+    return resolved
+
+
+def collect_files(checkpoint_dir: Path, source: Path) -> list[LocalFile]:
+    """The data files of a checkpoint; symlinked directories are not followed (they could loop)."""
+    root = checkpoint_dir.resolve()
+    src = resolve_inside(checkpoint_dir, str(source))
+    if src.is_file():
+        paths = [src]
+    elif src.is_dir():
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath, name)
+                if p.is_file():  # skips sockets, fifos and dangling links
+                    paths.append(p)
+    else:
+        raise UploadError(
+            f"checkpoint {str(source)!r} does not exist; fix: report a path the trainer has saved"
+        )
+    files = [LocalFile(rel=p.relative_to(root).as_posix(), path=p, size=p.stat().st_size) for p in paths]
+    if not files:
+        raise UploadError(
+            f"checkpoint {str(source)!r} holds no files; fix: save the checkpoint before reporting it"
+        )
+    if any(f.rel == MANIFEST for f in files):
+        raise UploadError(
+            f"a checkpoint file may not be named {MANIFEST} at the top of checkpoint_dir; fix: rename it"
+        )
+    return files
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` survive a crash (the file's own fsync does not)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_staging(dest: Path) -> Path:
+    """A fresh directory inside ``dest`` (created if missing) for a restore to download into: on the same
+    filesystem, so moving it into place is a rename."""
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f"{RESTORE_PREFIX}{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def move_into_place(staging: Path, dest: Path) -> None:
+    """Replace each top-level entry of ``dest`` by the verified one; an existing directory of the same name
+    is moved aside first (os.replace cannot replace a non-empty directory) and removed after."""
+    for entry in sorted(staging.iterdir()):
+        target = dest / entry.name
+        if target.is_dir() and not target.is_symlink():
+            aside = staging / f".old-{entry.name}"
+            os.replace(target, aside)
+            os.replace(entry, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+    fsync_dir(dest)

@@ -1,0 +1,433 @@
+"""Files to and from S3 in parts: parallel multipart uploads and ranged downloads, end-to-end checksums.
+
+Transfers do not use s3transfer. Each file is cut into ``part_size`` parts; every part is read once into
+memory, its CRC computed from that buffer (awscrt, ~28 GB/s) and sent with the request, so S3 verifies each
+part and no byte is read twice. The whole-file checksum recorded in MANIFEST.json is the *combination* of
+the part CRCs (CRC combine, no second pass); multipart uploads are created with ``ChecksumType=FULL_OBJECT``
+and completed with that whole-file value, so S3 checks it too. A restore downloads parts with ranged GETs
+written at their offsets, hashes each part as it lands and combines them: verification costs no re-read.
+Without awscrt (or with sha256) there is no combine and the whole-file checksum falls back to a sequential
+pass over the file: overlapped with the upload, after the download.
+
+Parts of every file of every commit share one :class:`~spotd.store.transfer_pool.TransferPool`
+(``store.concurrency`` slots, capped so at most :data:`BUFFER_CAP` bytes of parts are in memory per
+priority, emergency parts ahead of background ones), so a checkpoint of many small files runs its files
+concurrently rather than one after another. Blocking boto3 calls run on the pool's threads; the event loop
+never blocks.
+
+Retries: each request is retried here (``commit_attempts`` times, a part re-read and re-sent whole) on top
+of botocore's own retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import hashlib
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import botocore.exceptions
+
+from spotd.errors import StoreError, UploadError
+from spotd.logs import get_logger
+from spotd.store.api import Priority
+from spotd.store.base import gather_or_cancel
+from spotd.store.checksums import can_combine, crc_combine, crc_update, encode_crc, hash_file
+from spotd.store.localfs import LocalFile
+from spotd.store.transfer_pool import TransferPool
+
+__all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers", "error_code"]
+
+log = get_logger("spotd.store")
+
+T = TypeVar("T")
+
+S3_ALGORITHM: Final = {"crc32": "CRC32", "crc32c": "CRC32C", "crc64nvme": "CRC64NVME", "sha256": "SHA256"}
+#: Part buffers in memory per priority class; bounds slots when part_size is large.
+BUFFER_CAP: Final = 1024 * 1024 * 1024
+#: Smallest ranged GET on restore.
+_MIN_RANGE: Final = 64 * 1024 * 1024
+_REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+#: Errors no retry can fix: report them at once with the fix.
+_FATAL_CODES: Final = frozenset(
+    {
+        "AccessDenied",
+        "NoSuchBucket",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AllAccessDisabled",
+        "NoSuchKey",
+        "InvalidRange",
+    }
+)
+
+
+def error_code(exc: BaseException) -> str:
+    """The service's error code (``NoSuchKey``, ``SlowDown``…) of a ClientError; "" for anything else."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class FileChanged(UploadError):
+    """The local file is not the size it had when the commit started."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    number: int  # 1-based, S3's PartNumber
+    offset: int
+    length: int
+
+
+def _parts(size: int, part_size: int) -> list[_Part]:
+    if size == 0:
+        return [_Part(1, 0, 0)]
+    return [_Part(i + 1, off, min(part_size, size - off)) for i, off in enumerate(range(0, size, part_size))]
+
+
+class FileTransfers:
+    """One local file up to one key, one key down to one local file, in parts on a :class:`TransferPool`."""
+
+    __slots__ = (
+        "_algo",
+        "_bucket",
+        "_client",
+        "_commit_attempts",
+        "_executor",
+        "_part_size",
+        "_pool",
+        "_retry_base_s",
+    )
+
+    def __init__(
+        self,
+        *,
+        client: Any,
+        bucket: str,
+        algo: str,
+        part_size: int,
+        pool: TransferPool,
+        executor: concurrent.futures.Executor,
+        commit_attempts: int,
+        retry_base_s: float,
+    ) -> None:
+        self._client = client
+        self._bucket = bucket
+        self._algo = algo
+        self._part_size = part_size
+        self._pool = pool
+        self._executor = executor  # the store's: hashing and file I/O that needs no transfer slot
+        self._commit_attempts = commit_attempts
+        self._retry_base_s = retry_base_s
+
+    async def _request(self, what: str, priority: Priority, fn: Callable[[], T]) -> T:
+        """Run one blocking request on a transfer slot, with retries on top of botocore's own (a part is
+        re-read and re-sent whole); the slot is released while backing off."""
+        attempt = 0
+        while True:
+            try:
+                return await self._pool.run(priority, fn)
+            except FileChanged:
+                raise
+            except _REQUEST_ERRORS as exc:
+                attempt += 1
+                if error_code(exc) in _FATAL_CODES or attempt >= self._commit_attempts:
+                    raise UploadError(f"{what} failed after {attempt} tries: {exc}") from exc
+                delay = self._retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())
+                log.warning(
+                    "store.transfer_retry",
+                    what=what,
+                    attempt=attempt,
+                    delay_s=round(delay, 2),
+                    error=str(exc),
+                )
+            await asyncio.sleep(delay)
+
+    def _checksum_args(self, data: bytes) -> tuple[int | None, dict[str, str]]:
+        """The part's CRC (None for sha256) and the request argument carrying it to S3."""
+        name = S3_ALGORITHM[self._algo]
+        # The algorithm is named as well as the value: some S3-compatible servers only store a checksum
+        # whose algorithm header is set; botocore sends the value given and computes nothing.
+        if self._algo == "sha256":
+            value = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            return None, {"ChecksumAlgorithm": name, f"Checksum{name}": value}
+        crc = crc_update(self._algo, data)
+        return crc, {
+            "ChecksumAlgorithm": name,
+            f"Checksum{name}": encode_crc(self._algo, crc).split(":", 1)[1],
+        }
+
+    # ---- upload
+
+    async def upload(
+        self, file: LocalFile, full: str, priority: Priority, progress: Callable[[int], None] | None
+    ) -> str:
+        """Upload ``file`` to the key ``full`` (bucket-relative); returns its checksum."""
+        what = f"upload {file.rel} to s3://{self._bucket}/{full}"
+        loop = asyncio.get_running_loop()
+        hashing: asyncio.Future[tuple[int, str]] | None = None
+        if not can_combine(self._algo):
+            # No CRC combine for this algorithm: a sequential pass, overlapped with the upload.
+            hashing = loop.run_in_executor(self._executor, hash_file, file.path, self._algo)
+            hashing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        parts = _parts(file.size, self._part_size)
+        try:
+            if len(parts) == 1:
+                crcs = [await self._put_single(file, full, parts[0], priority, what)]
+            else:
+                crcs = await self._put_multipart(file, full, parts, priority, what, progress)
+            stat = await loop.run_in_executor(self._executor, os.stat, file.path)
+            if stat.st_size != file.size:
+                raise FileChanged(
+                    f"{file.rel} changed size while uploading; "
+                    "fix: report a checkpoint only after it is fully written"
+                )
+            if hashing is not None:
+                size, checksum = await hashing
+                if size != file.size:
+                    raise FileChanged(f"{file.rel} changed while uploading ({file.size} → {size} bytes)")
+                return checksum
+        except UploadError:
+            raise
+        except OSError as exc:
+            raise UploadError(f"reading {file.path} failed: {exc}") from exc
+        finally:
+            if hashing is not None and not hashing.done():
+                hashing.cancel()
+        if len(parts) == 1 and progress is not None:
+            progress(file.size)
+        return encode_crc(self._algo, _combined(self._algo, crcs, parts))
+
+    def _read(self, file: LocalFile, part: _Part) -> bytes:
+        fd = os.open(file.path, os.O_RDONLY)
+        try:
+            data = _pread_exact(fd, part.length, part.offset)
+        finally:
+            os.close(fd)
+        if len(data) != part.length:
+            raise FileChanged(
+                f"{file.rel} shrank while uploading (part {part.number} short by {part.length - len(data)} "
+                "bytes); fix: report a checkpoint only after it is fully written"
+            )
+        return data
+
+    async def _put_single(
+        self, file: LocalFile, full: str, part: _Part, priority: Priority, what: str
+    ) -> int | None:
+        def put() -> int | None:
+            data = self._read(file, part)
+            crc, arg = self._checksum_args(data)
+            self._client.put_object(Bucket=self._bucket, Key=full, Body=data, **arg)
+            return crc
+
+        return await self._request(what, priority, put)
+
+    async def _put_multipart(
+        self,
+        file: LocalFile,
+        full: str,
+        parts: Sequence[_Part],
+        priority: Priority,
+        what: str,
+        progress: Callable[[int], None] | None,
+    ) -> list[int | None]:
+        algorithm = S3_ALGORITHM[self._algo]
+        # FULL_OBJECT makes S3 check the whole file's CRC on completion (it combines the parts' CRCs too).
+        full_object = can_combine(self._algo)
+        extra: dict[str, str] = {"ChecksumType": "FULL_OBJECT"} if full_object else {}
+        created = await self._request(
+            what,
+            priority,
+            lambda: self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=full, ChecksumAlgorithm=algorithm, **extra
+            ),
+        )
+        upload_id: str = created["UploadId"]
+
+        async def send(part: _Part) -> tuple[int | None, dict[str, Any]]:
+            def put() -> tuple[int | None, dict[str, Any]]:
+                data = self._read(file, part)
+                crc, arg = self._checksum_args(data)
+                resp = self._client.upload_part(
+                    Bucket=self._bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=part.number,
+                    Body=data,
+                    **arg,
+                )
+                arg.pop("ChecksumAlgorithm")
+                return crc, {"PartNumber": part.number, "ETag": resp["ETag"], **arg}
+
+            out = await self._request(f"{what} (part {part.number}/{len(parts)})", priority, put)
+            if progress is not None:
+                progress(part.length)
+            return out
+
+        try:
+            sent = await gather_or_cancel([send(p) for p in parts])
+            crcs = [c for c, _ in sent]
+            if full_object:
+                extra[f"Checksum{algorithm}"] = encode_crc(
+                    self._algo, _combined(self._algo, crcs, parts)
+                ).split(":", 1)[1]
+
+            tries = 0
+
+            def complete() -> None:
+                nonlocal tries
+                tries += 1
+                try:
+                    self._client.complete_multipart_upload(
+                        Bucket=self._bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": [entry for _, entry in sent]},
+                        **extra,
+                    )
+                except botocore.exceptions.ClientError as exc:
+                    # A retried completion whose first try reached S3 finds the upload gone: check the object.
+                    if error_code(exc) != "NoSuchUpload" or tries == 1:
+                        raise
+                    head = self._client.head_object(Bucket=self._bucket, Key=full)
+                    if head.get("ContentLength") != file.size:
+                        raise
+
+            await self._request(what, priority, complete)
+        except BaseException:
+            # Fire and forget: a part still in flight on a thread may land after this; recover() at the next
+            # start sweeps whatever remains.
+            self._pool.detach(self._abort_quietly, full, upload_id)
+            raise
+        return crcs
+
+    def _abort_quietly(self, full: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
+        except _REQUEST_ERRORS as exc:
+            log.debug("store.abort_failed", key=full, error=str(exc))
+
+    # ---- download
+
+    async def download(
+        self, full: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
+    ) -> tuple[int, str] | None:
+        """Ranged GETs in parallel, each written at its offset and hashed as it lands; the part CRCs are
+        combined into the file's (no re-read). Restores run as EMERGENCY: nothing is more urgent at boot."""
+        what = f"download s3://{self._bucket}/{full}"
+        # Ranged GETs are fewer and larger than upload parts: per-request cost dominates small ranges, and
+        # some S3-compatible servers (moto) read the whole object for every range.
+        parts = _parts(size, max(self._part_size, _MIN_RANGE))
+        hash_here = can_combine(algo)
+        loop = asyncio.get_running_loop()
+
+        def fetch_whole() -> int | None:
+            # One object, one thread: GET, write, fsync and close without a hop back to the loop between
+            # (a checkpoint of many small files is dominated by per-file overhead).
+            resp = self._client.get_object(Bucket=self._bucket, Key=full)
+            with resp["Body"] as body:
+                data: bytes = body.read()
+            _check_size(what, resp.get("ContentLength"), size, len(data), size)
+            fd = _open_for_write(dest, size)
+            try:
+                _pwrite_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return crc_update(algo, data) if hash_here else None
+
+        async def fetch(fd: int, part: _Part) -> int | None:
+            def get() -> int | None:
+                end = part.offset + part.length - 1
+                resp = self._client.get_object(
+                    Bucket=self._bucket, Key=full, Range=f"bytes={part.offset}-{end}"
+                )
+                with resp["Body"] as body:
+                    data: bytes = body.read()
+                total = int(str(resp.get("ContentRange", "/-1")).rsplit("/", 1)[1])
+                _check_size(what, total, size, len(data), part.length)
+                _pwrite_all(fd, data, part.offset)
+                return crc_update(algo, data) if hash_here else None
+
+            crc = await self._request(f"{what} (part {part.number}/{len(parts)})", Priority.EMERGENCY, get)
+            if progress is not None:
+                progress(part.length)
+            return crc
+
+        try:
+            if len(parts) == 1:
+                crcs = [await self._request(what, Priority.EMERGENCY, fetch_whole)]
+                if progress is not None:
+                    progress(size)
+            else:
+                fd = await loop.run_in_executor(self._executor, _open_for_write, dest, size)
+                try:
+                    crcs = await gather_or_cancel([fetch(fd, p) for p in parts])
+                    await loop.run_in_executor(self._executor, os.fsync, fd)
+                finally:
+                    await loop.run_in_executor(self._executor, os.close, fd)
+        except UploadError as exc:  # _request speaks of uploads' errors; the message names the download
+            raise StoreError(str(exc)) from exc
+        except OSError as exc:
+            raise StoreError(f"{what}: writing {dest} failed: {exc}") from exc
+        if not hash_here:
+            return None
+        return size, encode_crc(algo, _combined(algo, crcs, parts))
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    chunks = []
+    got = 0
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _open_for_write(dest: Path, size: int) -> int:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)  # parts land at their offsets, in any order
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_size(what: str, total: object, size: int, got: int, want: int) -> None:
+    if total != size or got != want:
+        raise StoreError(
+            f"{what}: the object has {total} bytes (read {got} of {want}), the manifest says {size}; "
+            "the stored object is damaged"
+        )
+
+
+def _combined(algo: str, crcs: Sequence[int | None], parts: Sequence[_Part]) -> int:
+    """The whole file's CRC from its parts' (in order)."""
+    values = [c for c in crcs if c is not None]
+    if len(values) != len(parts):
+        raise AssertionError("every part has a CRC when combining")
+    return reduce(
+        lambda acc, item: crc_combine(algo, acc, item[0], item[1].length),
+        zip(values[1:], parts[1:], strict=True),
+        values[0],
+    )

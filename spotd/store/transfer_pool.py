@@ -1,0 +1,96 @@
+"""Slots for blocking transfers, with priorities, and the threads they run on.
+
+While an EMERGENCY transfer runs, BACKGROUND transfers are not started (those already in flight finish, at
+most one part's time); a background upload resumes with its next part afterwards, nothing is sent twice.
+Emergency transfers have their own slots, so they never wait behind background ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from spotd.store.api import Priority
+
+__all__ = ["TransferPool"]
+
+T = TypeVar("T")
+
+
+class TransferPool:
+    """Transfer slots with priorities, and the threads the transfers run on: emergency parts use their own
+    ``limit`` slots; background parts share what is left and start none while an emergency runs. The
+    slot bookkeeping is single-threaded (event loop only)."""
+
+    __slots__ = ("_bg", "_em", "_limit", "_threads", "_waiters", "emergencies", "pauses")
+
+    def __init__(self, *, limit: int, thread_name: str = "spotd-transfer") -> None:
+        self._limit = limit
+        self._em = 0
+        self._bg = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        # Both priority classes can be in flight at once (an emergency does not wait for background parts).
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * limit, thread_name_prefix=thread_name
+        )
+        self.emergencies = 0
+        self.pauses = 0  # background parts held back by an emergency (tests, status)
+
+    @property
+    def background_in_flight(self) -> int:
+        """Background transfers running now (an emergency lets them finish)."""
+        return self._bg
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    async def _acquire(self, priority: Priority) -> None:
+        if priority is Priority.EMERGENCY:
+            while self._em >= self._limit:
+                await self._wait()
+            self._em += 1
+            return
+        paused = False
+        while self.emergencies or self._em + self._bg >= self._limit:
+            if self.emergencies and not paused:
+                paused = True
+                self.pauses += 1
+            await self._wait()
+        self._bg += 1
+
+    def _release(self, priority: Priority) -> None:
+        if priority is Priority.EMERGENCY:
+            self._em -= 1
+        else:
+            self._bg -= 1
+        self._notify()
+
+    async def run(self, priority: Priority, fn: Callable[[], T]) -> T:
+        """``fn()`` on a transfer thread once a slot of ``priority`` is free."""
+        await self._acquire(priority)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+        finally:
+            self._release(priority)
+
+    def detach(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on a transfer thread without a slot and without waiting for it."""
+        self._threads.submit(fn, *args)
+
+    def emergency(self, delta: int) -> None:
+        self.emergencies += delta
+        self._notify()
+
+    def shutdown(self) -> None:
+        """Wait for the transfer threads to finish (blocking)."""
+        self._threads.shutdown(wait=True)
