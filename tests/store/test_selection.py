@@ -1,0 +1,167 @@
+"""Which checkpoints: naming, listing, restore candidates per rank, retention — pure functions, no store."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from spotd.store import CommitInfo, Manifest
+from spotd.store.selection import (
+    IncompleteStep,
+    checkpoint_name,
+    event_name,
+    named_candidates,
+    plan_retention,
+    restore_candidates,
+    scan_listing,
+)
+
+T0 = datetime(2026, 11, 25, 4, 0, 0, tzinfo=UTC)
+
+
+def info(step: int | None = 1, *, rank: int | None = None, trainer: str = "train") -> CommitInfo:
+    return CommitInfo(
+        job_id="j",
+        step=step,
+        trainer=trainer,
+        rank=rank,
+        world_size=None,
+        request_id=None,
+        reason="periodic",
+        instance_id="i-1",
+        final=False,
+    )
+
+
+def m(
+    seconds: int, *, step: int | None = 1, rank: int | None = None, world_size: int | None = None
+) -> Manifest:
+    """A manifest committed ``seconds`` after T0."""
+    at = T0 + timedelta(seconds=seconds)
+    return Manifest(
+        name=f"{at.strftime('%Y%m%dT%H%M%S.%fZ')}-s{step or 0:09d}-train-r{rank}-0000",
+        job_id="j",
+        step=step,
+        created_at=at,
+        instance_id="i-1",
+        trainer="train",
+        rank=rank,
+        world_size=world_size,
+        request_id=None,
+        reason="periodic",
+        files=(),
+    )
+
+
+def newest_first(*manifests: Manifest) -> list[Manifest]:
+    return sorted(manifests, key=lambda x: x.name, reverse=True)
+
+
+# ---- naming
+
+
+def test_names_sort_by_commit_time_whatever_the_step() -> None:
+    """A later commit's name sorts after an earlier one's, even with a lower step (a restarted run)."""
+    early = checkpoint_name(info(900), T0)
+    late = checkpoint_name(info(5), T0 + timedelta(microseconds=1))
+    assert early < late
+
+
+def test_name_carries_time_step_trainer_and_rank() -> None:
+    """A name reads time, zero-padded step, sanitized trainer, rank, then a random tail."""
+    name = checkpoint_name(info(500, rank=0, trainer="my trainer/1"), T0)
+    assert name.startswith("20261125T040000.000000Z-s000000500-my_trainer_1-r0-")
+    assert len(name.rsplit("-", 1)[1]) == 4
+
+
+def test_name_without_step_or_rank() -> None:
+    """Without a step the step field is dashes (same width) and without a rank there is no -r part."""
+    assert checkpoint_name(info(None), T0).startswith("20261125T040000.000000Z-s----------train-")
+
+
+def test_same_microsecond_names_differ() -> None:
+    """Two commits in the same microsecond still get different names (the random tail)."""
+    assert len({checkpoint_name(info(1), T0) for _ in range(20)}) > 1
+
+
+def test_event_name_sanitizes_the_instance() -> None:
+    """An event record's name is its time and the sanitized instance id, 'unknown' when there is none."""
+    assert event_name("i-0123/x", T0) == "20261125T040000.000000Z-i-0123_x.json"
+    assert event_name("", T0) == "20261125T040000.000000Z-unknown.json"
+
+
+# ---- listing
+
+
+def test_scan_listing_groups_keys_by_checkpoint_and_skips_hidden_names() -> None:
+    """Keys group into checkpoint names; only names with a top-level MANIFEST.json count as committed."""
+    prefix = "j/checkpoints/"
+    keys = [
+        f"{prefix}a/MANIFEST.json",
+        f"{prefix}a/model.pt",
+        f"{prefix}b/model.pt",
+        f"{prefix}b/sub/MANIFEST.json",
+        f"{prefix}.spotd-tmp-x/model.pt",
+    ]
+    listing = scan_listing(keys, prefix)
+    assert listing.names == {"a", "b"} and listing.with_manifest == ("a",)
+
+
+# ---- restore candidates
+
+
+def test_single_rank_candidates_are_newest_first_one_each() -> None:
+    """Single-rank commits are each a candidate of their own, newest first."""
+    a, b = m(1), m(2)
+    assert restore_candidates(newest_first(a, b)).sets == ((b,), (a,))
+
+
+def test_multi_rank_step_is_restored_as_one_set_per_rank() -> None:
+    """A complete multi-rank step is one candidate: each rank's newest commit of it, in rank order."""
+    r0, r1 = m(1, step=10, rank=0, world_size=2), m(2, step=10, rank=1, world_size=2)
+    r1_again = m(3, step=10, rank=1, world_size=2)
+    found = restore_candidates(newest_first(r0, r1, r1_again))
+    assert found.sets == ((r0, r1_again),) and found.incomplete == ()
+
+
+def test_step_with_a_missing_rank_is_skipped_for_an_older_complete_one() -> None:
+    """A step some rank has not committed is not a candidate; the older complete step is, and the gap is reported."""
+    old = (m(1, step=10, rank=0, world_size=2), m(2, step=10, rank=1, world_size=2))
+    partial = m(3, step=20, rank=0, world_size=2)
+    found = restore_candidates(newest_first(*old, partial))
+    assert found.sets == (old,)
+    assert found.incomplete == (IncompleteStep(step=20, world_size=2, ranks=(0,)),)
+
+
+def test_named_candidates_fall_back_to_older_commits_of_the_same_rank() -> None:
+    """Restoring by name tries that commit, then older ones of its rank only; an unknown name has none."""
+    a0, b1, c0, d0 = m(1, rank=0), m(2, rank=1), m(3, rank=0), m(4, rank=0)
+    manifests = newest_first(a0, b1, c0, d0)
+    assert named_candidates(manifests, c0.name) == ((c0,), (a0,))
+    assert named_candidates(manifests, "nope") == ()
+
+
+# ---- retention
+
+
+def test_retention_keeps_keep_newest_per_rank() -> None:
+    """With keep=2 each rank keeps its two newest commits and the older ones are doomed."""
+    r0 = [m(i, rank=0) for i in range(4)]
+    r1 = [m(10 + i, rank=1) for i in range(2)]
+    plan = plan_retention(newest_first(*r0, *r1), [x.name for x in (*r0, *r1)], keep=2)
+    assert set(plan.doomed) == {r0[0].name, r0[1].name} and plan.orphans == ()
+
+
+def test_retention_removes_only_old_orphans_not_in_flight() -> None:
+    """An uncommitted directory is deleted only when older than every kept commit and not being uploaded here."""
+    kept = [m(10), m(11)]
+    old_orphan, busy_orphan = "20261125T040001.000000Z-old", "20261125T040002.000000Z-busy"
+    new_orphan = "20261125T050000.000000Z-new"  # maybe another rank's commit still under way
+    names = [x.name for x in kept] + [old_orphan, busy_orphan, new_orphan]
+    plan = plan_retention(newest_first(*kept), names, keep=2, inflight={busy_orphan})
+    assert plan.doomed == () and plan.orphans == (old_orphan,)
+
+
+def test_retention_with_nothing_committed_deletes_nothing() -> None:
+    """Without any commit nothing is deleted, orphans included (they may be the first commit in flight)."""
+    plan = plan_retention([], ["20261125T040001.000000Z-x"], keep=1)
+    assert plan.doomed == () and plan.orphans == ()
