@@ -61,7 +61,7 @@ class BaseStore(ABC):
     Every primitive is a coroutine called on the event loop, possibly many at once (commits of several
     trainers overlap); a primitive never blocks the loop: blocking work goes through :meth:`run` (the store's
     executor) or the backend's own threads. A primitive raises :class:`StoreError` (or a subclass) naming
-    what failed.
+    what failed; retrying a request is the backend's client's job, not the protocol's.
 
     A backend implements:
 
@@ -181,7 +181,8 @@ class BaseStore(ABC):
         """Upload data files, then MANIFEST.json (never overwriting), then LATEST; then retention.
 
         A failure before the manifest is written leaves only an orphan directory that list() ignores
-        and a later retention pass removes. Nothing local is deleted.
+        and a later retention pass removes. Nothing local is deleted. One try: retrying a failed commit is
+        the caller's decision (it knows the deadline).
         """
         started = time.monotonic()
         files = await self.run(collect_files, checkpoint_dir, source)

@@ -1,7 +1,8 @@
 """The ``s3://`` store: the backend contract of :mod:`spotd.store.base` on one bucket and key prefix.
 
 Small objects (MANIFEST.json, LATEST, event records) are single requests on the store's executor;
-checkpoint files go through :mod:`spotd.store.s3_transfer` (parts, checksums, priorities, retries).
+checkpoint files go through :mod:`spotd.store.s3_transfer` (parts, checksums, priorities). The client
+comes from :mod:`spotd.aws.session`, which owns the retry of every request.
 
 This deliberately is not the CRT transfer client (``awscrt.s3``) that boto3 picks on some instance types
 when awscrt is installed: spotd builds its own boto3 client, and the transfers need per-part control for
@@ -11,22 +12,27 @@ priorities, checksum combining and the fault tests.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-import boto3
-import botocore.config
 import botocore.exceptions
 
+from spotd.aws.session import (
+    DEFAULT_REQUEST_ATTEMPTS,
+    ClientSettings,
+    error_code,
+    request_attempts_from_env,
+    s3_client,
+    tries_made,
+)
 from spotd.errors import StoreAccessError, StoreError
 from spotd.logs import get_logger
 from spotd.store.api import Priority
 from spotd.store.base import AlreadyExists, BaseStore
 from spotd.store.localfs import LocalFile
-from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, error_code
+from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers
 from spotd.store.transfer_pool import TransferPool
 
 if TYPE_CHECKING:
@@ -41,7 +47,7 @@ _REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions
 
 
 class S3Store(BaseStore):
-    __slots__ = ("_bucket", "_client", "_files", "_key_prefix", "_pool")
+    __slots__ = ("_bucket", "_client", "_files", "_key_prefix", "_pool", "_request_attempts")
 
     def __init__(
         self,
@@ -56,12 +62,12 @@ class S3Store(BaseStore):
         concurrency: int = 16,
         executor: concurrent.futures.Executor | None = None,
         metrics: Metrics | None = None,
-        max_attempts: int = 6,
-        commit_attempts: int = 3,
-        retry_base_s: float = 0.5,
+        request_attempts: int = DEFAULT_REQUEST_ATTEMPTS,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
     ) -> None:
+        """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
+        retry there is)."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -81,20 +87,16 @@ class S3Store(BaseStore):
         self._key_prefix = f"{prefix}/" if prefix else ""
         limit = max(1, min(concurrency, BUFFER_CAP // part_size))
         self._pool = TransferPool(limit=limit, thread_name="spotd-s3")
-        config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            max_pool_connections=2 * limit + 8,
-            connect_timeout=connect_timeout_s,
-            read_timeout=read_timeout_s,
-            s3={"addressing_style": "path"} if endpoint_url else None,
-            user_agent_extra="spotd",
-            # spotd computes and verifies every checksum itself (from the one buffer it reads); botocore's
-            # defaults would hash each body a second time.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        self._client: Any = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
+        self._request_attempts = request_attempts
+        self._client: Any = s3_client(
+            ClientSettings(
+                endpoint_url=endpoint_url,
+                region=region,
+                request_attempts=request_attempts,
+                max_pool_connections=2 * limit + 8,  # every transfer thread, and small objects beside them
+                connect_timeout_s=connect_timeout_s,
+                read_timeout_s=read_timeout_s,
+            )
         )
         self._files = FileTransfers(
             client=self._client,
@@ -103,8 +105,7 @@ class S3Store(BaseStore):
             part_size=part_size,
             pool=self._pool,
             executor=self.executor,
-            commit_attempts=commit_attempts,
-            retry_base_s=retry_base_s,
+            request_attempts=request_attempts,
         )
 
     @classmethod
@@ -116,8 +117,6 @@ class S3Store(BaseStore):
         metrics: Metrics | None = None,
     ) -> S3Store:
         s = cfg.store
-        # The AWS SDKs' own knob for request retries; botocore ignores it once a Config names max_attempts.
-        attempts = os.environ.get("AWS_MAX_ATTEMPTS", "")
         return cls(
             uri=s.uri,
             job_id=cfg.job_id,
@@ -129,7 +128,7 @@ class S3Store(BaseStore):
             concurrency=s.concurrency,
             executor=executor,
             metrics=metrics,
-            max_attempts=int(attempts) if attempts.isdigit() and int(attempts) > 0 else 6,
+            request_attempts=request_attempts_from_env(),
         )
 
     def _full(self, key: str) -> str:
@@ -152,20 +151,21 @@ class S3Store(BaseStore):
 
     # ---- primitives
 
+    def _failed(self, what: str, key: str, exc: BaseException) -> StoreError:
+        n = tries_made(exc, self._request_attempts)
+        return StoreError(
+            f"{what} s3://{self._bucket}/{key} failed after {n} {'try' if n == 1 else 'tries'}: {exc}"
+        )
+
     async def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return await self.run(lambda: fn(**kwargs))
         except botocore.exceptions.ClientError as exc:
             if error_code(exc) == "PreconditionFailed":
                 raise AlreadyExists(f"s3://{self._bucket}/{kwargs['Key']} already exists") from None
-            raise StoreError(
-                f"{what} s3://{self._bucket}/{kwargs.get('Key', kwargs.get('Prefix', ''))} failed: {exc}"
-            ) from exc
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise StoreError(
-                f"{what} s3://{self._bucket}/{kwargs.get('Key', kwargs.get('Prefix', ''))} failed "
-                f"after retries: {exc}"
-            ) from exc
+            raise self._failed(what, kwargs.get("Key", kwargs.get("Prefix", "")), exc) from exc
+        except _REQUEST_ERRORS as exc:
+            raise self._failed(what, kwargs.get("Key", kwargs.get("Prefix", "")), exc) from exc
 
     async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
@@ -194,7 +194,7 @@ class S3Store(BaseStore):
         try:
             return await self.run(get)
         except _REQUEST_ERRORS as exc:
-            raise StoreError(f"get s3://{self._bucket}/{self._full(key)} failed: {exc}") from exc
+            raise self._failed("get", self._full(key), exc) from exc
 
     async def list_keys(self, prefix: str) -> list[str]:
         def walk() -> list[str]:
@@ -208,7 +208,7 @@ class S3Store(BaseStore):
         try:
             return await self.run(walk)
         except _REQUEST_ERRORS as exc:
-            raise StoreError(f"list s3://{self._bucket}/{self._full(prefix)} failed: {exc}") from exc
+            raise self._failed("list", self._full(prefix), exc) from exc
 
     async def delete_keys(self, keys: Sequence[str]) -> None:
         keys = list(keys)

@@ -15,8 +15,7 @@ priority, emergency parts ahead of background ones), so a checkpoint of many sma
 concurrently rather than one after another. Blocking boto3 calls run on the pool's threads; the event loop
 never blocks.
 
-Retries: each request is retried here (``commit_attempts`` times, a part re-read and re-sent whole) on top
-of botocore's own retries.
+Retries: botocore retries each request (:mod:`spotd.aws.session`); nothing here sends a request again.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import base64
 import concurrent.futures
 import hashlib
 import os
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -35,6 +33,7 @@ from typing import Any, Final, TypeVar
 
 import botocore.exceptions
 
+from spotd.aws.session import error_code, tries_made
 from spotd.errors import StoreError, UploadError
 from spotd.logs import get_logger
 from spotd.store.api import Priority
@@ -43,7 +42,7 @@ from spotd.store.checksums import can_combine, crc_combine, crc_update, encode_c
 from spotd.store.localfs import LocalFile
 from spotd.store.transfer_pool import TransferPool
 
-__all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers", "error_code"]
+__all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers"]
 
 log = get_logger("spotd.store")
 
@@ -55,25 +54,6 @@ BUFFER_CAP: Final = 1024 * 1024 * 1024
 #: Smallest ranged GET on restore.
 _MIN_RANGE: Final = 64 * 1024 * 1024
 _REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
-#: Errors no retry can fix: report them at once with the fix.
-_FATAL_CODES: Final = frozenset(
-    {
-        "AccessDenied",
-        "NoSuchBucket",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "AllAccessDisabled",
-        "NoSuchKey",
-        "InvalidRange",
-    }
-)
-
-
-def error_code(exc: BaseException) -> str:
-    """The service's error code (``NoSuchKey``, ``SlowDown``…) of a ClientError; "" for anything else."""
-    if isinstance(exc, botocore.exceptions.ClientError):
-        return str(exc.response.get("Error", {}).get("Code", ""))
-    return ""
 
 
 class FileChanged(UploadError):
@@ -100,11 +80,10 @@ class FileTransfers:
         "_algo",
         "_bucket",
         "_client",
-        "_commit_attempts",
         "_executor",
         "_part_size",
         "_pool",
-        "_retry_base_s",
+        "_request_attempts",
     )
 
     def __init__(
@@ -116,8 +95,7 @@ class FileTransfers:
         part_size: int,
         pool: TransferPool,
         executor: concurrent.futures.Executor,
-        commit_attempts: int,
-        retry_base_s: float,
+        request_attempts: int,
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -125,31 +103,17 @@ class FileTransfers:
         self._part_size = part_size
         self._pool = pool
         self._executor = executor  # the store's: hashing and file I/O that needs no transfer slot
-        self._commit_attempts = commit_attempts
-        self._retry_base_s = retry_base_s
+        self._request_attempts = request_attempts
 
     async def _request(self, what: str, priority: Priority, fn: Callable[[], T]) -> T:
-        """Run one blocking request on a transfer slot, with retries on top of botocore's own (a part is
-        re-read and re-sent whole); the slot is released while backing off."""
-        attempt = 0
-        while True:
-            try:
-                return await self._pool.run(priority, fn)
-            except FileChanged:
-                raise
-            except _REQUEST_ERRORS as exc:
-                attempt += 1
-                if error_code(exc) in _FATAL_CODES or attempt >= self._commit_attempts:
-                    raise UploadError(f"{what} failed after {attempt} tries: {exc}") from exc
-                delay = self._retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())
-                log.warning(
-                    "store.transfer_retry",
-                    what=what,
-                    attempt=attempt,
-                    delay_s=round(delay, 2),
-                    error=str(exc),
-                )
-            await asyncio.sleep(delay)
+        """One blocking request on a transfer slot; botocore has retried it by the time it fails here."""
+        try:
+            return await self._pool.run(priority, fn)
+        except FileChanged:
+            raise
+        except _REQUEST_ERRORS as exc:
+            n = tries_made(exc, self._request_attempts)
+            raise UploadError(f"{what} failed after {n} {'try' if n == 1 else 'tries'}: {exc}") from exc
 
     def _checksum_args(self, data: bytes) -> tuple[int | None, dict[str, str]]:
         """The part's CRC (None for sha256) and the request argument carrying it to S3."""
@@ -280,11 +244,7 @@ class FileTransfers:
                     self._algo, _combined(self._algo, crcs, parts)
                 ).split(":", 1)[1]
 
-            tries = 0
-
             def complete() -> None:
-                nonlocal tries
-                tries += 1
                 try:
                     self._client.complete_multipart_upload(
                         Bucket=self._bucket,
@@ -294,8 +254,9 @@ class FileTransfers:
                         **extra,
                     )
                 except botocore.exceptions.ClientError as exc:
-                    # A retried completion whose first try reached S3 finds the upload gone: check the object.
-                    if error_code(exc) != "NoSuchUpload" or tries == 1:
+                    # A completion botocore retried after its first try had reached S3 finds the upload
+                    # gone: the object is there if that first try completed it.
+                    if error_code(exc) != "NoSuchUpload" or tries_made(exc, self._request_attempts) == 1:
                         raise
                     head = self._client.head_object(Bucket=self._bucket, Key=full)
                     if head.get("ContentLength") != file.size:

@@ -6,8 +6,10 @@ import asyncio
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from structlog.testing import capture_logs
 
 import spotd.store.checksums
 from spotd.errors import RestoreError, StoreError, UploadError
@@ -43,7 +45,6 @@ def make(bucket: S3Bucket, endpoint_url: str | None = None, **kw: Any) -> S3Stor
         endpoint_url=endpoint_url or bucket.endpoint_url,
         part_size=5 * MIB,
         concurrency=4,
-        retry_base_s=0.05,
         **kw,
     )
 
@@ -112,17 +113,20 @@ async def test_without_awscrt_auto_falls_back_to_crc32(
 async def test_transient_faults_are_retried_and_committed(
     s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    """503 SlowDown, a reset mid-part and a 500 on CompleteMultipartUpload are retried; the commit lands."""
+    """503 SlowDown, a reset mid-part and a 500 on CompleteMultipartUpload are retried by botocore, each retried request is logged, and the commit lands."""
     (tmp_path / "m.pt").write_bytes(os.urandom(12 * MIB))
     s3_proxy.add("503", method="PUT", query="partNumber")
     s3_proxy.add("reset", method="PUT", query="partNumber")
     s3_proxy.add("500", method="POST", query="uploadId", body_has=b"CompleteMultipartUpload")
     store = make(s3_bucket, s3_proxy.endpoint_url)
     try:
-        m = await store.commit(tmp_path / "m.pt", checkpoint_dir=tmp_path, info=info())
+        with capture_logs() as logs:
+            m = await store.commit(tmp_path / "m.pt", checkpoint_dir=tmp_path, info=info())
     finally:
         await store.close()
     assert sorted(a for a, _, _ in s3_proxy.log) == ["500", "503", "reset"]
+    retried = sorted(e["operation"] for e in logs if e["event"] == "aws.request_retried")
+    assert retried == ["CompleteMultipartUpload", "UploadPart", "UploadPart"]
     direct = make(s3_bucket)
     try:
         assert [x.name for x in await direct.list()] == [m.name]
@@ -135,11 +139,13 @@ async def test_transient_faults_are_retried_and_committed(
 async def test_persistent_fault_fails_and_keeps_local(
     s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    """A CompleteMultipartUpload that always fails raises UploadError, commits nothing, keeps the local file."""
+    """A CompleteMultipartUpload that always fails raises UploadError after request_attempts tries, commits nothing, keeps the local file."""
     (tmp_path / "m.pt").write_bytes(os.urandom(6 * MIB))
-    s3_proxy.add("500", method="POST", query="uploadId", body_has=b"CompleteMultipartUpload", times=1000)
+    complete = s3_proxy.add(
+        "500", method="POST", query="uploadId", body_has=b"CompleteMultipartUpload", times=1000
+    )
     metrics = Metrics()
-    store = make(s3_bucket, s3_proxy.endpoint_url, max_attempts=2, commit_attempts=2, metrics=metrics)
+    store = make(s3_bucket, s3_proxy.endpoint_url, request_attempts=2, metrics=metrics)
     try:
         with pytest.raises(UploadError, match=r"m\.pt.*failed after 2 tries"):
             await store.commit(tmp_path / "m.pt", checkpoint_dir=tmp_path, info=info())
@@ -147,14 +153,31 @@ async def test_persistent_fault_fails_and_keeps_local(
     finally:
         await store.close()
     assert (tmp_path / "m.pt").stat().st_size == 6 * MIB
+    assert complete.fired == 2
     # A failed attempt is not a failed commit yet: the coordinator counts it once it gives up retrying.
     assert metrics.registry.get_sample_value("spotd_upload_failures_total") == 0
 
 
+async def test_a_part_that_always_fails_is_tried_request_attempts_times(
+    s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Each part of a file S3 always refuses is sent exactly request_attempts times (botocore's retries only, none on top) and the error says so."""
+    (tmp_path / "m.pt").write_bytes(os.urandom(7 * MIB))  # two 5 MiB parts
+    s3_proxy.add("503", method="PUT", query="partNumber", times=10**6)
+    store = make(s3_bucket, s3_proxy.endpoint_url, request_attempts=3)
+    try:
+        with pytest.raises(UploadError, match=r"part [12]/2\) failed after 3 tries"):
+            await store.commit(tmp_path / "m.pt", checkpoint_dir=tmp_path, info=info())
+    finally:
+        await store.close()  # waits for the transfer threads: the other part's tries are all in the log too
+    sent = [parse_qs(urlsplit(path).query)["partNumber"][0] for _, _, path in s3_proxy.log]
+    assert sorted(sent) == ["1", "1", "1", "2", "2", "2"]
+
+
 async def test_unreachable_s3_raises_upload_error(s3_bucket: S3Bucket, tmp_path: Path) -> None:
-    """With nothing listening at the endpoint, commit raises UploadError after retries; local data stays."""
+    """With nothing listening at the endpoint, commit raises UploadError after request_attempts tries; local data stays."""
     (tmp_path / "m.pt").write_bytes(b"x" * 1000)
-    store = make(s3_bucket, f"http://127.0.0.1:{free_port()}", max_attempts=2, commit_attempts=2)
+    store = make(s3_bucket, f"http://127.0.0.1:{free_port()}", request_attempts=2)
     try:
         with pytest.raises(UploadError, match="failed after 2 tries"):
             await store.commit(tmp_path / "m.pt", checkpoint_dir=tmp_path, info=info())
