@@ -32,7 +32,7 @@ from spotd.logs import get_logger
 from spotd.store.api import Priority
 from spotd.store.base import AlreadyExists, BaseStore
 from spotd.store.localfs import LocalFile
-from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers
+from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
 from spotd.store.transfer_pool import TransferPool
 
 if TYPE_CHECKING:
@@ -63,11 +63,13 @@ class S3Store(BaseStore):
         executor: concurrent.futures.Executor | None = None,
         metrics: Metrics | None = None,
         request_attempts: int = DEFAULT_REQUEST_ATTEMPTS,
+        body_read_attempts: int = 3,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
     ) -> None:
         """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
-        retry there is)."""
+        retry there is). ``body_read_attempts``: GETs of one object or range whose answer broke off
+        mid-body (see :mod:`spotd.store.s3_transfer`)."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -106,6 +108,7 @@ class S3Store(BaseStore):
             pool=self._pool,
             executor=self.executor,
             request_attempts=request_attempts,
+            body_read_attempts=body_read_attempts,
         )
 
     @classmethod
@@ -187,9 +190,7 @@ class S3Store(BaseStore):
                 if error_code(exc) in ("NoSuchKey", "404"):
                     return None
                 raise
-            with resp["Body"] as body:
-                data: bytes = body.read()
-            return data
+            return read_all(resp)
 
         try:
             return await self.run(get)

@@ -15,7 +15,9 @@ priority, emergency parts ahead of background ones), so a checkpoint of many sma
 concurrently rather than one after another. Blocking boto3 calls run on the pool's threads; the event loop
 never blocks.
 
-Retries: botocore retries each request (:mod:`spotd.aws.session`); nothing here sends a request again.
+Retries: botocore retries each request (:mod:`spotd.aws.session`); nothing here sends a request again,
+except a GET whose answer broke off while its body was being read, which botocore cannot retry because
+the request had already succeeded (``body_read_attempts``, as s3transfer's ``num_download_attempts``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from spotd.store.checksums import can_combine, crc_combine, crc_update, encode_c
 from spotd.store.localfs import LocalFile
 from spotd.store.transfer_pool import TransferPool
 
-__all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers"]
+__all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers", "read_all"]
 
 log = get_logger("spotd.store")
 
@@ -54,10 +56,21 @@ BUFFER_CAP: Final = 1024 * 1024 * 1024
 #: Smallest ranged GET on restore.
 _MIN_RANGE: Final = 64 * 1024 * 1024
 _REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+#: What reading a response body raises when the connection breaks off mid-stream.
+_BODY_ERRORS: Final = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.IncompleteReadError,
+    OSError,
+)
 
 
 class FileChanged(UploadError):
     """The local file is not the size it had when the commit started."""
+
+
+class _BodyBroken(Exception):
+    """A GET's response broke off while its body was read (the request itself had succeeded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +91,7 @@ class FileTransfers:
 
     __slots__ = (
         "_algo",
+        "_body_read_attempts",
         "_bucket",
         "_client",
         "_executor",
@@ -96,6 +110,7 @@ class FileTransfers:
         pool: TransferPool,
         executor: concurrent.futures.Executor,
         request_attempts: int,
+        body_read_attempts: int,
     ) -> None:
         self._client = client
         self._bucket = bucket
@@ -104,6 +119,7 @@ class FileTransfers:
         self._pool = pool
         self._executor = executor  # the store's: hashing and file I/O that needs no transfer slot
         self._request_attempts = request_attempts
+        self._body_read_attempts = body_read_attempts
 
     async def _request(self, what: str, priority: Priority, fn: Callable[[], T]) -> T:
         """One blocking request on a transfer slot; botocore has retried it by the time it fails here."""
@@ -294,8 +310,7 @@ class FileTransfers:
             # One object, one thread: GET, write, fsync and close without a hop back to the loop between
             # (a checkpoint of many small files is dominated by per-file overhead).
             resp = self._client.get_object(Bucket=self._bucket, Key=full)
-            with resp["Body"] as body:
-                data: bytes = body.read()
+            data = _read_body(resp)
             _check_size(what, resp.get("ContentLength"), size, len(data), size)
             fd = _open_for_write(dest, size)
             try:
@@ -311,21 +326,20 @@ class FileTransfers:
                 resp = self._client.get_object(
                     Bucket=self._bucket, Key=full, Range=f"bytes={part.offset}-{end}"
                 )
-                with resp["Body"] as body:
-                    data: bytes = body.read()
+                data = _read_body(resp)
                 total = int(str(resp.get("ContentRange", "/-1")).rsplit("/", 1)[1])
                 _check_size(what, total, size, len(data), part.length)
                 _pwrite_all(fd, data, part.offset)
                 return crc_update(algo, data) if hash_here else None
 
-            crc = await self._request(f"{what} (part {part.number}/{len(parts)})", Priority.EMERGENCY, get)
+            crc = await self._get(f"{what} (part {part.number}/{len(parts)})", get)
             if progress is not None:
                 progress(part.length)
             return crc
 
         try:
             if len(parts) == 1:
-                crcs = [await self._request(what, Priority.EMERGENCY, fetch_whole)]
+                crcs = [await self._get(what, fetch_whole)]
                 if progress is not None:
                     progress(size)
             else:
@@ -342,6 +356,37 @@ class FileTransfers:
         if not hash_here:
             return None
         return size, encode_crc(algo, _combined(algo, crcs, parts))
+
+    async def _get(self, what: str, fn: Callable[[], T]) -> T:
+        """A GET request whose response body is read whole; the one retry made here: the body broke off
+        (botocore has returned by then, so no retry of its own covers it)."""
+        attempt = 1
+        while True:
+            try:
+                return await self._request(what, Priority.EMERGENCY, fn)
+            except _BodyBroken as exc:
+                if attempt >= self._body_read_attempts:
+                    raise StoreError(f"{what}: the answer broke off {attempt} times, last: {exc}") from exc
+                log.warning("store.download_retry", what=what, attempt=attempt, error=str(exc))
+                attempt += 1
+
+
+def read_all(resp: dict[str, Any]) -> bytes:
+    """The whole body of a GetObject answer, then closed. Read through botocore's StreamingBody, not the
+    raw stream ``with body as raw`` gives: that one raises urllib3's own errors and checks no length."""
+    body = resp["Body"]
+    try:
+        data: bytes = body.read()
+    finally:
+        body.close()
+    return data
+
+
+def _read_body(resp: dict[str, Any]) -> bytes:
+    try:
+        return read_all(resp)
+    except _BODY_ERRORS as exc:
+        raise _BodyBroken(str(exc)) from exc
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:

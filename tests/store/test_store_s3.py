@@ -174,6 +174,43 @@ async def test_a_part_that_always_fails_is_tried_request_attempts_times(
     assert sorted(sent) == ["1", "1", "1", "2", "2", "2"]
 
 
+async def test_an_answer_cut_off_mid_body_is_fetched_again(
+    s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A GET whose body breaks off half way (botocore cannot retry that) is sent again and the restore verifies."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.pt").write_bytes(os.urandom(3 * MIB))
+    store = make(s3_bucket, s3_proxy.endpoint_url)
+    try:
+        await store.commit(src / "m.pt", checkpoint_dir=src, info=info())
+        cut = s3_proxy.add("truncate", method="GET", path_has="/m.pt")
+        result = await store.restore(tmp_path / "r")
+    finally:
+        await store.close()
+    assert cut.fired == 1 and result.skipped == ()
+    assert (tmp_path / "r" / "m.pt").read_bytes() == (src / "m.pt").read_bytes()
+
+
+async def test_answers_always_cut_off_give_up_after_body_read_attempts(
+    s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """When every GET of a file breaks off, it is sent body_read_attempts times and the restore fails without a partial file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.pt").write_bytes(os.urandom(MIB))
+    store = make(s3_bucket, s3_proxy.endpoint_url, body_read_attempts=2)
+    try:
+        await store.commit(src / "m.pt", checkpoint_dir=src, info=info())
+        cut = s3_proxy.add("truncate", method="GET", path_has="/m.pt", times=10**6)
+        with pytest.raises(RestoreError, match="could be downloaded and verified"):
+            await store.restore(tmp_path / "r")
+    finally:
+        await store.close()
+    assert cut.fired == 2
+    assert not (tmp_path / "r" / "m.pt").exists()
+
+
 async def test_unreachable_s3_raises_upload_error(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     """With nothing listening at the endpoint, commit raises UploadError after request_attempts tries; local data stays."""
     (tmp_path / "m.pt").write_bytes(b"x" * 1000)
