@@ -6,6 +6,7 @@ backend for a URI. Inside the package, by job:
 - :mod:`~spotd.store.manifest`: what a checkpoint is (FileEntry, CommitInfo, Manifest) and MANIFEST.json
 - :mod:`~spotd.store.checksums`: CRC32/CRC32C/CRC64NVME/SHA-256 as S3 encodes them
 - :mod:`~spotd.store.localfs`: the checkpoint's local files, path safety, moving a restore into place
+- :mod:`~spotd.store.marker`: which committed checkpoint the local disk already holds
 - :mod:`~spotd.store.selection`: names, restore candidates per rank, retention (pure functions)
 - :mod:`~spotd.store.api`: the store as its users see it (CheckpointStore, Priority, RestoreResult)
 - :mod:`~spotd.store.base`: the backend contract, :class:`~spotd.store.base.BaseStore`
