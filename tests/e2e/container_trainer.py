@@ -1,10 +1,9 @@
 """The training process of the container test: the standard library and spotd.client, nothing heavier.
 
-It steps until SIGTERM. A checkpoint request is saved, reported, and waited on until spotd says it is
-durable; training then goes on, even after a final request, so that one process also shows the stop
-path. On SIGTERM it saves once more, reports it (no request: nobody asked), waits until it is durable,
-and exits 0. The SIGTERM handling is this stub's own (spotd.client has none yet): what the test proves
-with it is that the units' stop order leaves spotd running to commit a trainer's last-chance save.
+It steps, and its loop is the documented one: when ``guard.checkpoint_requested``, save, ``guard.saved()``,
+and if ``guard.request.final``, wait until spotd says the save is durable and exit 0. It installs no SIGTERM
+handler of its own: ``spotd.client.connect()`` does, and turns SIGTERM into a final request
+(reason ``sigterm``) that this same loop answers. So a spot notice and a stop from systemd take one path.
 
 Every event is one JSON line appended to --events, a file the host reads.
 """
@@ -14,24 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import TextIO
 
 import spotd.client
 
 STEP_S = 0.05  # one "training step"
-DURABLE_TIMEOUT_S = 60.0  # well inside the unit's TimeoutStopSec=75s
 
 
 class Trainer:
     def __init__(self, *, name: str, events: TextIO) -> None:
         self.name = name
         self.events = events
-        self.stopping = False
+        # spotd.client's SIGTERM handling is on by default: nothing of our own.
         self.guard = spotd.client.connect(name=name)
 
     def emit(self, event: str, **fields: object) -> None:
@@ -39,19 +35,12 @@ class Trainer:
         self.events.write(json.dumps(record) + "\n")
         self.events.flush()
 
-    def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        # Only a flag: the save happens in the loop, between steps, like a real trainer's.
-        self.stopping = True
-
-    def save(self, step: int, kind: str, **fields: object) -> None:
-        rel = f"{self.name}/{kind}-step-{step:06d}.bin"
+    def save(self, step: int) -> str:
+        rel = f"{self.name}/step-{step:06d}-pid-{os.getpid()}.bin"
         path = Path(self.guard.checkpoint_dir or ".") / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(os.urandom(4096))
-        self.guard.saved(rel, step=step)
-        self.emit("saved", kind=kind, step=step, path=rel, **fields)
-        durable = self.guard.wait_durable(timeout=DURABLE_TIMEOUT_S)
-        self.emit("durable", kind=kind, step=step, path=rel, ok=durable)
+        return rel
 
     def run(self) -> int:
         deadline = time.monotonic() + 30
@@ -61,16 +50,23 @@ class Trainer:
                 return 1
             time.sleep(STEP_S)
         self.emit("connected", checkpoint_dir=self.guard.checkpoint_dir, groups=os.getgroups())
-        handled: set[str] = set()
         step = 0
-        while not self.stopping:
+        while True:
             step += 1
             time.sleep(STEP_S)
+            if not self.guard.checkpoint_requested:
+                continue
             request = self.guard.request
-            if self.guard.checkpoint_requested and request and request.request_id not in handled:
-                handled.add(request.request_id)
-                self.save(step, "requested", reason=request.reason, final=request.final)
-        self.save(step, "sigterm")
+            assert request is not None  # checkpoint_requested says there is one
+            rel = self.save(step)
+            self.guard.saved(rel, step=step)
+            what = {"step": step, "path": rel, "reason": request.reason, "request_id": request.request_id}
+            self.emit("saved", final=request.final, **what)
+            final = self.guard.request
+            if final is not None and final.final:
+                durable = self.guard.wait_durable(timeout=final.seconds_left())
+                self.emit("durable", ok=durable, **what)
+                break
         self.guard.close()
         self.emit("exit", step=step)
         return 0
@@ -82,9 +78,7 @@ def main() -> int:
     parser.add_argument("--events", required=True, help="JSON-lines file the events are appended to")
     args = parser.parse_args()
     with open(args.events, "a", encoding="utf-8") as events:
-        trainer = Trainer(name=args.name, events=events)
-        signal.signal(signal.SIGTERM, trainer.on_sigterm)
-        return trainer.run()
+        return Trainer(name=args.name, events=events).run()
 
 
 if __name__ == "__main__":

@@ -343,7 +343,7 @@ def commit_of(store: Path, event: dict[str, Any]) -> dict[str, Any] | None:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_user_data_boot_ready_watchdog_spot_and_last_chance_checkpoints(tmp_path: Path) -> None:
-    """On a booted systemd, user-data installs spotd and a trainer; spotd is READY and survives its watchdog, the trainer's spot checkpoint is committed, and at poweroff the trainer stops first so its last-chance save is still committed."""
+    """On a booted systemd, user-data installs spotd and a trainer; spotd is READY and survives its watchdog, the trainer's spot checkpoint is committed and it exits 0, and at poweroff spotd.client turns the trainer's SIGTERM into a last-chance save that is still committed, because the trainer stops before spotd."""
     tools = _tools()
     rootfs = _rootfs(tools["debootstrap"])
     wheel, wheelhouse = _wheels(tmp_path)
@@ -460,26 +460,30 @@ def _scenario(container: Container, *, wheel: Path, boot: Path, store: Path, res
     assert [(t["name"], t["uid"]) for t in up["trainers"]] == [("stub", trainer_uid)], up["trainers"]
     assert container.run("systemctl", "is-active", TRAIN_UNIT).stdout.strip() == "active"
 
-    # A spot interruption notice: the trainer is asked, saves, and the save is committed.
-    container.run(
-        "/opt/spotd/bin/python",
-        "-c",
-        "import urllib.request; urllib.request.urlopen(urllib.request.Request("
-        f"'http://127.0.0.1:{IMDS_PORT}/_sim/notice', data=b'{{\"action\": \"terminate\"}}', "
-        "method='POST'), timeout=10).read()",
-    )
+    # A spot interruption notice: the trainer is asked, saves, and the save is committed; the request is
+    # final, so the trainer waits until it is durable and exits 0, and Restart=on-failure leaves it stopped.
+    first_pid = up["trainers"][0]["pid"]
+    _imds(container, "notice", '{"action": "terminate"}')
     spot = wait_until(
-        lambda: [e for e in trainer_events(results) if e["event"] == "durable" and e["kind"] == "requested"],
+        lambda: [e for e in trainer_events(results) if e["event"] == "durable" and e["pid"] == first_pid],
         timeout_s=60,
         interval_s=0.25,
         what="the trainer's spot checkpoint to be durable",
     )[0]
-    assert spot["ok"], spot
-    asked = next(e for e in trainer_events(results) if e["event"] == "saved" and e["kind"] == "requested")
-    assert (asked["reason"], asked["final"]) == ("spot-terminate", True), asked
+    assert (spot["ok"], spot["reason"]) == (True, "spot-terminate"), spot
+    asked = next(e for e in trainer_events(results) if e["event"] == "saved" and e["pid"] == first_pid)
+    assert asked["final"] is True, asked
     manifest = commit_of(store, spot)
     assert manifest is not None, f"no commit holds {spot['path']}: {committed(store)}"
     assert manifest["reason"] == "spot-terminate"
+
+    def exited() -> dict[str, str] | None:
+        p = container.show(TRAIN_UNIT, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        return p if p["ActiveState"] in ("inactive", "failed") else None
+
+    done = wait_until(exited, interval_s=0.25, timeout_s=30, what="the trainer to exit after its final save")
+    assert (done["ActiveState"], done["Result"], done["ExecMainStatus"]) == ("inactive", "success", "0"), done
+    assert trainer_events(results)[-1]["event"] == "exit"
 
     # The watchdog holds: pings keep arriving after a whole WatchdogSec, with no restart.
     watchdog = container.show(UNIT, "WatchdogUSec")["WatchdogUSec"]
@@ -507,13 +511,48 @@ def _scenario(container: Container, *, wheel: Path, boot: Path, store: Path, res
         late
     )
 
-    # Poweroff, the way a spot stop ends: systemd stops the trainer first (After=spotd.service), its
-    # SIGTERM save goes through a spotd that still runs, and only then is spotd stopped.
+    # The job again, as on the next boot, with the notice withdrawn: a trainer that only steps.
+    _imds(container, "clear", "")
+    container.run("systemctl", "start", TRAIN_UNIT)
+    again = wait_until(
+        lambda: [t for t in (registered() or {"trainers": []})["trainers"] if t["pid"] != first_pid],
+        interval_s=0.25,
+        timeout_s=60,
+        what="the restarted trainer to register",
+    )
+    second_pid = again[0]["pid"]
+    wait_until(
+        lambda: any(e["event"] == "connected" and e["pid"] == second_pid for e in trainer_events(results)),
+        interval_s=0.25,
+        timeout_s=30,
+        what="the restarted trainer to step",
+    )
+
+    # Poweroff, the way a spot stop ends: systemd stops the trainer first (After=spotd.service);
+    # spotd.client's own SIGTERM handler turns the signal into a final request, the loop saves, the save
+    # is committed by a spotd that still runs, the trainer exits 0, and only then is spotd stopped.
     code = container.poweroff(timeout_s=150)
     assert code == 0, f"systemd-nspawn exited {code}"
-    events = trainer_events(results)
-    last = [e for e in events if e["event"] == "durable" and e["kind"] == "sigterm"]
-    assert last and last[0]["ok"], events[-5:]
-    manifest = commit_of(store, last[0])
-    assert manifest is not None, f"no commit holds {last[0]['path']}: {committed(store)}"
+    events = [e for e in trainer_events(results) if e["pid"] == second_pid]
+    saved = [e for e in events if e["event"] == "saved"]
+    assert [(e["reason"], e["request_id"], e["final"]) for e in saved] == [
+        ("sigterm", f"sigterm-{second_pid}", True)
+    ], events
+    (last,) = [e for e in events if e["event"] == "durable"]
+    assert last["ok"], events
+    manifest = commit_of(store, last)
+    assert manifest is not None, f"no commit holds {last['path']}: {committed(store)}"
     assert events[-1]["event"] == "exit", events[-3:]
+
+
+def _imds(container: Container, op: str, body: str) -> None:
+    """POST to the IMDS simulator's control API, from inside (it listens on the container's loopback)."""
+    container.run(
+        "/opt/spotd/bin/python",
+        "-c",
+        "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request("
+        f"'http://127.0.0.1:{IMDS_PORT}/_sim/' + sys.argv[1], data=sys.argv[2].encode(), method='POST'), "
+        "timeout=10).read()",
+        op,
+        body,
+    )
