@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 
@@ -20,7 +21,8 @@ from spotd.torch import Checkpointer
 
 
 def emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "rank": dist.get_rank(), **fields}), flush=True)
+    # One write() per line: both ranks share torchrun's stdout, and print() may split a line in two writes.
+    os.write(1, (json.dumps({"event": event, "rank": dist.get_rank(), **fields}) + "\n").encode())
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -45,10 +45,12 @@ def finish(proc: subprocess.Popen[str], out: Lines, err: Lines, *, timeout_s: fl
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-        raise AssertionError("torchrun hung:\n" + "\n".join(out.lines + err.lines[-30:])) from None
+        raise AssertionError("torchrun hung:\n" + "\n".join(out.lines + err.lines[-80:])) from None
     out.join()
     err.join()
-    assert code == 0, "\n".join(out.lines + err.lines[-40:])
+    assert code == 0, "\n".join(
+        out.lines + [line for line in err.lines if line.startswith("[rank")][-40:] + err.lines[-20:]
+    )
 
 
 def interrupt(imds_sim, d, *, barrier: bool) -> int:
