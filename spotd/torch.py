@@ -4,6 +4,30 @@ Kept so training scripts written against the first release keep working; the cod
 ``spotd/integrations/torch.py`` beside the other framework integrations.
 """
 
-from spotd.integrations.torch import AUTO, Checkpointer, CheckpointError, Guard, SaveInfo, Stateful
+from spotd.integrations.torch import (
+    AUTO,
+    NONE,
+    PERIODIC,
+    SAVE,
+    STOP,
+    Checkpointer,
+    CheckpointError,
+    Guard,
+    SaveInfo,
+    Stateful,
+    agree,
+)
 
-__all__ = ["AUTO", "CheckpointError", "Checkpointer", "Guard", "SaveInfo", "Stateful"]
+__all__ = [
+    "AUTO",
+    "NONE",
+    "PERIODIC",
+    "SAVE",
+    "STOP",
+    "CheckpointError",
+    "Checkpointer",
+    "Guard",
+    "SaveInfo",
+    "Stateful",
+    "agree",
+]

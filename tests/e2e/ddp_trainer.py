@@ -40,17 +40,23 @@ def main() -> int:
     parser.add_argument("--skew-ms", type=float, default=30.0, help="extra time per step on odd ranks")
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--barrier", action="store_true", help="dist.barrier() after the loop, as many do")
+    parser.add_argument(
+        "--plain-allreduce",
+        action="store_true",
+        help="average gradients parameter by parameter instead of DDP (bitwise across restarts with > 2 ranks)",
+    )
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(
-        nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
-    )
+    net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+    # DDP regroups its gradient buckets after the first step of every run, so with more than 2 ranks a
+    # resumed run sums gradients in another order than an uninterrupted one (not bitwise; 2 ranks are).
+    model = net if args.plain_allreduce else torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ckpt = Checkpointer(model=model.module, optimizer=opt, every_steps=args.every)
+    ckpt = Checkpointer(model=net, optimizer=opt, every_steps=args.every)
     start = ckpt.restore()
-    emit("started", step=start)
+    emit("started", step=start, digest=weights_digest(net))
     pause_s = (args.step_ms + (args.skew_ms if rank % 2 else 0.0)) / 1000
     stopped = None
     for step in range(start, args.steps):
@@ -59,6 +65,10 @@ def main() -> int:
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
+        if args.plain_allreduce:
+            for p in net.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
         opt.step()
         time.sleep(pause_s)
         if ckpt.step(step):
@@ -67,9 +77,9 @@ def main() -> int:
     if args.barrier:
         dist.barrier()
     if stopped is not None:
-        emit("stopped", step=stopped, t=time.time())
+        emit("stopped", step=stopped, t=time.time(), digest=weights_digest(net))
     else:
-        emit("done", step=args.steps, digest=weights_digest(model.module))
+        emit("done", step=args.steps, digest=weights_digest(net))
     ckpt.close()
     dist.destroy_process_group()
     return 0

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from spotd.tools.simulator import SimulatorThread
 from tests.fixtures.daemon import Lines, subprocess_env
-from tests.util import wait_until
+from tests.util import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "tests" / "e2e" / "ddp_trainer.py"
@@ -23,10 +24,20 @@ STEPS = 150
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def torchrun(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], Lines, Lines]:
+def torchrun(
+    env: dict[str, str], *args: str, rdzv: list[str] | None = None
+) -> tuple[subprocess.Popen[str], Lines, Lines]:
+    """2 workers on this "node"; ``rdzv`` joins them to a multi-node job instead of a standalone one."""
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+            *(
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *(rdzv or ["--standalone"]),
+                "--nproc-per-node",
+                "2",
+            ),
             *(str(TRAINER), "--steps", str(STEPS), *args),
         ],
         stdout=subprocess.PIPE,
@@ -112,3 +123,92 @@ def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spo
     finish(proc, out, err, timeout_s=120)
     assert [e["step"] for e in out.events("started")] == [stop_step, stop_step]
     assert {e["digest"] for e in out.events("done")} == digests
+
+
+def two_nodes(
+    socks: list[str], env: dict[str, str] | None = None
+) -> list[tuple[subprocess.Popen[str], Lines, Lines]]:
+    """Two torchrun agents of one job on loopback, 2 workers each: 4 ranks, each node with its own spotd."""
+    port = free_port()
+    rdzv = [
+        "--nnodes",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "j",
+    ]
+    # 4 ranks: DDP's bucket regrouping after a restart changes the gradient sum order (see ddp_trainer.py).
+    return [torchrun({"SPOTD_SOCKET": sock, **(env or {})}, "--plain-allreduce", rdzv=rdzv) for sock in socks]
+
+
+def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemon, tmp_path):
+    """2 nodes x 2 ranks, one spotd and one IMDS each, one store: a notice on node 1 only stops all 4 ranks at one step, the other node's spotd uploads its ranks' saves at once, and two fresh nodes resume there and end bitwise equal to an uninterrupted 4-rank run."""
+    nodes = two_nodes(
+        [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")],
+        {"SPOTD_CHECKPOINT_DIR": str(tmp_path / "plain")},
+    )
+    for proc, out, err in nodes:
+        finish(proc, out, err, timeout_s=180)
+    digests = {e["digest"] for _, out, _ in nodes for e in out.events("done")}
+    assert len(digests) == 1
+
+    quiet = SimulatorThread(host="127.0.0.1", port=0)
+    quiet.start()
+    try:
+        d1 = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "n1")
+        d2 = spotd_daemon(quiet.url, checkpoint_dir=tmp_path / "n2")
+        nodes = two_nodes([d1.socket, d2.socket])
+        wait_until(
+            lambda: (
+                sum(len(out.events("started")) for _, out, _ in nodes) == 4
+                or any(p.poll() is not None for p, _, _ in nodes)
+            ),
+            timeout_s=120,
+            what="4 ranks",
+        )
+        time.sleep(random.uniform(0.3, 1.5))
+        imds_sim.arm_instance_action("terminate", after_s=0, lead_s=120)
+        for proc, out, err in nodes:
+            finish(proc, out, err, timeout_s=90)
+        stopped = [e for _, out, _ in nodes for e in out.events("stopped")]
+        assert sorted(e["rank"] for e in stopped) == [0, 1, 2, 3]
+        steps = {e["step"] for e in stopped}
+        assert len(steps) == 1, f"ranks stopped at different steps: {stopped}"
+        (step,) = steps
+        # Node 2 heard nothing from its IMDS: its ranks' saves still went out at once.
+        peer_saves = [e for e in d2.logs.events("checkpoint.saved") if e.get("step") == step]
+        assert len(peer_saves) == 2
+        wait_until(
+            lambda: (
+                len(
+                    {
+                        p.parent.name
+                        for p in (tmp_path / "store").glob("test-job/checkpoints/*/MANIFEST.json")
+                        if f'"step": {step},' in p.read_text()
+                    }
+                )
+                >= 4
+            ),
+            timeout_s=60,
+            what="all 4 ranks of the stop step committed",
+        )
+        d1.stop()
+        d2.stop()
+        shutil.rmtree(tmp_path / "n1")
+        shutil.rmtree(tmp_path / "n2")
+
+        imds_sim.clear()
+        d3 = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "n3")
+        d4 = spotd_daemon(quiet.url, checkpoint_dir=tmp_path / "n4")
+        nodes = two_nodes([d3.socket, d4.socket])
+        for proc, out, err in nodes:
+            finish(proc, out, err, timeout_s=180)
+        started = [e for _, out, _ in nodes for e in out.events("started")]
+        assert [e["step"] for e in started] == [step] * 4
+        assert {e["digest"] for e in started} == {e["digest"] for e in stopped}, (started, stopped)
+        assert {e["digest"] for _, out, _ in nodes for e in out.events("done")} == digests
+    finally:
+        quiet.close()

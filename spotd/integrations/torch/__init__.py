@@ -11,13 +11,27 @@ for step in range(start, total_steps):
 ```
 
 Modules: ``checkpointer`` (the loop-facing class), ``files`` (names, atomic writes, retention on disk),
-``state`` (what a checkpoint holds and how it is read back), ``link`` (how it finds spotd and its rank).
+``state`` (what a checkpoint holds and how it is read back), ``link`` (what it says to spotd), ``ranks``
+(with several ranks: one stop step for all, one restore step for all).
 This package imports torch; the spotd daemon never imports it.
 """
 
 from spotd.integrations.torch.checkpointer import Checkpointer, SaveInfo
 from spotd.integrations.torch.files import CheckpointError
 from spotd.integrations.torch.link import AUTO, Guard
+from spotd.integrations.torch.ranks import NONE, PERIODIC, SAVE, STOP, agree
 from spotd.integrations.torch.state import Stateful
 
-__all__ = ["AUTO", "CheckpointError", "Checkpointer", "Guard", "SaveInfo", "Stateful"]
+__all__ = [
+    "AUTO",
+    "NONE",
+    "PERIODIC",
+    "SAVE",
+    "STOP",
+    "CheckpointError",
+    "Checkpointer",
+    "Guard",
+    "SaveInfo",
+    "Stateful",
+    "agree",
+]

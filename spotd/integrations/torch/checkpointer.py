@@ -15,9 +15,10 @@ done, which is also the step :meth:`Checkpointer.restore` returns. A spotd resto
 the store's files back at the same relative paths, so resuming is only ever "scan the directory".
 
 Multi-rank (``torch.distributed`` initialized with ``world_size > 1``): every rank saves its own file,
-``step-000000500-rank00003.pt``, and restores its own newest one. Ranks must resume from the same step:
-if one rank's newest file is unreadable the ranks can disagree, so check the returned step (e.g. with an
-all-reduce MIN) before training on; a single process never has that problem.
+``step-000000500-rank00003.pt``. Build the Checkpointer and call :meth:`~Checkpointer.step` and
+:meth:`~Checkpointer.restore` on every rank: both are collectives (:mod:`spotd.integrations.torch.ranks`).
+``step()`` stops every rank at the same step when any rank was asked; ``restore()`` returns the newest step
+every rank can read, the same on all of them.
 
 This module imports torch; the spotd daemon never imports it.
 """
