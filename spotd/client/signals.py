@@ -7,9 +7,10 @@ anything, a ``torch.save`` included): it only marks every guard of this process 
 checkpoint, which the training loop's next ``checkpoint_requested`` check sees like a spot notice. Then it
 calls whatever handler was installed before (a framework's or the user's), so both see the signal.
 
-A second SIGTERM before the first was answered means "really stop now": with no earlier handler to call,
-the default action (terminate) runs. Forked children (data loader workers) get the earlier handler back, so
-they still die on SIGTERM as they did before spotd.
+A second SIGTERM, more than :data:`REPEAT_WINDOW_S` after the first, means "really stop now": with no
+earlier handler to call, the default action (terminate) runs. One inside the window is the same stop
+arriving twice (systemd signalling the whole cgroup while torchrun forwards its own copy). Forked children
+(data loader workers) get the earlier handler back, so they still die on SIGTERM as they did before spotd.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from types import FrameType
@@ -30,6 +32,8 @@ log = logging.getLogger("spotd.client")
 #: How long a trainer waits for its last-chance save to become durable: inside spotd-train@.service's
 #: TimeoutStopSec (75 s) with room for the save itself. torchrun needs --shutdown-timeout above it.
 DEFAULT_GRACE_S: Final = 60.0
+#: SIGTERMs this close together are one stop, not a request to stop harder.
+REPEAT_WINDOW_S: Final = 2.0
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -38,6 +42,7 @@ _previous: _Handler = None
 _installed = False
 _installed_pid = 0
 _received = 0
+_first_at = 0.0
 #: Weak, so a guard nobody holds any more is not kept alive by the handler.
 _targets: list[weakref.WeakMethod[Callable[[], None]]] = []
 
@@ -92,11 +97,16 @@ def remove(on_sigterm: Callable[[], None]) -> None:
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:
-    global _received
+    global _received, _first_at
     if os.getpid() != _installed_pid:
         # A forked child hit by SIGTERM before its after-fork hook put the old handler back.
         _default_action(signum, frame)
         return
+    now = time.monotonic()
+    if _received and now - _first_at < REPEAT_WINDOW_S:
+        return  # the same stop, delivered twice
+    if not _received:
+        _first_at = now
     _received += 1
     # No lock: a handler runs between two bytecodes of the main thread, which may hold it right now.
     for ref in list(_targets):

@@ -4,8 +4,11 @@ bitwise where an uninterrupted one does."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def torchrun(
-    env: dict[str, str], *args: str, rdzv: list[str] | None = None
+    env: dict[str, str], *args: str, rdzv: list[str] | None = None, session: bool = False
 ) -> tuple[subprocess.Popen[str], Lines, Lines]:
     """2 workers on this "node"; ``rdzv`` joins them to a multi-node job instead of a standalone one."""
     proc = subprocess.Popen(
@@ -45,6 +48,7 @@ def torchrun(
         text=True,
         env=subprocess_env({"OMP_NUM_THREADS": "1", **env}),
         cwd=ROOT,
+        start_new_session=session,
     )
     assert proc.stdout is not None and proc.stderr is not None
     return proc, Lines(proc.stdout), Lines(proc.stderr)
@@ -212,3 +216,33 @@ def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemo
         assert {e["digest"] for _, out, _ in nodes for e in out.events("done")} == digests
     finally:
         quiet.close()
+
+
+@pytest.mark.parametrize("whom", ["torchrun", "every-process"])
+def test_sigterm_through_torchrun_is_a_last_chance_checkpoint(imds_sim, spotd_daemon, tmp_path, whom):
+    """SIGTERM to torchrun (systemd's KillMode=mixed) or to torchrun and its workers at once (KillMode=control-group): torchrun forwards it, every rank saves the same step, the daemon commits both, and the workers exit 0."""
+    d = spotd_daemon(imds_sim.url)
+    proc, out, err = torchrun({"SPOTD_SOCKET": d.socket}, session=True)
+    wait_until(
+        lambda: len(out.events("started")) == 2 or proc.poll() is not None, timeout_s=90, what="2 ranks"
+    )
+    time.sleep(random.uniform(0.3, 1.5))
+    if whom == "torchrun":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out.join()
+    err.join()
+    stopped = out.events("stopped")
+    assert sorted(e["rank"] for e in stopped) == [0, 1], "\n".join(out.lines + err.lines[-40:])
+    (step,) = {e["step"] for e in stopped}
+    committed = [
+        json.loads(p.read_text()) for p in (tmp_path / "store").glob("test-job/checkpoints/*/MANIFEST.json")
+    ]
+    assert sorted(m["rank"] for m in committed if m["step"] == step) == [0, 1]
+    assert not [line for line in err.lines if "exitcode  : -" in line], "a worker was killed"

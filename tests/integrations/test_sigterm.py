@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+from spotd.client.signals import REPEAT_WINDOW_S
 from tests.fixtures.daemon import Lines, subprocess_env
 from tests.util import wait_until
 
@@ -109,7 +111,7 @@ def test_opting_out_leaves_sigterm_deadly(tmp_path):
 
 
 def test_a_second_sigterm_stops_at_once(tmp_path):
-    """A loop that never reaches step() again is not held hostage: the second SIGTERM terminates it."""
+    """A loop that never reaches step() again is not held hostage: a second SIGTERM terminates it, unless it comes within the repeat window (then it is the same stop twice)."""
     code = textwrap.dedent(
         """
         import sys, time
@@ -135,7 +137,11 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
         proc.send_signal(signal.SIGTERM)
         # Two signals sent back to back merge into one pending signal: wait until the first was handled.
         wait_until(lambda: any("last-chance" in line for line in err.lines), what="the first SIGTERM handled")
+        proc.send_signal(signal.SIGTERM)  # inside the repeat window: the same stop, delivered twice
+        time.sleep(0.2)
         assert proc.poll() is None
+        # The window is what is under test here, so this one wait is on the clock itself.
+        time.sleep(REPEAT_WINDOW_S)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == -signal.SIGTERM
     finally:
