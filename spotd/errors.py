@@ -92,6 +92,10 @@ class RestoreError(StoreError):
     """No committed checkpoint could be downloaded and verified."""
 
 
+class NothingToRestore(RestoreError):
+    """The store holds no complete checkpoint (none at all, or only steps some rank never committed)."""
+
+
 class ChecksumMismatch(RestoreError):
     """A restored file's size or checksum differs from its manifest."""
 

@@ -117,6 +117,8 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         # A save the daemon did not ask for that must still go out at once (the trainer got SIGTERM).
         "final": (bool, False),
         "reason": (str, False),
+        # The path holds every rank's part (a torch.distributed.checkpoint directory), not one rank's.
+        "shared": (bool, False),
     },
     "failed": {"request_id": ((str, type(None)), False), "message": (str, False)},
     "status": {},

@@ -155,11 +155,20 @@ class Guard:
 
     # -- what a training loop calls ----------------------------------------------------------------
 
-    def saved(self, path: str | os.PathLike[str], step: int | None = None, *, final: bool = False) -> None:
+    def saved(
+        self,
+        path: str | os.PathLike[str],
+        step: int | None = None,
+        *,
+        final: bool = False,
+        shared: bool = False,
+    ) -> None:
         """Report a checkpoint written under ``checkpoint_dir`` (relative, or absolute inside it).
 
         ``final=True``: this process was not asked, but a peer rank (maybe on another node) was, and the job
-        stops after this save; the daemon uploads it at once, as it would its own final request."""
+        stops after this save; the daemon uploads it at once, as it would its own final request.
+        ``shared=True``: the path holds every rank's part (a sharded checkpoint directory), so the daemon
+        commits it as one checkpoint rather than as this rank's."""
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise TypeError(f"step must be an int or None, not {type(step).__name__}")
         if self._inert:
@@ -177,6 +186,8 @@ class Guard:
                 frame.update(final=True, reason="sigterm")
             elif final and request_id is None:
                 frame.update(final=True, reason="peer")
+            if shared:
+                frame["shared"] = True
             self._last_save = frame
             self._save_state = "pending"
         self._send(frame)

@@ -14,7 +14,7 @@ from typing import Final
 
 from spotd.aws.imds import ImdsClient
 from spotd.daemon.systemd import Notifier
-from spotd.errors import ImdsError, RestoreError, StoreError
+from spotd.errors import ImdsError, NothingToRestore, RestoreError, StoreError
 from spotd.events import InstanceIdentity
 from spotd.logs import get_logger
 from spotd.store import CheckpointStore, Manifest
@@ -86,6 +86,10 @@ async def restore_on_start(
         try:
             result = await store.restore(checkpoint_dir)
             break
+        except NothingToRestore as exc:
+            # Only steps some rank never committed: a fresh start, as with an empty store.
+            log.warning("restore.nothing", store=store.uri, reason=str(exc))
+            return newest
         except RestoreError:
             raise
         except (StoreError, OSError) as exc:

@@ -286,8 +286,9 @@ class Coordinator:
             job_id=self._config.job_id,
             step=save.step,
             trainer=session.name,
-            rank=session.rank,
-            world_size=session.world_size,
+            # A shared path (a DCP directory) holds every rank's part: one checkpoint, not rank 0's.
+            rank=None if frame.get("shared") else session.rank,
+            world_size=None if frame.get("shared") else session.world_size,
             request_id=request_id,
             reason=episode.reason if episode else "periodic",
             instance_id=self._identity.instance_id,

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from spotd.errors import ChecksumMismatch, CommitError, RestoreError, StoreError
+from spotd.errors import ChecksumMismatch, CommitError, NothingToRestore, RestoreError, StoreError
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
 from spotd.store.api import Priority, RestoreResult
@@ -337,7 +337,7 @@ class BaseStore(ABC):
                 )
             candidates = found.sets
         if not candidates:
-            raise RestoreError(f"no committed checkpoint under {where}; nothing to restore")
+            raise NothingToRestore(f"no complete committed checkpoint under {where}; nothing to restore")
         skipped: list[str] = []
         for group in candidates:
             try:

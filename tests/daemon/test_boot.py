@@ -99,3 +99,33 @@ async def test_store_recovered_is_logged_once_at_start(imds_sim, tmp_path, short
     assert len(recovered) == 1 and recovered[0]["aborted_uploads"] == 1
     left = s3_bucket.client.list_multipart_uploads(Bucket=s3_bucket.name).get("Uploads", [])
     assert left == []
+
+
+async def test_a_store_with_only_an_incomplete_step_is_a_fresh_start(imds_sim, tmp_path, short_tmp):
+    """Rank 0's half of a 2-rank step (rank 1 never committed) is nothing to restore: the daemon starts, says so, and restores nothing, instead of exiting 1."""
+    store_uri = (tmp_path / "store").as_uri()
+    source = tmp_path / "elsewhere"
+    source.mkdir()
+    (source / "step-000000005-rank00000.pt").write_bytes(b"half")
+    seed = FileStore(uri=store_uri, job_id=JOB)
+    info = CommitInfo(
+        job_id=JOB,
+        step=5,
+        trainer="t",
+        rank=0,
+        world_size=2,
+        request_id=None,
+        reason="periodic",
+        instance_id="i-old",
+        final=False,
+    )
+    await seed.commit(source / "step-000000005-rank00000.pt", checkpoint_dir=source, info=info)
+    await seed.close()
+
+    _, logs = await boot_once(config(tmp_path, short_tmp, imds_sim.url, **{"store.uri": store_uri}))
+
+    assert [e["event"] for e in logs if e["event"].startswith("restore.")] == [
+        "restore.incomplete_step",
+        "restore.nothing",
+    ]
+    assert not (tmp_path / "ckpt" / "step-000000005-rank00000.pt").exists()

@@ -45,6 +45,7 @@ def main() -> int:
         action="store_true",
         help="average gradients parameter by parameter instead of DDP (bitwise across restarts with > 2 ranks)",
     )
+    parser.add_argument("--sharded", action="store_true", help="Checkpointer(sharded=True): DCP directories")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -54,7 +55,7 @@ def main() -> int:
     # resumed run sums gradients in another order than an uninterrupted one (not bitwise; 2 ranks are).
     model = net if args.plain_allreduce else torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ckpt = Checkpointer(model=net, optimizer=opt, every_steps=args.every)
+    ckpt = Checkpointer(model=net, optimizer=opt, every_steps=args.every, sharded=args.sharded)
     start = ckpt.restore()
     emit("started", step=start, digest=weights_digest(net))
     pause_s = (args.step_ms + (args.skew_ms if rank % 2 else 0.0)) / 1000

@@ -68,9 +68,10 @@ def finish(proc: subprocess.Popen[str], out: Lines, err: Lines, *, timeout_s: fl
     )
 
 
-def interrupt(imds_sim, d, *, barrier: bool) -> int:
+def interrupt(imds_sim, d, *, barrier: bool, extra: list[str] | None = None) -> int:
     """Run 2 ranks against daemon ``d``, arm a terminate notice at a random moment; returns the stop step."""
-    proc, out, err = torchrun({"SPOTD_SOCKET": d.socket}, *(["--barrier"] if barrier else []))
+    flags = [*(["--barrier"] if barrier else []), *(extra or [])]
+    proc, out, err = torchrun({"SPOTD_SOCKET": d.socket}, *flags)
     wait_until(
         lambda: len(out.events("started")) == 2 or proc.poll() is not None, timeout_s=90, what="2 ranks"
     )
@@ -104,18 +105,20 @@ def test_a_notice_stops_every_rank_at_the_same_step(imds_sim, spotd_daemon, tmp_
         d.stop()
 
 
-def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spotd_daemon, tmp_path):
-    """Interrupted at a random step, restored on a wiped disk by a fresh daemon, both ranks resume at the stop step and finish with the weights of a run never interrupted, bit for bit."""
+@pytest.mark.parametrize("layout", ["per-rank-files", "sharded-dcp"])
+def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spotd_daemon, tmp_path, layout):
+    """Interrupted at a random step, restored on a wiped disk by a fresh daemon, both ranks resume at the stop step and finish with the weights of a run never interrupted, bit for bit: with a file per rank, and with one torch.distributed.checkpoint directory for both."""
+    mode = ["--sharded"] if layout == "sharded-dcp" else []
     plain = tmp_path / "plain"
     proc, out, err = torchrun(
-        {"SPOTD_SOCKET": str(tmp_path / "none.sock"), "SPOTD_CHECKPOINT_DIR": str(plain)}
+        {"SPOTD_SOCKET": str(tmp_path / "none.sock"), "SPOTD_CHECKPOINT_DIR": str(plain)}, *mode
     )
     finish(proc, out, err, timeout_s=120)
     digests = {e["digest"] for e in out.events("done")}
     assert len(digests) == 1 and len(out.events("done")) == 2
 
     d1 = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "first")
-    stop_step = interrupt(imds_sim, d1, barrier=False)
+    stop_step = interrupt(imds_sim, d1, barrier=False, extra=mode)
     wait_until(lambda: d1.logs.events("interruption.handled"), timeout_s=30, what="interruption handled")
     d1.stop()
     shutil.rmtree(tmp_path / "first")
@@ -123,7 +126,7 @@ def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spo
     imds_sim.clear()
     d2 = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "second")
     assert d2.logs.events("restore.done"), "the new instance restored nothing"
-    proc, out, err = torchrun({"SPOTD_SOCKET": d2.socket})
+    proc, out, err = torchrun({"SPOTD_SOCKET": d2.socket}, *mode)
     finish(proc, out, err, timeout_s=120)
     assert [e["step"] for e in out.events("started")] == [stop_step, stop_step]
     assert {e["digest"] for e in out.events("done")} == digests
@@ -246,3 +249,33 @@ def test_sigterm_through_torchrun_is_a_last_chance_checkpoint(imds_sim, spotd_da
     ]
     assert sorted(m["rank"] for m in committed if m["step"] == step) == [0, 1]
     assert not [line for line in err.lines if "exitcode  : -" in line], "a worker was killed"
+
+
+def test_a_sharded_checkpoint_of_two_ranks_loads_into_one(tmp_path):
+    """A torch.distributed.checkpoint directory written by 2 ranks (.metadata last) loads into a single process: resharded, the same weights, the same optimizer step."""
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    from spotd.torch import Checkpointer
+
+    env = {"SPOTD_SOCKET": str(tmp_path / "none.sock"), "SPOTD_CHECKPOINT_DIR": str(tmp_path)}
+    proc, out, err = torchrun(env, "--sharded", "--every", "50")
+    finish(proc, out, err, timeout_s=120)
+    (digest,) = {e["digest"] for e in out.events("done")}
+    saved = tmp_path / "train" / f"step-{STEPS:09d}.dcp"
+    assert (saved / ".metadata").is_file()
+    assert sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    spec = importlib.util.spec_from_file_location("ddp_trainer", TRAINER)
+    assert spec is not None and spec.loader is not None
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    torch.manual_seed(123)  # other weights: only the load can make them equal
+    net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    ckpt = Checkpointer(model=net, optimizer=opt, sharded=True, checkpoint_dir=tmp_path, guard=None)
+    assert ckpt.restore() == STEPS
+    assert trainer.weights_digest(net) == digest
+    assert int(opt.state_dict()["state"][0]["step"]) == STEPS

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import torch
 
-from spotd.integrations.torch import files, ranks
+from spotd.integrations.torch import files, ranks, sharded
 from spotd.integrations.torch.files import CheckpointError, LocalCheckpoint
 from spotd.integrations.torch.link import (
     AUTO,
@@ -105,6 +105,7 @@ class Checkpointer:
         "_pending_step",
         "_rank",
         "_run_id",
+        "_sharded",
         "_topology",
         "_weights_only",
         "_world_size",
@@ -130,6 +131,7 @@ class Checkpointer:
         handle_sigterm: bool | None = None,
         sync_every: int = 1,
         process_group: Any = None,
+        sharded: bool = False,
     ) -> None:
         if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
             raise ValueError(f"every_steps={every_steps!r}: give a whole number of steps >= 1, or None")
@@ -151,6 +153,7 @@ class Checkpointer:
         self._map_location = map_location
         self._weights_only = weights_only
         self._on_save = on_save
+        self._sharded = sharded
         self._topology = ranks.topology()
         self._rank, self._world_size = self._topology.rank, self._topology.world_size
         # Collective: every rank must build its Checkpointer, as every rank must call step().
@@ -206,7 +209,10 @@ class Checkpointer:
         """
         self._dir.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temps(self._dir, rank=self._rank, world_size=self._world_size)
-        found = files.scan(self._dir, rank=self._rank, world_size=self._world_size)
+        if self._sharded:
+            found = sharded.scan(self._dir)
+        else:
+            found = files.scan(self._dir, rank=self._rank, world_size=self._world_size)
         expected = self._link.expected()
         # A file found on disk may be a restore from the store or an unreported local save: without a daemon
         # either counts for retention; with one, it waits for a newer durable save before being deleted.
@@ -226,6 +232,22 @@ class Checkpointer:
         return 0
 
     def _load(self, step: int, path: Path, failures: list[str]) -> bool:
+        if self._sharded:
+            try:
+                sharded.load(
+                    path,
+                    self._parts,
+                    rank=self._rank,
+                    map_location=self._map_location,
+                    weights_only=self._weights_only,
+                )
+            except CheckpointError as exc:
+                failures.append(f"{path.name}: {exc}")
+                log.warning("skipping unloadable checkpoint %s (%s); trying an older one", path, exc)
+                return False
+            self._last_saved_step = step
+            log.info("restored %s: resuming at step %d", path, step)
+            return True
         try:
             payload = load_payload(path, map_location=self._map_location, weights_only=self._weights_only)
         except CheckpointError:
@@ -348,10 +370,23 @@ class Checkpointer:
     def _save(self, step: int, *, reason: str, request_id: str | None, for_peer: bool = False) -> SaveInfo:
         started = time.monotonic()
         self._dir.mkdir(parents=True, exist_ok=True)
-        final_path = self._dir / files.filename(step, rank=self._rank, world_size=self._world_size)
+        if self._sharded:
+            final_path = self._dir / sharded.directory_name(step)
+        else:
+            final_path = self._dir / files.filename(step, rank=self._rank, world_size=self._world_size)
         if self._last_saved_step == step and final_path.exists():
             # Asked again at a step already on disk (periodic save, then a request): report, don't rewrite.
             size = final_path.stat().st_size
+        elif self._sharded:
+            # Collective: every rank writes its shard, rank 0 the .metadata last.
+            size = sharded.save(
+                final_path,
+                self._parts,
+                step=step,
+                rank=self._rank,
+                world_size=self._world_size,
+                saved_at=time.time(),
+            )
         else:
             size = files.write_atomic(
                 final_path,
@@ -361,11 +396,17 @@ class Checkpointer:
             )
         self._last_save_t = time.monotonic()
         self._last_saved_step = step
-        # The client tracks only the last report: learn whether the previous one became durable first.
-        self._refresh_durable()
-        relative = self._link.report(final_path, step, final=for_peer and reason == "final")
+        # A sharded directory is one checkpoint per node: its local rank 0 reports it and keeps it.
+        reporter = not self._sharded or self._topology.local_rank == 0
+        relative = str(final_path)
+        if reporter:
+            # The client tracks only the last report: learn whether the previous one became durable first.
+            self._refresh_durable()
+            relative = self._link.report(
+                final_path, step, final=for_peer and reason == "final", shared=self._sharded
+            )
         # A save made while the daemon is away is not durable: the client re-sends it on reconnect.
-        expected = self._link.expected()
+        expected = reporter and self._link.expected()
         self._by_step[step] = LocalCheckpoint(step=step, path=final_path, durable=not expected)
         if expected:
             self._pending_step = step
@@ -397,9 +438,14 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         """Keep the newest ``keep`` files; an older one goes only once it or a newer one is durable."""
+        if self._sharded and self._topology.local_rank != 0:
+            return  # the node's sharded directories are local rank 0's to delete
         for local in files.expired(self._by_step.values(), keep=self._keep):
             try:
-                local.path.unlink(missing_ok=True)
+                if local.path.is_dir():
+                    sharded.remove(local.path)
+                else:
+                    local.path.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("could not delete old checkpoint %s: %s", local.path, exc)
                 continue

@@ -184,7 +184,7 @@ class DaemonLink:
             return None
         return request
 
-    def report(self, path: Path, step: int, *, final: bool = False) -> str:
+    def report(self, path: Path, step: int, *, final: bool = False, shared: bool = False) -> str:
         """Tell spotd about a save; returns the path as told (relative to the daemon's checkpoint_dir)."""
         guard = self.guard
         daemon_dir = guard.checkpoint_dir if guard is not None else None
@@ -202,11 +202,10 @@ class DaemonLink:
                 )
         if guard is not None:
             try:
-                if final:
-                    # Asked on another rank, maybe another node: this node's spotd must upload it now.
-                    guard.saved(relative, step=step, final=True)  # type: ignore[call-arg]
-                else:
-                    guard.saved(relative, step=step)
+                # final: asked on another rank, maybe another node: this node's spotd must upload it now.
+                # shared: a sharded directory holding every rank's part.
+                flags = {k: True for k, v in (("final", final), ("shared", shared)) if v}
+                guard.saved(relative, step=step, **flags)
             except Exception as exc:
                 log.warning("telling spotd about %s failed: %s", relative, exc)
         return relative

@@ -20,8 +20,10 @@ __all__ = [
     "RESERVED_KEYS",
     "Components",
     "Stateful",
+    "apply_extras",
     "apply_payload",
     "build_payload",
+    "extras_payload",
     "load_payload",
 ]
 
@@ -61,25 +63,33 @@ class Components:
         self.state = dict(state)
 
 
-def build_payload(
+def extras_payload(
     parts: Components, *, step: int, rank: int, world_size: int, saved_at: float
 ) -> dict[str, Any]:
+    """Everything but the model and optimizer: what a sharded checkpoint keeps per rank beside its shards."""
     payload: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
         "saved_at": saved_at,
         "rank": rank,
         "world_size": world_size,
-        "model": parts.model.state_dict(),
         "rng": _rng_state(),
         "state": {key: obj.state_dict() for key, obj in parts.state.items()},
     }
-    if parts.optimizer is not None:
-        payload["optimizer"] = parts.optimizer.state_dict()
     if parts.scheduler is not None:
         payload["scheduler"] = parts.scheduler.state_dict()
     if parts.scaler is not None:
         payload["scaler"] = parts.scaler.state_dict()
+    return payload
+
+
+def build_payload(
+    parts: Components, *, step: int, rank: int, world_size: int, saved_at: float
+) -> dict[str, Any]:
+    payload = extras_payload(parts, step=step, rank=rank, world_size=world_size, saved_at=saved_at)
+    payload["model"] = parts.model.state_dict()
+    if parts.optimizer is not None:
+        payload["optimizer"] = parts.optimizer.state_dict()
     return payload
 
 
@@ -110,6 +120,14 @@ def apply_payload(parts: Components, payload: dict[str, Any], path: Path) -> Non
         parts.model.load_state_dict(payload["model"])
         if parts.optimizer is not None and "optimizer" in payload:
             parts.optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise _misfit(path, exc) from exc
+    apply_extras(parts, payload, path)
+
+
+def apply_extras(parts: Components, payload: dict[str, Any], path: Path) -> None:
+    """Scheduler, scaler, ``state=`` objects and RNGs (the model and optimizer are someone else's)."""
+    try:
         if parts.scheduler is not None and "scheduler" in payload:
             parts.scheduler.load_state_dict(payload["scheduler"])
         if parts.scaler is not None and "scaler" in payload:
@@ -121,11 +139,15 @@ def apply_payload(parts: Components, payload: dict[str, Any], path: Path) -> Non
             else:
                 log.warning("%s has no saved state for %r; it starts fresh", path, key)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(
-            f"{path} does not fit this model/optimizer ({exc}); "
-            "fix: use a checkpoint_dir of this model, or move the old checkpoints away"
-        ) from exc
+        raise _misfit(path, exc) from exc
     _set_rng_state(payload.get("rng", {}))
+
+
+def _misfit(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} does not fit this model/optimizer ({exc}); "
+        "fix: use a checkpoint_dir of this model, or move the old checkpoints away"
+    )
 
 
 def _rng_state() -> dict[str, Any]:
