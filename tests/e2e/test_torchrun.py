@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAINER = ROOT / "tests" / "e2e" / "ddp_trainer.py"
 STEPS = 150
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def torchrun(
@@ -113,7 +113,7 @@ def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spo
     proc, out, err = torchrun(
         {"SPOTD_SOCKET": str(tmp_path / "none.sock"), "SPOTD_CHECKPOINT_DIR": str(plain)}, *mode
     )
-    finish(proc, out, err, timeout_s=120)
+    finish(proc, out, err, timeout_s=300)
     digests = {e["digest"] for e in out.events("done")}
     assert len(digests) == 1 and len(out.events("done")) == 2
 
@@ -127,7 +127,7 @@ def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spo
     d2 = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "second")
     assert d2.logs.events("restore.done"), "the new instance restored nothing"
     proc, out, err = torchrun({"SPOTD_SOCKET": d2.socket}, *mode)
-    finish(proc, out, err, timeout_s=120)
+    finish(proc, out, err, timeout_s=300)
     assert [e["step"] for e in out.events("started")] == [stop_step, stop_step]
     assert {e["digest"] for e in out.events("done")} == digests
 
@@ -158,7 +158,7 @@ def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemo
         {"SPOTD_CHECKPOINT_DIR": str(tmp_path / "plain")},
     )
     for proc, out, err in nodes:
-        finish(proc, out, err, timeout_s=180)
+        finish(proc, out, err, timeout_s=300)
     digests = {e["digest"] for _, out, _ in nodes for e in out.events("done")}
     assert len(digests) == 1
 
@@ -212,7 +212,7 @@ def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemo
         d4 = spotd_daemon(quiet.url, checkpoint_dir=tmp_path / "n4")
         nodes = two_nodes([d3.socket, d4.socket])
         for proc, out, err in nodes:
-            finish(proc, out, err, timeout_s=180)
+            finish(proc, out, err, timeout_s=300)
         started = [e for _, out, _ in nodes for e in out.events("started")]
         assert [e["step"] for e in started] == [step] * 4
         assert {e["digest"] for e in started} == {e["digest"] for e in stopped}, (started, stopped)
@@ -262,7 +262,7 @@ def test_a_sharded_checkpoint_of_two_ranks_loads_into_one(tmp_path):
 
     env = {"SPOTD_SOCKET": str(tmp_path / "none.sock"), "SPOTD_CHECKPOINT_DIR": str(tmp_path)}
     proc, out, err = torchrun(env, "--sharded", "--every", "50")
-    finish(proc, out, err, timeout_s=120)
+    finish(proc, out, err, timeout_s=300)
     (digest,) = {e["digest"] for e in out.events("done")}
     saved = tmp_path / "train" / f"step-{STEPS:09d}.dcp"
     assert (saved / ".metadata").is_file()
