@@ -5,128 +5,16 @@ from __future__ import annotations
 import base64
 import filecmp
 import os
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from awscrt import checksums
 
-from spotd.config import Config
 from spotd.errors import PathEscape, RestoreError
-from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, CommitInfo, Manifest, open_store
+from spotd.store import CheckpointStore
 from spotd.store.base import AlreadyExists, BaseStore
 from spotd.store.checksums import hash_file
-from tests.fixtures.s3 import S3Bucket
-
-JOB = "job1"
-
-
-def info(step: int | None = 1, *, rank: int | None = None, world_size: int | None = None) -> CommitInfo:
-    return CommitInfo(
-        job_id=JOB,
-        step=step,
-        trainer="train",
-        rank=rank,
-        world_size=world_size,
-        request_id=None,
-        reason="periodic",
-        instance_id="i-0123",
-        final=False,
-    )
-
-
-@dataclass
-class Backend:
-    kind: str
-    root: Path  # file store root (file) or unused
-    bucket: S3Bucket | None
-    make: Callable[..., CheckpointStore]
-
-    def corrupt(self, manifest: Manifest, path: str) -> None:
-        key = f"{JOB}/checkpoints/{manifest.name}/{path}"
-        if self.bucket is not None:
-            body = self.bucket.client.get_object(Bucket=self.bucket.name, Key=f"pfx/{key}")["Body"].read()
-            self.bucket.client.put_object(Bucket=self.bucket.name, Key=f"pfx/{key}", Body=b"X" + body[1:])
-        else:
-            target = self.root / key
-            data = bytearray(target.read_bytes())
-            data[0] ^= 0xFF
-            target.write_bytes(bytes(data))
-
-    def objects(self) -> list[str]:
-        if self.bucket is not None:
-            return [k.removeprefix("pfx/") for k in self.bucket.keys("pfx/")]
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
-
-    def add_orphan(self, name: str) -> None:
-        key = f"{JOB}/checkpoints/{name}/model.pt"
-        if self.bucket is not None:
-            self.bucket.client.put_object(Bucket=self.bucket.name, Key=f"pfx/{key}", Body=b"half")
-        else:
-            (self.root / key).parent.mkdir(parents=True)
-            (self.root / key).write_bytes(b"half")
-
-
-@pytest.fixture(params=["file", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    root = tmp_path / "store"
-    if request.param == "file":
-        uri = f"file://{root}"
-        bucket = None
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        uri = bucket.uri()
-
-    def make(**overrides: Any) -> CheckpointStore:
-        extra = {"store.endpoint_url": bucket.endpoint_url} if bucket else {}
-        cfg = Config().replace(
-            **{
-                "job_id": JOB,
-                "store.uri": uri,
-                "store.part_size": 5 * 1024 * 1024,
-                "store.concurrency": 8,
-                **extra,
-                **overrides,
-            }
-        )
-        return open_store(cfg, metrics=Metrics())
-
-    return Backend(kind=request.param, root=root, bucket=bucket, make=make)
-
-
-@pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[CheckpointStore]:
-    s = backend.make()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@pytest.fixture
-def ckdir(tmp_path: Path) -> Path:
-    d = tmp_path / "ckpt"
-    d.mkdir()
-    return d
-
-
-def write_big(path: Path, size: int) -> None:
-    """A sparse file with random blocks scattered through it: fast to create, not all zeros."""
-    block = os.urandom(1024 * 1024)
-    with open(path, "wb") as fh:
-        fh.truncate(size)
-        for offset in range(0, size, 16 * 1024 * 1024):
-            fh.seek(offset)
-            fh.write(block[: min(len(block), size - offset)])
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+from tests.store.helpers import JOB, Backend, info, same_tree, write_big
 
 
 async def test_large_single_file_commit_and_restore(
