@@ -231,6 +231,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
             await store.close()
         for skipped in result.skipped:
             print(f"skipped {skipped}: failed verification", file=sys.stderr)
+        if result.moved_aside:
+            n = len(result.moved_aside)
+            shown = ", ".join(result.moved_aside[:10]) + (", …" if n > 10 else "")
+            print(
+                f"moved {n} local {'file' if n == 1 else 'files'} the restore replaced into "
+                f"{result.aside_dir} (kept, not overwritten): {shown}",
+                file=sys.stderr,
+            )
         m = result.manifest
         print(
             f"restored {m.name} (step {m.step}): {result.files} files, {_human(result.bytes)} "

@@ -26,6 +26,10 @@ class RestoreResult:
     bytes: int
     seconds: float
     skipped: tuple[str, ...]  # names that failed verification and were fallen back from
+    #: Local paths (relative to the destination) that held something else and were moved into ``aside_dir``
+    #: rather than overwritten; a restore never deletes what it did not bring.
+    moved_aside: tuple[str, ...] = ()
+    aside_dir: Path | None = None
 
 
 class Priority(enum.Enum):

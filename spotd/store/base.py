@@ -28,7 +28,7 @@ from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
 from spotd.store.api import Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
-from spotd.store.localfs import LocalFile, collect_files, make_staging, move_into_place
+from spotd.store.localfs import LocalFile, aside_dir_for, collect_files, make_staging, move_into_place
 from spotd.store.manifest import MANIFEST, CommitInfo, FileEntry, Manifest, safe_relative
 from spotd.store.selection import (
     checkpoint_name,
@@ -89,7 +89,9 @@ class BaseStore(ABC):
       MANIFEST.json → per checkpoint to delete, ``delete_keys`` of its MANIFEST.json, then of its other keys.
     - ``list``: ``list_keys`` → ``get_bytes`` of every MANIFEST.json.
     - ``restore``: ``list`` → ``download_file`` for every file of the chosen set, concurrently, into a
-      staging directory inside ``dest`` → verify → move into place; on a failure the next candidate.
+      staging directory inside ``dest`` → verify → move into place file by file (what the destination held
+      at a restored path, if different, is moved aside into ``<dest>/.spotd/replaced-<time>/``; nothing
+      else in ``dest`` is touched); on a failure the next candidate.
     - ``write_event``: one ``put_bytes``.
 
     The daemon calls ``check_access()`` and ``recover()`` once at start, before any commit (the CLI's list
@@ -339,9 +341,10 @@ class BaseStore(ABC):
         if not candidates:
             raise NothingToRestore(f"no complete committed checkpoint under {where}; nothing to restore")
         skipped: list[str] = []
+        aside_dir = aside_dir_for(dest, datetime.now(UTC))
         for group in candidates:
             try:
-                nfiles, nbytes = await self._restore_group(group, dest, progress)
+                nfiles, nbytes, moved = await self._restore_group(group, dest, aside_dir, progress)
             except StoreError as exc:
                 names = [m.name for m in group]
                 skipped.extend(names)
@@ -358,9 +361,24 @@ class BaseStore(ABC):
                 seconds=round(seconds, 3),
                 dest=str(dest),
                 skipped=skipped,
+                moved_aside=len(moved),
             )
+            if moved:
+                log.warning(
+                    "restore.moved_aside",
+                    files=list(moved[:50]),
+                    count=len(moved),
+                    aside=str(aside_dir),
+                    note="these local files differed from the checkpoint's and were kept, not overwritten",
+                )
             return RestoreResult(
-                manifest=group[0], files=nfiles, bytes=nbytes, seconds=seconds, skipped=tuple(skipped)
+                manifest=group[0],
+                files=nfiles,
+                bytes=nbytes,
+                seconds=seconds,
+                skipped=tuple(skipped),
+                moved_aside=moved,
+                aside_dir=aside_dir if moved else None,
             )
         raise RestoreError(
             f"no committed checkpoint under {where} could be downloaded and verified "
@@ -368,8 +386,12 @@ class BaseStore(ABC):
         )
 
     async def _restore_group(
-        self, group: Sequence[Manifest], dest: Path, progress: Callable[[int, int], None] | None
-    ) -> tuple[int, int]:
+        self,
+        group: Sequence[Manifest],
+        dest: Path,
+        aside_dir: Path,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[int, int, tuple[str, ...]]:
         staging = await self.run(make_staging, dest)
         total = sum(m.total_bytes for m in group)
         done = 0
@@ -390,10 +412,11 @@ class BaseStore(ABC):
                     key = f"{self.checkpoints_prefix}{m.name}/{f.path}"
                     jobs.append(self._fetch_verified(key, target, f, m.name, advance))
             await gather_or_cancel(jobs)
-            await self.run(move_into_place, staging, dest)
+            files = [f for m in group for f in m.files]
+            moved = await self.run(lambda: move_into_place(staging, dest, files, aside_dir=aside_dir))
         finally:
             await self.run(shutil.rmtree, staging, True)
-        return sum(len(m.files) for m in group), total
+        return len(files), total, moved
 
     async def _fetch_verified(
         self, key: str, target: Path, entry: FileEntry, name: str, advance: Callable[[int], None]

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Final
 
 from spotd.errors import PathEscape, UploadError
-from spotd.store.manifest import MANIFEST
+from spotd.store.checksums import hash_file
+from spotd.store.manifest import MANIFEST, FileEntry
 
 __all__ = [
     "RESTORE_PREFIX",
+    "STATE_DIR",
     "LocalFile",
+    "aside_dir_for",
     "collect_files",
     "fsync_dir",
     "make_staging",
@@ -23,6 +27,9 @@ __all__ = [
     "resolve_inside",
 ]
 
+#: spotd's own directory inside checkpoint_dir: the disk marker (:mod:`~spotd.store.marker`) and what a
+#: restore moved aside.
+STATE_DIR: Final = ".spotd"
 #: Prefix of a restore's staging directory inside the destination; removed whether the restore succeeds
 #: or not.
 RESTORE_PREFIX: Final = ".spotd-restore-"
@@ -120,16 +127,60 @@ def make_staging(dest: Path) -> Path:
     return staging
 
 
-def move_into_place(staging: Path, dest: Path) -> None:
-    """Replace each top-level entry of ``dest`` by the verified one; an existing directory of the same name
-    is moved aside first (os.replace cannot replace a non-empty directory) and removed after."""
-    for entry in sorted(staging.iterdir()):
-        target = dest / entry.name
-        if target.is_dir() and not target.is_symlink():
-            aside = staging / f".old-{entry.name}"
-            os.replace(target, aside)
-            os.replace(entry, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(entry, target)
-    fsync_dir(dest)
+def aside_dir_for(dest: Path, now: datetime) -> Path:
+    """Where a restore at ``now`` moves the local files it replaces: ``<dest>/.spotd/replaced-<time>/``
+    (hidden, so watch mode and the trainer's own globbing skip it). Not created here."""
+    stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return dest / STATE_DIR / f"replaced-{stamp}-{secrets.token_hex(2)}"
+
+
+def move_into_place(
+    staging: Path, dest: Path, files: Sequence[FileEntry], *, aside_dir: Path
+) -> tuple[str, ...]:
+    """Move each verified file from ``staging`` to the same path in ``dest``; returns what was moved aside.
+
+    The restore owns only the paths its checkpoint holds. Everything else in ``dest`` stays where it is
+    (a newer local save, a NOTES.txt, other files inside a restored directory). Where a restored path is
+    already taken by something different (a file with other content, a directory or a file where the
+    checkpoint needs the other, a symlink), that entry is moved whole into ``aside_dir`` under its relative
+    path; nothing is ever deleted. A file identical to the checkpoint's (same size and checksum) is just
+    replaced by its verified copy.
+    """
+    moved: list[str] = []
+    touched: set[Path] = {dest}
+
+    def move_aside(rel: str) -> None:
+        target = aside_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(dest / rel, target)
+        touched.update((target.parent, (dest / rel).parent))
+        moved.append(rel)
+
+    for entry in {e.path: e for e in files}.values():
+        parts = PurePosixPath(entry.path).parts
+        for depth in range(1, len(parts)):
+            rel = "/".join(parts[:depth])
+            here = dest / rel
+            # A symlink is moved aside, never followed: writing through it could land outside dest.
+            if here.is_symlink() or (here.exists() and not here.is_dir()):
+                move_aside(rel)
+            if not here.is_dir():
+                here.mkdir()
+                touched.add(here.parent)
+        target = dest / entry.path
+        taken = target.is_symlink() or target.is_dir()
+        if taken or (target.exists() and not _same_file(target, entry)):
+            move_aside(entry.path)
+        os.replace(staging / entry.path, target)
+        touched.add(target.parent)
+    for directory in sorted(touched, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(directory)
+    return tuple(moved)
+
+
+def _same_file(path: Path, entry: FileEntry) -> bool:
+    """Whether the local file holds exactly the checkpoint's bytes (size first: hashing reads it all)."""
+    if path.stat().st_size != entry.size:
+        return False
+    algo = entry.checksum.split(":", 1)[0]
+    return hash_file(path, algo) == (entry.size, entry.checksum)

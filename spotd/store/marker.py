@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from spotd.logs import get_logger
+from spotd.store.localfs import STATE_DIR
 
 if TYPE_CHECKING:
     from spotd.store import Manifest
@@ -21,8 +22,8 @@ __all__ = ["RESTORED_MARKER", "STATE_DIR", "read_disk_marker", "write_disk_marke
 
 log = get_logger("spotd.store")
 
-#: Where the daemon remembers, inside checkpoint_dir, which committed checkpoint the disk already holds.
-STATE_DIR: Final = ".spotd"
+#: Where the daemon remembers, inside checkpoint_dir (in STATE_DIR), which committed checkpoint the disk
+#: already holds.
 RESTORED_MARKER: Final = "restored.json"
 
 
