@@ -7,11 +7,14 @@ wrong *and* how to fix it.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "ChecksumMismatch",
     "CommitError",
     "ConfigError",
     "DaemonAlreadyRunning",
+    "DiskFull",
     "ImdsError",
     "ImdsMalformed",
     "ImdsUnavailable",
@@ -94,6 +97,36 @@ class RestoreError(StoreError):
 
 class NothingToRestore(RestoreError):
     """The store holds no complete checkpoint (none at all, or only steps some rank never committed)."""
+
+
+class DiskFull(RestoreError, OSError):
+    """The restore's destination has no room for the checkpoint (``errno`` is ENOSPC). Not the store's
+    fault, and no older checkpoint is tried instead: the disk must be freed or grown."""
+
+    def __init__(
+        self, *, directory: str, need: int, free: int, checkpoint: str, checkpoint_bytes: int
+    ) -> None:
+        self.directory = directory
+        self.need = need  # the checkpoint's bytes, filesystem blocks and a margin
+        self.free = free
+        self.fix = (
+            f"free space in {directory}, restore elsewhere (spotd restore --to DIR), or give the instance "
+            "a larger volume"
+        )
+        super().__init__(
+            f"disk full: need {_size(checkpoint_bytes)} for checkpoint {checkpoint} ({_size(need)} with "
+            f"blocks and a margin), {_size(free)} free in {directory}; fix: {self.fix}"
+        )
+        self.errno = errno.ENOSPC
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 class ChecksumMismatch(RestoreError):

@@ -24,7 +24,7 @@ from spotd.daemon.http import MetricsServer
 from spotd.daemon.ipc import IpcServer
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
 from spotd.daemon.systemd import Notifier, watchdog_loop
-from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, StoreError
+from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, DiskFull, StoreError
 from spotd.events import Notice, Phase
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
@@ -141,7 +141,9 @@ class Daemon:
             log.error(
                 "startup.store_failed",
                 error=str(exc),
-                fix="check store.uri, credentials and the IAM policy (docs/iam-policy.json); "
+                fix=exc.fix
+                if isinstance(exc, DiskFull)
+                else "check store.uri, credentials and the IAM policy (docs/iam-policy.json); "
                 "systemd retries spotd, and the training unit waits for it",
             )
             return EXIT_FAILURE

@@ -23,12 +23,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from spotd.errors import ChecksumMismatch, CommitError, NothingToRestore, RestoreError, StoreError
+from spotd.errors import (
+    ChecksumMismatch,
+    CommitError,
+    DiskFull,
+    NothingToRestore,
+    RestoreError,
+    StoreError,
+)
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
 from spotd.store.api import Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
-from spotd.store.localfs import LocalFile, aside_dir_for, collect_files, make_staging, move_into_place
+from spotd.store.localfs import (
+    LocalFile,
+    aside_dir_for,
+    collect_files,
+    free_bytes,
+    is_disk_full,
+    make_staging,
+    move_into_place,
+    space_needed,
+)
 from spotd.store.manifest import MANIFEST, CommitInfo, FileEntry, Manifest, safe_relative
 from spotd.store.selection import (
     checkpoint_name,
@@ -345,6 +361,10 @@ class BaseStore(ABC):
         for group in candidates:
             try:
                 nfiles, nbytes, moved = await self._restore_group(group, dest, aside_dir, progress)
+            except DiskFull:
+                # No fallback: an older checkpoint restored because this one did not fit would resume
+                # from older work unnoticed; the disk has to be freed or grown either way.
+                raise
             except StoreError as exc:
                 names = [m.name for m in group]
                 skipped.extend(names)
@@ -392,8 +412,9 @@ class BaseStore(ABC):
         aside_dir: Path,
         progress: Callable[[int, int], None] | None,
     ) -> tuple[int, int, tuple[str, ...]]:
-        staging = await self.run(make_staging, dest)
-        total = sum(m.total_bytes for m in group)
+        files = [f for m in group for f in m.files]
+        total = sum(f.size for f in files)
+        need = space_needed(files)
         done = 0
 
         def advance(n: int) -> None:
@@ -402,7 +423,24 @@ class BaseStore(ABC):
             if progress is not None:
                 progress(done, total)
 
+        async def disk_full() -> DiskFull:
+            return DiskFull(
+                directory=str(dest),
+                need=need,
+                free=await self.run(free_bytes, dest),
+                checkpoint=", ".join(m.name for m in group),
+                checkpoint_bytes=total,
+            )
+
+        staging: Path | None = None
         try:
+            staging = await self.run(make_staging, dest)
+            # Checked before the first byte: on a full disk every part would fail, each read as a store
+            # error, and every older checkpoint would be tried in turn.
+            if await self.run(free_bytes, staging) < need:
+                raise await disk_full()
+            if progress is not None:
+                progress(0, total)
             jobs = []
             for m in group:
                 for f in m.files:
@@ -412,10 +450,16 @@ class BaseStore(ABC):
                     key = f"{self.checkpoints_prefix}{m.name}/{f.path}"
                     jobs.append(self._fetch_verified(key, target, f, m.name, advance))
             await gather_or_cancel(jobs)
-            files = [f for m in group for f in m.files]
-            moved = await self.run(lambda: move_into_place(staging, dest, files, aside_dir=aside_dir))
+            at = staging
+            moved = await self.run(lambda: move_into_place(at, dest, files, aside_dir=aside_dir))
+        except (StoreError, OSError) as exc:
+            if isinstance(exc, DiskFull) or not is_disk_full(exc):
+                raise
+            # Space taken while the restore ran (or more than the margin allowed for).
+            raise await disk_full() from exc
         finally:
-            await self.run(shutil.rmtree, staging, True)
+            if staging is not None:
+                await self.run(shutil.rmtree, staging, True)
         return len(files), total, moved
 
     async def _fetch_verified(

@@ -3,8 +3,10 @@ and putting a verified restore into place durably. Everything here blocks: run i
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,11 +23,18 @@ __all__ = [
     "LocalFile",
     "aside_dir_for",
     "collect_files",
+    "free_bytes",
     "fsync_dir",
+    "is_disk_full",
     "make_staging",
     "move_into_place",
     "resolve_inside",
+    "space_needed",
 ]
+
+#: What a restore keeps free beyond the checkpoint's own blocks.
+RESTORE_MARGIN: Final = 1024 * 1024
+_BLOCK: Final = 4096
 
 #: spotd's own directory inside checkpoint_dir: the disk marker (:mod:`~spotd.store.marker`) and what a
 #: restore moved aside.
@@ -125,6 +134,32 @@ def make_staging(dest: Path) -> Path:
     staging = dest / f"{RESTORE_PREFIX}{secrets.token_hex(4)}"
     staging.mkdir()
     return staging
+
+
+def space_needed(files: Sequence[FileEntry]) -> int:
+    """Bytes a restore of ``files`` needs free: each file rounded up to whole blocks, one block per
+    directory, and a margin (the staging copy lands beside whatever it replaces, which is freed only
+    after)."""
+    directories = {str(PurePosixPath(f.path).parent) for f in files}
+    blocks = sum(-(-f.size // _BLOCK) for f in files) + len(directories)
+    return blocks * _BLOCK + RESTORE_MARGIN
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer can still use on ``path``'s filesystem."""
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, "no space left on device" (or a quota)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def aside_dir_for(dest: Path, now: datetime) -> Path:

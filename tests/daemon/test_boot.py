@@ -129,3 +129,41 @@ async def test_a_store_with_only_an_incomplete_step_is_a_fresh_start(imds_sim, t
         "restore.nothing",
     ]
     assert not (tmp_path / "ckpt" / "step-000000005-rank00000.pt").exists()
+
+
+async def test_boot_restore_onto_a_full_disk_says_disk_full_once(imds_sim, tmp_path, short_tmp, small_disk):
+    """A boot whose checkpoint_dir has no room exits 1 at once with the disk-full message and its fix (not store.uri and credentials), without retrying or trying an older checkpoint."""
+    from tests.fixtures.disk import fill
+
+    store_uri = (tmp_path / "store").as_uri()
+    source = tmp_path / "elsewhere"
+    source.mkdir()
+    seed = FileStore(uri=store_uri, job_id=JOB)
+    for step, size in ((1, 1024), (2, 4 * 1024 * 1024)):
+        (source / "model.pt").write_bytes(b"w" * size)
+        info = CommitInfo(
+            job_id=JOB,
+            step=step,
+            trainer="t",
+            rank=None,
+            world_size=None,
+            request_id=None,
+            reason="periodic",
+            instance_id="i-old",
+            final=False,
+        )
+        await seed.commit(source / "model.pt", checkpoint_dir=source, info=info)
+    await seed.close()
+    disk = small_disk(8)
+    fill(disk, leave_bytes=1024 * 1024)
+    cfg = config(tmp_path, short_tmp, imds_sim.url, **{"store.uri": store_uri, "checkpoint_dir": str(disk)})
+    daemon = Daemon(config=cfg, registry=CollectorRegistry(), notifier=Notifier(socket_path=""))
+
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(daemon.run(), 30) == 1
+
+    (failed,) = [e for e in logs if e["event"] == "startup.store_failed"]
+    assert failed["error"].startswith("disk full: need 4.0 MiB") and str(disk) in failed["error"]
+    assert "free space" in failed["fix"] and "credentials" not in failed["fix"]
+    assert not [e for e in logs if e["event"] in ("restore.retry", "restore.fallback")]
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
