@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
 from spotd.errors import StoreAccessError, StoreError, UploadError
+from spotd.logs import get_logger
 from spotd.store.api import Priority
 from spotd.store.base import AlreadyExists, BaseStore
 from spotd.store.checksums import CHUNK, Hasher
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from spotd.metrics import Metrics
 
 __all__ = ["TMP_PREFIX", "FileStore"]
+
+log = get_logger("spotd.store")
 
 #: Prefix of half-written files; list_keys skips them and recover() removes them.
 TMP_PREFIX: Final = ".spotd-tmp-"
@@ -203,7 +206,11 @@ class FileStore(BaseStore):
                             count += 1
             return count
 
-        return await self.run(sweep)
+        count = await self.run(sweep)
+        if count:
+            # The same event the s3 store logs for its aborted uploads; boot relies on the store saying it.
+            log.info("store.recovered", temp_files=count)
+        return count
 
 
 def _threadsafe(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
