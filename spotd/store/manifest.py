@@ -5,6 +5,12 @@ MANIFEST.json, format 1 (one JSON object, ``indent=1``, keys in this order)::
     format, name, job_id, step, created_at, instance_id, trainer, rank, world_size, request_id, reason,
     total_bytes, files: [{path, size, checksum}, ...]
 
+then, only when set (added for the multi-node commit; a manifest without them is byte for byte what
+every spotd before wrote, and an older spotd reading one with them ignores the extra keys):
+
+    nodes        a checkpoint committed by node parts: how many nodes (the global MANIFEST.json has it)
+    node, ranks  a part (``checkpoints/<name>/parts/node-<k>.json``): which node, which global ranks
+
 The fields a trainer's save brings (job_id … instance_id) are declared once, in :class:`Provenance`:
 :class:`CommitInfo` (what a commit is asked with) and :class:`Manifest` (what a commit recorded) both extend
 it, and the codec reads and writes exactly those fields.
@@ -25,6 +31,7 @@ from spotd.store.checksums import ALGORITHMS
 __all__ = [
     "MANIFEST",
     "MANIFEST_FORMAT",
+    "PARTS_DIR",
     "CommitInfo",
     "FileEntry",
     "Manifest",
@@ -34,6 +41,8 @@ __all__ = [
 
 MANIFEST: Final = "MANIFEST.json"
 MANIFEST_FORMAT: Final = 1
+#: Where the node parts of a multi-node checkpoint go, inside its directory.
+PARTS_DIR: Final = "parts"
 
 
 def safe_relative(path: str) -> bool:
@@ -81,13 +90,46 @@ class Manifest(Provenance):
     created_at: datetime
     files: tuple[FileEntry, ...]
     format: int = MANIFEST_FORMAT
+    #: Set on a checkpoint committed from node parts (and on each part): the number of nodes.
+    nodes: int | None = None
+    #: Set on a part only: the node that wrote it and the global ranks whose files it holds.
+    node: int | None = None
+    ranks: tuple[int, ...] | None = None
+
+    @property
+    def is_part(self) -> bool:
+        return self.node is not None
+
+    @property
+    def covers_every_rank(self) -> bool:
+        """Restorable on its own: one process, or one manifest for every rank of every node (a committed
+        part set). A per-rank manifest of a multi-rank run (world_size > 1) is not."""
+        if self.is_part:
+            return False
+        return self.nodes is not None or not self.world_size or self.world_size <= 1
 
     @classmethod
     def of_commit(
-        cls, info: Provenance, *, name: str, created_at: datetime, files: tuple[FileEntry, ...]
+        cls,
+        info: Provenance,
+        *,
+        name: str,
+        created_at: datetime,
+        files: tuple[FileEntry, ...],
+        nodes: int | None = None,
+        node: int | None = None,
+        ranks: tuple[int, ...] | None = None,
     ) -> Manifest:
-        """The manifest a commit of ``info`` writes."""
-        return cls(name=name, created_at=created_at, files=files, **_provenance(info))
+        """The manifest a commit of ``info`` writes (with ``nodes``/``node``/``ranks``: a node's part)."""
+        return cls(
+            name=name,
+            created_at=created_at,
+            files=files,
+            nodes=nodes,
+            node=node,
+            ranks=ranks,
+            **_provenance(info),
+        )
 
     @property
     def total_bytes(self) -> int:
@@ -106,6 +148,9 @@ class Manifest(Provenance):
         # (a field added later) goes last rather than being dropped.
         body = {key: values.pop(key) for key in _KEY_ORDER}
         body.update(values)
+        for key, value in (("nodes", self.nodes), ("node", self.node), ("ranks", self.ranks)):
+            if value is not None:
+                body[key] = list(value) if isinstance(value, tuple) else value
         return json.dumps(body, indent=1).encode()
 
     @classmethod
@@ -155,10 +200,25 @@ class Manifest(Provenance):
             created = datetime.fromisoformat(field("created_at", str).replace("Z", "+00:00"))
         except ValueError:
             raise bad(f"created_at {raw.get('created_at')!r} is not an ISO time") from None
+        nodes, node = field("nodes", int, True), field("node", int, True)
+        if nodes is not None and nodes < 1:
+            raise bad(f"field 'nodes' is {nodes!r}")
+        if node is not None and (nodes is None or not 0 <= node < nodes):
+            raise bad(f"field 'node' is {node!r} with nodes {nodes!r}")
+        ranks = raw.get("ranks")
+        if ranks is not None and (
+            not isinstance(ranks, list)
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)
+            or len(set(ranks)) != len(ranks)
+        ):
+            raise bad(f"field 'ranks' is {ranks!r}")
         return cls(
             name=field("name", str),
             created_at=created if created.tzinfo else created.replace(tzinfo=UTC),
             files=tuple(entries),
+            nodes=nodes,
+            node=node,
+            ranks=tuple(ranks) if ranks is not None else None,
             **{key: field(key, kind, optional) for key, (kind, optional) in _PROVENANCE_KINDS.items()},
         )
 

@@ -129,3 +129,29 @@ def test_unknown_format_says_to_upgrade() -> None:
     """A manifest of a format this spotd does not read says to upgrade spotd."""
     with pytest.raises(StoreError, match=r"format 9.*fix: upgrade spotd"):
         Manifest.from_json(edit(format=9))
+
+
+def test_node_fields_round_trip_and_are_absent_unless_set() -> None:
+    """A part's nodes, node and ranks, and a global manifest's nodes, come back as written; a manifest without them has none of the keys (format 1 bytes unchanged)."""
+    part = manifest(rank=None, world_size=4, nodes=2, node=1, ranks=(2, 3))
+    assert Manifest.from_json(part.to_json()) == part and part.is_part and not part.covers_every_rank
+    whole = manifest(rank=None, world_size=4, nodes=2)
+    assert Manifest.from_json(whole.to_json()) == whole and whole.covers_every_rank
+    assert not {"nodes", "node", "ranks"} & set(json.loads(manifest().to_json()))
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"nodes": 0}, "field 'nodes' is 0"),
+        ({"nodes": 2, "node": 2}, "field 'node' is 2 with nodes 2"),
+        ({"node": 0}, "field 'node' is 0 with nodes None"),
+        ({"nodes": 2, "node": 0, "ranks": [0, 0]}, "field 'ranks' is [0, 0]"),
+        ({"nodes": 2, "node": 0, "ranks": [-1]}, "field 'ranks' is [-1]"),
+    ],
+)
+def test_bad_node_fields_are_refused(changes: dict[str, Any], problem: str) -> None:
+    """Impossible node fields make the manifest invalid, naming the field."""
+    with pytest.raises(StoreError, match="delete that checkpoint") as caught:
+        Manifest.from_json(edit(**changes))
+    assert problem in str(caught.value)

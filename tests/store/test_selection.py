@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from spotd.store import CommitInfo, Manifest
+import pytest
+
+from spotd.errors import CommitError
+from spotd.store import CommitInfo, FileEntry, Manifest
 from spotd.store.selection import (
     IncompleteStep,
     checkpoint_name,
     event_name,
+    global_manifest,
     named_candidates,
+    part_key,
+    part_node,
     plan_retention,
     restore_candidates,
+    run_checkpoint_name,
     scan_listing,
+    valid_name,
 )
 
 T0 = datetime(2026, 11, 25, 4, 0, 0, tzinfo=UTC)
@@ -165,3 +174,125 @@ def test_retention_with_nothing_committed_deletes_nothing() -> None:
     """Without any commit nothing is deleted, orphans included (they may be the first commit in flight)."""
     plan = plan_retention([], ["20261125T040001.000000Z-x"], keep=1)
     assert plan.doomed == () and plan.orphans == ()
+
+
+# ---- multi-node
+
+
+RUN = "20261201T193000Z-1a2b3c"
+
+
+def test_run_checkpoint_name_sorts_by_run_then_step() -> None:
+    """A run's names sort by step; a later run's sort after every name of an earlier one, whatever the step; each is a valid name."""
+    assert run_checkpoint_name(RUN, 500) == "20261201T193000Z-1a2b3c-s000000500"
+    assert run_checkpoint_name(RUN, 99) < run_checkpoint_name(RUN, 100)
+    assert run_checkpoint_name(RUN, 999_999) < run_checkpoint_name("20261201T193001Z-000000", 0)
+    assert (
+        valid_name(run_checkpoint_name("../x y", 1)) and run_checkpoint_name("../x y", 1) == "_x_y-s000000001"
+    )
+    with pytest.raises(ValueError, match="whole number"):
+        run_checkpoint_name(RUN, -1)
+
+
+def test_valid_name_refuses_paths_and_hidden_names() -> None:
+    """A checkpoint name is one visible key component."""
+    assert valid_name("20261201T193000Z-1a2b3c-s000000500")
+    assert not any(valid_name(n) for n in ("", ".x", "a/b", "a b", ".."))
+
+
+def test_part_keys_round_trip() -> None:
+    """parts/node-<k>.json names node k; nothing else does."""
+    assert part_key(3) == "parts/node-3.json" and part_node("parts/node-3.json") == 3
+    assert part_node("parts/node-x.json") is None and part_node("sub/parts/node-1.json") is None
+
+
+def part(
+    node: int, *files: tuple[str, int, str], step: int = 7, ranks: tuple[int, ...] | None = None, **kw
+) -> Manifest:
+    return Manifest(
+        name=run_checkpoint_name(RUN, step),
+        job_id="j",
+        step=step,
+        created_at=T0 + timedelta(seconds=node),
+        instance_id=f"i-{node}",
+        trainer="train",
+        rank=None,
+        world_size=4,
+        request_id=kw.get("request_id"),
+        reason=kw.get("reason", "periodic"),
+        files=tuple(FileEntry(path=p, size=n, checksum=c) for p, n, c in files),
+        nodes=2,
+        node=node,
+        ranks=ranks if ranks is not None else (2 * node, 2 * node + 1),
+    )
+
+
+def test_global_manifest_is_the_union_of_the_parts() -> None:
+    """The global manifest lists every part's files once, sorted, covers every rank (rank None, nodes set), takes the newest part's time and the asked node's request and reason."""
+    p0 = part(0, ("d/.metadata", 3, "crc32:AAAAAA=="), ("d/__0_0.distcp", 5, "crc32:AAAAAB=="))
+    p1 = part(1, ("d/__2_0.distcp", 7, "crc32:AAAAAC=="), request_id="spot-1", reason="spot")
+    g = global_manifest([p1, p0], name=p0.name)
+    assert [f.path for f in g.files] == ["d/.metadata", "d/__0_0.distcp", "d/__2_0.distcp"]
+    assert (g.nodes, g.node, g.ranks, g.rank, g.world_size, g.step) == (2, None, None, None, 4, 7)
+    assert g.created_at == p1.created_at and (g.request_id, g.reason) == ("spot-1", "spot")
+    assert g.instance_id == "i-0" and g.covers_every_rank
+    assert global_manifest([p0, p1], name=p0.name).to_json() == g.to_json()  # the same bytes from any node
+
+
+@pytest.mark.parametrize(
+    ("parts", "problem"),
+    [
+        (lambda: [part(0)], "parts of nodes [0], expected 0..1"),
+        (lambda: [part(0), part(1, step=8)], "names"),
+        (lambda: [part(0), replace(part(1), step=8)], "node 1 saved step 8"),
+        (lambda: [part(0), part(1, ranks=(1, 2))], "a rank is claimed by two nodes"),
+        (lambda: [part(0), part(1, ranks=(2,))], "ranks [0, 1, 2] of world size 4"),
+        (
+            lambda: [part(0, ("cfg.json", 1, "crc32:AAAAAA==")), part(1, ("cfg.json", 1, "crc32:AAAAAB=="))],
+            "cfg.json was saved with different contents on two nodes",
+        ),
+    ],
+)
+def test_parts_that_disagree_make_no_global_manifest(parts, problem: str) -> None:
+    """Parts that are not one checkpoint are a CommitError naming what disagrees."""
+    got = parts()
+    with pytest.raises(CommitError, match="do not make one checkpoint") as caught:
+        global_manifest(got, name=run_checkpoint_name(RUN, 7))
+    assert problem in str(caught.value)
+
+
+def test_same_file_from_two_nodes_is_listed_once() -> None:
+    """A file both nodes hold with the same content (a shared config.json) is one entry."""
+    same = ("cfg.json", 1, "crc32:AAAAAA==")
+    g = global_manifest([part(0, same), part(1, same)], name=run_checkpoint_name(RUN, 7))
+    assert [f.path for f in g.files] == ["cfg.json"]
+
+
+def global_m(seconds: int, step: int) -> Manifest:
+    return replace(m(seconds, step=step, world_size=4), nodes=2, name=run_checkpoint_name(RUN, step))
+
+
+def test_a_global_manifest_is_a_candidate_of_its_own_beside_per_rank_sets() -> None:
+    """A multi-node manifest restores alone; a per-rank set of the same step and world size is still grouped without it."""
+    g = global_m(5, step=10)
+    r0, r1 = m(1, step=10, rank=0, world_size=4), m(2, step=10, rank=1, world_size=4)
+    found = restore_candidates(newest_first(g, r0, r1))
+    assert found.sets == ((g,),)
+    assert found.incomplete == (IncompleteStep(step=10, world_size=4, ranks=(0, 1)),)
+
+
+def test_retention_counts_global_commits_apart_from_per_rank_ones() -> None:
+    """keep applies to multi-node commits together and to each rank's own commits, separately."""
+    globals_ = [global_m(i, step=100 + i) for i in range(3)]
+    single = [m(10 + i) for i in range(2)]
+    manifests = sorted([*globals_, *single], key=lambda x: x.name, reverse=True)
+    plan = plan_retention(manifests, [x.name for x in manifests], keep=2)
+    assert plan.doomed == (globals_[0].name,)
+
+
+def test_named_restore_of_a_global_falls_back_to_older_globals_only() -> None:
+    """Restoring a multi-node checkpoint by name falls back to older multi-node ones, not to a single process's."""
+    old, new = global_m(1, step=1), global_m(2, step=2)
+    single = m(0, rank=None)
+    manifests = newest_first(old, new, single)
+    assert named_candidates(manifests, new.name) == ((new,), (old,))
