@@ -5,7 +5,7 @@ Layout under the store URI (design.md)::
 
     <job_id>/checkpoints/<name>/<files…>        data first
     <job_id>/checkpoints/<name>/MANIFEST.json   written last, never overwritten: the commit point
-    <job_id>/LATEST                             name of the newest commit (for people and tools)
+    <job_id>/LATEST                             name of the newest commit; only moves forward
     <job_id>/events/<time>-<instance>.json      one record per interruption handled
 
 A checkpoint without a parseable MANIFEST.json does not exist.
@@ -19,9 +19,10 @@ import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from spotd.errors import (
     ChecksumMismatch,
@@ -58,15 +59,31 @@ from spotd.store.selection import (
 if TYPE_CHECKING:
     from spotd.metrics import Metrics
 
-__all__ = ["AlreadyExists", "BaseStore", "gather_or_cancel"]
+__all__ = ["AlreadyExists", "BaseStore", "Changed", "Tagged", "gather_or_cancel"]
 
 log = get_logger("spotd.store")
 
 T = TypeVar("T")
 
+#: Compare-and-swap tries of LATEST before giving up (each lost one means another writer moved it).
+LATEST_TRIES: Final = 8
+
 
 class AlreadyExists(StoreError):
     """A conditional write (``put_bytes(..., if_absent=True)``) found the key already there."""
+
+
+class Changed(StoreError):
+    """A compare-and-swap (``put_bytes(..., if_match=tag)``) found the key changed or gone since that tag
+    was read, or a concurrent conditional write on it (S3's 409): read it again and decide again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tagged:
+    """An object and the version tag a compare-and-swap of it names (S3's ETag)."""
+
+    data: bytes
+    tag: str
 
 
 class BaseStore(ABC):
@@ -81,9 +98,14 @@ class BaseStore(ABC):
 
     A backend implements:
 
-    - ``put_bytes(key, data, if_absent=False)``: one small object, whole or not at all. With ``if_absent``
-      it raises :class:`AlreadyExists` when the key is there and never overwrites it (the commit point).
+    - ``put_bytes(key, data, if_absent=False, if_match=None)``: one small object, whole or not at all.
+      With ``if_absent`` it raises :class:`AlreadyExists` when the key is there and never overwrites it
+      (the commit point; S3's ``If-None-Match: *``). With ``if_match=tag`` it writes only if the object
+      is still the version :meth:`get_tagged` returned with that tag, else raises :class:`Changed`
+      (S3's ``If-Match: <ETag>``; a directory needs a lock and a compare). Both are atomic against
+      every other writer, on every node.
     - ``get_bytes(key)``: the object, or None when there is none.
+    - ``get_tagged(key)``: the object and its version tag (:class:`Tagged`), or None.
     - ``list_keys(prefix)``: every key under ``prefix``, half-written temporaries excluded.
     - ``delete_keys(keys)``: remove them; a key already gone is not an error.
     - ``upload_file(file, key, priority, progress)``: one local file to ``key``; returns its checksum
@@ -99,8 +121,11 @@ class BaseStore(ABC):
     - ``commit``: collect the files (:func:`~spotd.store.localfs.collect_files`, on the executor) →
       ``begin_emergency()`` if EMERGENCY → ``upload_file`` for every file, concurrently → ``put_bytes``
       MANIFEST.json with ``if_absent`` (on :class:`AlreadyExists`: ``get_bytes`` it back; the same bytes
-      mean a retried write that had landed) → ``get_bytes`` LATEST → ``put_bytes`` LATEST if the new name
-      sorts after it → ``end_emergency()`` (always, once per ``begin``) → retention.
+      mean a retried write that had landed) → advance LATEST → ``end_emergency()`` (always, once per
+      ``begin``) → retention.
+    - advance LATEST (compare-and-swap, so no writer ever moves it back): ``get_tagged`` LATEST → if the
+      new name sorts after it, ``put_bytes`` with ``if_match`` its tag (``if_absent`` when there is none);
+      on :class:`Changed` or :class:`AlreadyExists` read it again, up to :data:`LATEST_TRIES` times.
     - retention (after every commit): ``list_keys`` of ``<job>/checkpoints/`` → ``get_bytes`` of every
       MANIFEST.json → per checkpoint to delete, ``delete_keys`` of its MANIFEST.json, then of its other keys.
     - ``list``: ``list_keys`` → ``get_bytes`` of every MANIFEST.json.
@@ -144,9 +169,13 @@ class BaseStore(ABC):
     # ---- primitives
 
     @abstractmethod
-    async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> None: ...
     @abstractmethod
     async def get_bytes(self, key: str) -> bytes | None: ...
+    @abstractmethod
+    async def get_tagged(self, key: str) -> Tagged | None: ...
     @abstractmethod
     async def list_keys(self, prefix: str) -> list[str]: ...
     @abstractmethod
@@ -228,7 +257,7 @@ class BaseStore(ABC):
                     ) from None
             except StoreError as exc:
                 raise CommitError(f"writing {self.url(base + MANIFEST)} failed: {exc}") from exc
-            await self._update_latest(name)
+            await self._advance_latest(name)
         except BaseException as exc:
             # Not counted in spotd_upload_failures_total: a failed attempt may yet be retried, and the
             # coordinator counts a commit once it gives up.
@@ -259,24 +288,37 @@ class BaseStore(ABC):
             step=info.step,
             rank=info.rank,
         )
-        try:
-            await self._retention()
-        except Exception as exc:  # a failed cleanup never fails a commit that already happened
-            log.warning("store.retention_failed", error=str(exc))
+        await self._retention_quietly()
         return manifest
 
-    async def _update_latest(self, name: str) -> None:
+    async def _advance_latest(self, name: str) -> bool:
+        """Move LATEST to ``name`` if it sorts after what LATEST names; True when this call moved it.
+
+        A compare-and-swap: a writer that read LATEST before another moved it finds it changed and looks
+        again, so a slower (older) writer can never move it back."""
         key = f"{self.job_id}/LATEST"
+        body = name.encode() + b"\n"
         try:
-            current = await self.get_bytes(key)
-            # Concurrent ranks commit out of order; LATEST only moves forward.
-            if current is not None and current.decode(errors="replace").strip() >= name:
-                return
-            await self.put_bytes(key, name.encode() + b"\n")
+            for _ in range(LATEST_TRIES):
+                current = await self.get_tagged(key)
+                if current is not None and current.data.decode(errors="replace").strip() >= name:
+                    return False
+                try:
+                    if current is None:
+                        await self.put_bytes(key, body, if_absent=True)
+                    else:
+                        await self.put_bytes(key, body, if_match=current.tag)
+                    return True
+                except (AlreadyExists, Changed):
+                    continue
         except StoreError as exc:
             raise CommitError(
                 f"writing {self.url(key)} failed (the checkpoint itself is committed): {exc}"
             ) from exc
+        raise CommitError(
+            f"{self.url(key)} changed under {LATEST_TRIES} tries in a row "
+            "(the checkpoint itself is committed)"
+        )
 
     async def _manifests(self) -> tuple[list[Manifest], frozenset[str]]:
         """Committed manifests newest first, and every name present (committed or not)."""
@@ -305,6 +347,12 @@ class BaseStore(ABC):
         """Committed checkpoints (MANIFEST.json present and parseable), newest first."""
         manifests, _ = await self._manifests()
         return manifests
+
+    async def _retention_quietly(self) -> None:
+        try:
+            await self._retention()
+        except Exception as exc:  # a failed cleanup never fails a commit that already happened
+            log.warning("store.retention_failed", error=str(exc))
 
     async def _retention(self) -> None:
         """Keep ``store.keep`` commits per rank; delete older ones manifest first (so a crash mid-delete

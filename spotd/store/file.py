@@ -1,13 +1,18 @@
 """The ``file://`` store: the S3 protocol on a local directory (tests, NFS/EFS mounts, drills).
 
-Every file is written under a temporary name, fsynced, renamed, and its directory fsynced; MANIFEST.json
-is published with ``os.link`` so an existing one is never overwritten (the If-None-Match of S3).
+Every file is written under a temporary name, fsynced, renamed, and its directory fsynced. S3's
+conditional writes have equivalents here, atomic between processes and threads on the machine (and on an
+NFS/EFS mount whose locks work): create-if-absent (``If-None-Match: *``) is an ``os.link`` of the written
+temporary, which fails if the name exists; compare-and-swap (``If-Match``) holds an exclusive ``flock`` on a
+hidden lock file beside the key while it compares the current content's SHA-256 (the tag) and renames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
+import hashlib
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -18,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 from spotd.errors import StoreAccessError, StoreError, UploadError
 from spotd.logs import get_logger
 from spotd.store.api import Priority
-from spotd.store.base import AlreadyExists, BaseStore
+from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.checksums import CHUNK, Hasher
 from spotd.store.localfs import LocalFile, fsync_dir
 
@@ -31,6 +36,8 @@ log = get_logger("spotd.store")
 
 #: Prefix of half-written files; list_keys skips them and recover() removes them.
 TMP_PREFIX: Final = ".spotd-tmp-"
+#: Prefix of the lock file a compare-and-swap of a key holds (kept: another writer may be waiting on it).
+LOCK_PREFIX: Final = ".spotd-lock-"
 
 
 class FileStore(BaseStore):
@@ -67,7 +74,10 @@ class FileStore(BaseStore):
 
     # ---- blocking helpers (run on the executor)
 
-    def _write_atomic(self, key: str, data: bytes, if_absent: bool) -> None:
+    def _write_atomic(self, key: str, data: bytes, if_absent: bool, if_match: str | None = None) -> None:
+        if if_match is not None:
+            self._swap(key, data, if_match)
+            return
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
@@ -87,6 +97,24 @@ class FileStore(BaseStore):
             tmp.unlink(missing_ok=True)
         fsync_dir(target.parent)
 
+    def _swap(self, key: str, data: bytes, if_match: str) -> None:
+        """Replace ``key`` with ``data`` if its content still has the tag ``if_match``, under its lock."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(target.with_name(f"{LOCK_PREFIX}{target.name}"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self._read(key)
+            if current is None or _tag(current) != if_match:
+                raise Changed(f"{target} changed since it was read; not overwritten")
+            self._write_atomic(key, data, False)
+        finally:
+            os.close(lock)  # releases the flock
+
+    def _read_tagged(self, key: str) -> Tagged | None:
+        data = self._read(key)
+        return None if data is None else Tagged(data=data, tag=_tag(data))
+
     def _read(self, key: str) -> bytes | None:
         try:
             return self._path(key).read_bytes()
@@ -100,7 +128,7 @@ class FileStore(BaseStore):
         out = []
         for dirpath, _dirs, filenames in os.walk(base):
             for name in filenames:
-                if not name.startswith(TMP_PREFIX):
+                if not name.startswith((TMP_PREFIX, LOCK_PREFIX)):
                     out.append(Path(dirpath, name).relative_to(self._root).as_posix())
         return sorted(out)
 
@@ -144,14 +172,24 @@ class FileStore(BaseStore):
 
     # ---- primitives
 
-    async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> None:
+        if if_absent and if_match is not None:
+            raise ValueError("put_bytes: if_absent and if_match exclude each other")
         try:
-            await self.run(self._write_atomic, key, data, if_absent)
+            await self.run(self._write_atomic, key, data, if_absent, if_match)
         except OSError as exc:
             raise StoreError(f"writing {self._path(key)} failed: {exc}") from exc
 
     async def get_bytes(self, key: str) -> bytes | None:
         return await self.run(self._read, key)
+
+    async def get_tagged(self, key: str) -> Tagged | None:
+        try:
+            return await self.run(self._read_tagged, key)
+        except OSError as exc:
+            raise StoreError(f"reading {self._path(key)} failed: {exc}") from exc
 
     async def list_keys(self, prefix: str) -> list[str]:
         return await self.run(self._walk, prefix)
@@ -211,6 +249,10 @@ class FileStore(BaseStore):
             # The same event the s3 store logs for its aborted uploads; boot relies on the store saying it.
             log.info("store.recovered", temp_files=count)
         return count
+
+
+def _tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _threadsafe(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:

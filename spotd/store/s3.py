@@ -30,7 +30,7 @@ from spotd.aws.session import (
 from spotd.errors import StoreAccessError, StoreError
 from spotd.logs import get_logger
 from spotd.store.api import Priority
-from spotd.store.base import AlreadyExists, BaseStore
+from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.localfs import LocalFile
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
 from spotd.store.transfer_pool import TransferPool
@@ -164,14 +164,28 @@ class S3Store(BaseStore):
         try:
             return await self.run(lambda: fn(**kwargs))
         except botocore.exceptions.ClientError as exc:
-            if error_code(exc) == "PreconditionFailed":
-                raise AlreadyExists(f"s3://{self._bucket}/{kwargs['Key']} already exists") from None
+            code = error_code(exc)
+            where = f"s3://{self._bucket}/{kwargs.get('Key', '')}"
+            if "IfMatch" in kwargs and code in ("PreconditionFailed", "NoSuchKey", "404"):
+                raise Changed(f"{where} changed since it was read; not overwritten") from None
+            if code == "PreconditionFailed":
+                raise AlreadyExists(f"{where} already exists") from None
+            if code == "ConditionalRequestConflict":  # 409: another conditional write on it is under way
+                raise Changed(f"{where}: a concurrent conditional write; read it again") from None
             raise self._failed(what, kwargs.get("Key", kwargs.get("Prefix", "")), exc) from exc
         except _REQUEST_ERRORS as exc:
             raise self._failed(what, kwargs.get("Key", kwargs.get("Prefix", "")), exc) from exc
 
-    async def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> None:
+        if if_absent and if_match is not None:
+            raise ValueError("put_bytes: if_absent and if_match exclude each other")
+        extra: dict[str, Any] = {}
+        if if_absent:
+            extra["IfNoneMatch"] = "*"
+        if if_match is not None:
+            extra["IfMatch"] = if_match
         await self._call(
             "put",
             self._client.put_object,
@@ -181,6 +195,21 @@ class S3Store(BaseStore):
             ChecksumAlgorithm=S3_ALGORITHM[self.algo],
             **extra,
         )
+
+    async def get_tagged(self, key: str) -> Tagged | None:
+        def get() -> Tagged | None:
+            try:
+                resp = self._client.get_object(Bucket=self._bucket, Key=self._full(key))
+            except botocore.exceptions.ClientError as exc:
+                if error_code(exc) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return Tagged(data=read_all(resp), tag=str(resp["ETag"]))
+
+        try:
+            return await self.run(get)
+        except _REQUEST_ERRORS as exc:
+            raise self._failed("get", self._full(key), exc) from exc
 
     async def get_bytes(self, key: str) -> bytes | None:
         def get() -> bytes | None:

@@ -38,7 +38,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         )
         return open_store(cfg, metrics=Metrics())
 
-    return Backend(kind=request.param, root=root, bucket=bucket, make=make)
+    return Backend(kind=request.param, root=root, bucket=bucket, make=make, uri=uri)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ class Backend:
     root: Path  # file store root (file) or unused
     bucket: S3Bucket | None
     make: Callable[..., CheckpointStore]
+    uri: str = ""
 
     def corrupt(self, manifest: Manifest, path: str) -> None:
         key = f"{JOB}/checkpoints/{manifest.name}/{path}"
@@ -51,6 +52,22 @@ class Backend:
         if self.bucket is not None:
             return [k.removeprefix("pfx/") for k in self.bucket.keys("pfx/")]
         return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def read(self, key: str) -> bytes | None:
+        """The object at ``key`` (relative to the store root, e.g. ``job1/LATEST``), or None."""
+        if self.bucket is not None:
+            try:
+                return self.bucket.client.get_object(Bucket=self.bucket.name, Key=f"pfx/{key}")["Body"].read()
+            except self.bucket.client.exceptions.NoSuchKey:
+                return None
+        path = self.root / key
+        return path.read_bytes() if path.is_file() else None
+
+    def delete(self, key: str) -> None:
+        if self.bucket is not None:
+            self.bucket.client.delete_object(Bucket=self.bucket.name, Key=f"pfx/{key}")
+        else:
+            (self.root / key).unlink()
 
     def add_orphan(self, name: str) -> None:
         key = f"{JOB}/checkpoints/{name}/model.pt"
