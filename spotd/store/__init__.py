@@ -7,8 +7,10 @@ backend for a URI. Inside the package, by job:
 - :mod:`~spotd.store.checksums`: CRC32/CRC32C/CRC64NVME/SHA-256 as S3 encodes them
 - :mod:`~spotd.store.localfs`: the checkpoint's local files, path safety, moving a restore into place
 - :mod:`~spotd.store.marker`: which committed checkpoint the local disk already holds
-- :mod:`~spotd.store.selection`: names, restore candidates per rank, retention (pure functions)
-- :mod:`~spotd.store.api`: the store as its users see it (CheckpointStore, Priority, RestoreResult)
+- :mod:`~spotd.store.selection`: names, restore candidates per rank, retention, the global manifest of a
+  multi-node checkpoint's parts (pure functions)
+- :mod:`~spotd.store.api`: the store as its users see it (CheckpointStore, Priority, RestoreResult,
+  PartResult)
 - :mod:`~spotd.store.base`: the backend contract, :class:`~spotd.store.base.BaseStore`
 - :mod:`~spotd.store.file` (``file://``) and :mod:`~spotd.store.s3` (``s3://``, its files moved in parts by
   :mod:`~spotd.store.s3_transfer` on a :mod:`~spotd.store.transfer_pool`): the backends
@@ -20,9 +22,10 @@ import concurrent.futures
 from typing import TYPE_CHECKING
 
 from spotd.errors import StoreError
-from spotd.store.api import CheckpointStore, Priority, RestoreResult
+from spotd.store.api import CheckpointStore, PartResult, PartState, Priority, RestoreResult
 from spotd.store.localfs import resolve_inside
 from spotd.store.manifest import CommitInfo, FileEntry, Manifest
+from spotd.store.selection import run_checkpoint_name
 
 if TYPE_CHECKING:
     from spotd.config import Config
@@ -33,10 +36,13 @@ __all__ = [
     "CommitInfo",
     "FileEntry",
     "Manifest",
+    "PartResult",
+    "PartState",
     "Priority",
     "RestoreResult",
     "open_store",
     "resolve_inside",
+    "run_checkpoint_name",
 ]
 
 

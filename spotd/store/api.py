@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -14,7 +14,7 @@ from typing import Protocol
 from spotd.events import InterruptionRecord
 from spotd.store.manifest import CommitInfo, Manifest
 
-__all__ = ["CheckpointStore", "Priority", "RestoreResult"]
+__all__ = ["CheckpointStore", "PartResult", "PartState", "Priority", "RestoreResult"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +30,33 @@ class RestoreResult:
     #: rather than overwritten; a restore never deletes what it did not bring.
     moved_aside: tuple[str, ...] = ()
     aside_dir: Path | None = None
+
+
+class PartState(enum.Enum):
+    """Where a multi-node checkpoint stands after one node's :meth:`CheckpointStore.commit_part`."""
+
+    #: This call found every node's part and wrote the global MANIFEST.json: the checkpoint is committed.
+    COMMITTED = "committed"
+    #: The global MANIFEST.json was already there (another node, or an earlier try of this one, wrote it).
+    ALREADY_COMMITTED = "already_committed"
+    #: This node's part is durable; some node's is not there yet, so nothing of the checkpoint is listed.
+    WAITING = "waiting"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartResult:
+    """What one node's commit_part did: its part, and the global manifest once the checkpoint is committed."""
+
+    state: PartState
+    part: Manifest  # this node's parts/node-<k>.json
+    manifest: Manifest | None  # the global MANIFEST.json: set unless WAITING
+    missing: tuple[int, ...]  # nodes whose part was not there yet (WAITING only)
+    seconds: float
+
+    @property
+    def committed(self) -> bool:
+        """Whether the checkpoint is committed (by this call or before it): trainers may be told durable."""
+        return self.manifest is not None
 
 
 class Priority(enum.Enum):
@@ -55,6 +82,20 @@ class CheckpointStore(Protocol):
         priority: Priority = Priority.BACKGROUND,
         progress: Callable[[int], None] | None = None,
     ) -> Manifest: ...
+    async def commit_part(
+        self,
+        sources: Sequence[Path],
+        *,
+        checkpoint_dir: Path,
+        name: str,
+        node_rank: int,
+        nodes: int,
+        ranks: Sequence[int],
+        info: CommitInfo,
+        priority: Priority = Priority.BACKGROUND,
+        progress: Callable[[int], None] | None = None,
+    ) -> PartResult: ...
+    async def committed(self, name: str, *, nodes: int | None = None) -> Manifest | None: ...
     async def list(self) -> list[Manifest]: ...
     async def restore(
         self, dest: Path, *, name: str | None = None, progress: Callable[[int, int], None] | None = None

@@ -3,12 +3,15 @@ primitives that a backend (``file://``, ``s3://``) implements.
 
 Layout under the store URI (design.md)::
 
-    <job_id>/checkpoints/<name>/<files…>        data first
-    <job_id>/checkpoints/<name>/MANIFEST.json   written last, never overwritten: the commit point
-    <job_id>/LATEST                             name of the newest commit; only moves forward
-    <job_id>/events/<time>-<instance>.json      one record per interruption handled
+    <job_id>/checkpoints/<name>/<files…>                data first
+    <job_id>/checkpoints/<name>/parts/node-<k>.json     multi-node only: node k's files, written after them
+    <job_id>/checkpoints/<name>/MANIFEST.json           written last, never overwritten: the commit point
+    <job_id>/LATEST                                     name of the newest commit; only moves forward
+    <job_id>/events/<time>-<instance>.json              one record per interruption handled
 
-A checkpoint without a parseable MANIFEST.json does not exist.
+A checkpoint without a parseable MANIFEST.json does not exist: not listed, not restored, and its
+directory (a failed commit, or the parts of a step some node never finished) is an orphan that retention
+removes once it is older than every kept commit.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from spotd.errors import (
 )
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
-from spotd.store.api import Priority, RestoreResult
+from spotd.store.api import PartResult, PartState, Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
 from spotd.store.localfs import (
     LocalFile,
@@ -46,14 +49,18 @@ from spotd.store.localfs import (
     move_into_place,
     space_needed,
 )
-from spotd.store.manifest import MANIFEST, CommitInfo, FileEntry, Manifest, safe_relative
+from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest, safe_relative
 from spotd.store.selection import (
     checkpoint_name,
     event_name,
+    global_manifest,
     named_candidates,
+    part_key,
+    part_node,
     plan_retention,
     restore_candidates,
     scan_listing,
+    valid_name,
 )
 
 if TYPE_CHECKING:
@@ -126,6 +133,22 @@ class BaseStore(ABC):
     - advance LATEST (compare-and-swap, so no writer ever moves it back): ``get_tagged`` LATEST → if the
       new name sorts after it, ``put_bytes`` with ``if_match`` its tag (``if_absent`` when there is none);
       on :class:`Changed` or :class:`AlreadyExists` read it again, up to :data:`LATEST_TRIES` times.
+    - ``commit_part``, one node's share of a multi-node checkpoint (every node's daemon calls it with the
+      same ``name`` and ``nodes``, concurrently, each once its own ranks have saved that step): collect
+      the files of every source → ``begin_emergency()`` if EMERGENCY → ``upload_file`` for every file →
+      ``put_bytes`` ``parts/node-<k>.json`` with ``if_absent`` (files, sizes, checksums, the ranks it
+      covers; written only after its files, so a part present means that node's data is durable) →
+      ``list_keys`` of ``parts/`` → if some node's part is missing: WAITING, nothing global is written
+      (the node that writes the last part finds all of them, as listing follows writes) → else
+      ``get_bytes`` every part → build the global manifest (the union, deterministic: the same bytes
+      from any node) → ``put_bytes`` MANIFEST.json with ``if_absent`` (:class:`AlreadyExists` = another
+      node committed it first: ALREADY_COMMITTED, success) → advance LATEST → ``end_emergency()`` →
+      retention. A node whose upload fails or whose daemon dies writes no part, so that step is never
+      committed; its orphan parts go once older than every kept commit.
+    - ``committed(name, nodes=)``: ``get_bytes`` MANIFEST.json; when absent and ``nodes`` is given, the
+      same global commit as above from whatever parts are there (a node that reported WAITING polls this
+      to learn when to tell its trainers ``durable``, and completes a commit whose last node died after
+      writing its part).
     - retention (after every commit): ``list_keys`` of ``<job>/checkpoints/`` → ``get_bytes`` of every
       MANIFEST.json → per checkpoint to delete, ``delete_keys`` of its MANIFEST.json, then of its other keys.
     - ``list``: ``list_keys`` → ``get_bytes`` of every MANIFEST.json.
@@ -138,7 +161,8 @@ class BaseStore(ABC):
     The daemon calls ``check_access()`` and ``recover()`` once at start, before any commit (the CLI's list
     and restore need neither), and ``close()`` last, after every other call has returned. All ranks of a
     node commit through one store, concurrently and each under its own name; only LATEST is shared, and it
-    only moves forward.
+    only moves forward. Every node of a multi-node job has its own store object (its own daemon), and the
+    conditional writes alone decide between them.
     """
 
     __slots__ = ("_executor", "_inflight", "_keep", "_metrics", "_owns_executor", "algo", "job_id", "uri")
@@ -291,6 +315,220 @@ class BaseStore(ABC):
         await self._retention_quietly()
         return manifest
 
+    async def commit_part(
+        self,
+        sources: Sequence[Path],
+        *,
+        checkpoint_dir: Path,
+        name: str,
+        node_rank: int,
+        nodes: int,
+        ranks: Sequence[int],
+        info: CommitInfo,
+        priority: Priority = Priority.BACKGROUND,
+        progress: Callable[[int], None] | None = None,
+    ) -> PartResult:
+        """Commit this node's share of the multi-node checkpoint ``name`` (see the class docstring for the
+        order): upload the files of ``sources`` under ``checkpoints/<name>/``, write ``parts/node-<k>.json``,
+        and write the global MANIFEST.json if every node's part is there.
+
+        ``name`` is the same on every node (:func:`~spotd.store.selection.run_checkpoint_name`), ``ranks``
+        are the global ranks whose files ``sources`` hold, ``info`` the step and world size they saved.
+        Returns COMMITTED, ALREADY_COMMITTED or WAITING (poll :meth:`committed` then). One try, like
+        :meth:`commit`; a retry after a failure finds what already landed and carries on. Raises
+        :class:`CommitError` when the parts do not make one checkpoint (nothing is committed then).
+        """
+        started = time.monotonic()
+        if not valid_name(name):
+            raise CommitError(
+                f"checkpoint name {name!r} is not a valid name; fix: use run_checkpoint_name(run_id, step)"
+            )
+        if not 0 <= node_rank < nodes:
+            raise CommitError(f"node_rank {node_rank} is not one of the {nodes} nodes of checkpoint {name}")
+        files = await self.run(_collect_sources, checkpoint_dir, list(sources))
+        base = f"{self.checkpoints_prefix}{name}/"
+        self._inflight.add(name)
+        if priority is Priority.EMERGENCY:
+            self.begin_emergency()
+        try:
+            checksums = await gather_or_cancel(
+                [self.upload_file(f, base + f.rel, priority, progress) for f in files]
+            )
+            entries = tuple(
+                FileEntry(path=f.rel, size=f.size, checksum=c) for f, c in zip(files, checksums, strict=True)
+            )
+            part = Manifest.of_commit(
+                info,
+                name=name,
+                created_at=datetime.now(UTC),
+                files=entries,
+                nodes=nodes,
+                node=node_rank,
+                ranks=tuple(sorted(set(ranks))),
+            )
+            part = await self._put_part(base, part)
+            state, manifest, missing = await self._commit_global(name, nodes)
+        except BaseException as exc:
+            log.error(
+                "store.part_failed",
+                name=name,
+                node=node_rank,
+                nodes=nodes,
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            raise
+        finally:
+            if priority is Priority.EMERGENCY:
+                self.end_emergency()
+            self._inflight.discard(name)
+        seconds = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.upload_bytes.inc(part.total_bytes)
+            self._metrics.upload_seconds.observe(seconds)
+        log.info(
+            "store.part_committed",
+            name=name,
+            node=node_rank,
+            nodes=nodes,
+            ranks=list(part.ranks or ()),
+            files=len(files),
+            bytes=part.total_bytes,
+            seconds=round(seconds, 3),
+            priority=priority.value,
+            step=info.step,
+            state=state.value,
+            missing=list(missing),
+        )
+        if manifest is not None:
+            await self._retention_quietly()
+        return PartResult(state=state, part=part, manifest=manifest, missing=missing, seconds=seconds)
+
+    async def committed(self, name: str, *, nodes: int | None = None) -> Manifest | None:
+        """The global manifest of ``name`` once it is committed, else None.
+
+        With ``nodes``, a checkpoint whose parts are all there but whose global manifest is not (its last
+        node died between writing its part and committing) is committed here; then LATEST and retention
+        follow as after :meth:`commit_part`.
+        """
+        found = await self._read_manifest(name)
+        if nodes is None:
+            return found
+        if found is not None:
+            # The node that committed it may have died before moving LATEST: a no-op when it did not.
+            await self._advance_latest(name)
+            return found
+        state, manifest, _ = await self._commit_global(name, nodes)
+        if manifest is not None and state is PartState.COMMITTED:
+            await self._retention_quietly()
+        return manifest
+
+    async def _put_part(self, base: str, part: Manifest) -> Manifest:
+        """Write ``part`` create-if-absent; a part already there with the same content (a retry) is fine."""
+        assert part.node is not None
+        key = base + part_key(part.node)
+        try:
+            await self.put_bytes(key, part.to_json(), if_absent=True)
+            return part
+        except AlreadyExists:
+            pass
+        except StoreError as exc:
+            raise CommitError(f"writing {self.url(key)} failed: {exc}") from exc
+        body = await self.get_bytes(key)
+        try:
+            stored = Manifest.from_json(body) if body is not None else None
+        except StoreError:
+            stored = None
+        same = stored is not None and (stored.files, stored.ranks, stored.nodes, stored.step) == (
+            part.files,
+            part.ranks,
+            part.nodes,
+            part.step,
+        )
+        if stored is None or not same:
+            raise CommitError(
+                f"{self.url(key)} already exists with other content; not overwritten (do two daemons "
+                f"claim node {part.node}?)"
+            )
+        return stored
+
+    async def _commit_global(
+        self, name: str, nodes: int
+    ) -> tuple[PartState, Manifest | None, tuple[int, ...]]:
+        """If every node's part of ``name`` is there, write the global manifest create-if-absent and
+        advance LATEST; otherwise the nodes still missing."""
+        base = f"{self.checkpoints_prefix}{name}/"
+        present = sorted(
+            {
+                n
+                for k in await self.list_keys(base + PARTS_DIR + "/")
+                if (n := part_node(k[len(base) :])) is not None
+            }
+        )
+        missing = tuple(sorted(set(range(nodes)) - set(present)))
+        if missing:
+            return PartState.WAITING, None, missing
+        bodies = await asyncio.gather(*(self.get_bytes(base + part_key(n)) for n in present))
+        parts: list[Manifest] = []
+        for n, body in zip(present, bodies, strict=True):
+            if body is None:
+                return PartState.WAITING, None, (n,)  # removed since the listing (retention): not ours
+            try:
+                parts.append(Manifest.from_json(body))
+            except StoreError as exc:
+                raise CommitError(f"{self.url(base + part_key(n))}: {exc}") from exc
+        manifest = global_manifest(parts, name=name)
+        if manifest.nodes != nodes:
+            raise CommitError(f"checkpoint {name}: the parts say {manifest.nodes} nodes, this node {nodes}")
+        state = await self._publish_global(base, manifest)
+        if state is PartState.ALREADY_COMMITTED:
+            found = await self._read_manifest(name)
+            if found is None or found.files != manifest.files:
+                raise CommitError(
+                    f"{self.url(base + MANIFEST)} is there but is not the union of the node parts; "
+                    "not overwritten"
+                )
+            manifest = found
+        if state is PartState.COMMITTED:
+            log.info(
+                "store.committed",
+                name=name,
+                url=self.url(base),
+                files=len(manifest.files),
+                bytes=manifest.total_bytes,
+                nodes=nodes,
+                world_size=manifest.world_size,
+                step=manifest.step,
+            )
+        # Also after ALREADY_COMMITTED: the node that committed may have died before moving LATEST.
+        await self._advance_latest(name)
+        return state, manifest, ()
+
+    async def _publish_global(self, base: str, manifest: Manifest) -> PartState:
+        """Write the global MANIFEST.json create-if-absent: COMMITTED, or ALREADY_COMMITTED when another
+        node's write was first (S3's 412, or its 409 for one under way that then landed)."""
+        key = base + MANIFEST
+        try:
+            for _ in range(LATEST_TRIES):
+                try:
+                    await self.put_bytes(key, manifest.to_json(), if_absent=True)
+                    return PartState.COMMITTED
+                except AlreadyExists:
+                    return PartState.ALREADY_COMMITTED
+                except Changed:
+                    if await self.get_bytes(key) is not None:
+                        return PartState.ALREADY_COMMITTED
+        except StoreError as exc:
+            raise CommitError(f"writing {self.url(key)} failed: {exc}") from exc
+        raise CommitError(f"writing {self.url(key)} met a concurrent write {LATEST_TRIES} times in a row")
+
+    async def _read_manifest(self, name: str) -> Manifest | None:
+        body = await self.get_bytes(f"{self.checkpoints_prefix}{name}/{MANIFEST}")
+        if body is None:
+            return None
+        found = Manifest.from_json(body)
+        return found if found.name == name else None
+
     async def _advance_latest(self, name: str) -> bool:
         """Move LATEST to ``name`` if it sorts after what LATEST names; True when this call moved it.
 
@@ -355,8 +593,10 @@ class BaseStore(ABC):
             log.warning("store.retention_failed", error=str(exc))
 
     async def _retention(self) -> None:
-        """Keep ``store.keep`` commits per rank; delete older ones manifest first (so a crash mid-delete
-        leaves an invisible orphan, never a half checkpoint), and orphans older than every kept commit."""
+        """Keep ``store.keep`` commits per rank and ``store.keep`` multi-node commits; delete older ones
+        manifest first (so a crash mid-delete leaves an invisible orphan, never a half checkpoint), and
+        orphans older than every kept commit. Node parts go before data: a node still committing that
+        step then finds a part missing and stays WAITING, rather than committing files being deleted."""
         manifests, names = await self._manifests()
         plan = plan_retention(manifests, names, keep=self._keep, inflight=self._inflight)
         if not plan.doomed and not plan.orphans:
@@ -366,7 +606,11 @@ class BaseStore(ABC):
             base = f"{self.checkpoints_prefix}{name}/"
             if name in plan.doomed:
                 await self.delete_keys([base + MANIFEST])
-            await self.delete_keys([k for k in all_keys if k.startswith(base) and k != base + MANIFEST])
+            mine = [k for k in all_keys if k.startswith(base) and k != base + MANIFEST]
+            parts = [k for k in mine if part_node(k[len(base) :]) is not None]
+            if parts:
+                await self.delete_keys(parts)
+            await self.delete_keys([k for k in mine if k not in set(parts)])
         log.info("store.retention", deleted=list(plan.doomed), orphans=list(plan.orphans), keep=self._keep)
 
     async def restore(
@@ -375,7 +619,11 @@ class BaseStore(ABC):
         """Download a committed checkpoint into ``dest``, verify every file, then move it into place.
 
         ``name`` None means the newest; if its newest manifest has world_size > 1, every rank's newest
-        checkpoint of that step is restored together (a step with a rank missing is skipped). When a
+        checkpoint of that step is restored together (a step with a rank missing is skipped). A
+        multi-node checkpoint is one manifest: every node restores all of its files, every rank's, not
+        only its own part's (a DCP rank may read any shard, and at boot no trainer has said which node
+        this is; torchrun's node ranks need not be the same across restarts either). An uncommitted
+        step (parts only) is never a candidate and never hides the previous committed one. When a
         download or verification fails, the previous candidate is tried and the failed names are returned
         in ``skipped``. :class:`RestoreError` when nothing could be restored.
         """
@@ -547,3 +795,19 @@ async def gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _collect_sources(checkpoint_dir: Path, sources: Sequence[Path]) -> list[LocalFile]:
+    """The files of every source (one per local rank, or one directory they share), each once. Blocking."""
+    if not sources:
+        raise CommitError("a node part needs at least one saved path; fix: report the ranks' saves")
+    files: dict[str, LocalFile] = {}
+    for source in sources:
+        for f in collect_files(checkpoint_dir, source):
+            files.setdefault(f.rel, f)
+    for rel in files:
+        if part_node(rel) is not None:
+            raise CommitError(
+                f"a checkpoint file may not be named {rel} (the store keeps node parts there); fix: rename it"
+            )
+    return [files[rel] for rel in sorted(files)]
