@@ -595,10 +595,13 @@ class BaseStore(ABC):
     async def _retention(self) -> None:
         """Keep ``store.keep`` commits per rank and ``store.keep`` multi-node commits; delete older ones
         manifest first (so a crash mid-delete leaves an invisible orphan, never a half checkpoint), and
-        orphans older than every kept commit. Node parts go before data: a node still committing that
-        step then finds a part missing and stays WAITING, rather than committing files being deleted."""
+        abandoned orphans (:func:`~spotd.store.selection.plan_retention` says which). Node parts go before
+        data: a node still committing that step then finds a part missing and stays WAITING, rather than
+        committing files being deleted."""
         manifests, names = await self._manifests()
-        plan = plan_retention(manifests, names, keep=self._keep, inflight=self._inflight)
+        plan = plan_retention(
+            manifests, names, keep=self._keep, now=datetime.now(UTC), inflight=self._inflight
+        )
         if not plan.doomed and not plan.orphans:
             return
         all_keys = await self.list_keys(self.checkpoints_prefix)

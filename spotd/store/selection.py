@@ -14,13 +14,14 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from spotd.errors import CommitError
 from spotd.store.manifest import MANIFEST, PARTS_DIR, FileEntry, Manifest, Provenance
 
 __all__ = [
+    "ORPHAN_GRACE",
     "Candidates",
     "IncompleteStep",
     "Listing",
@@ -38,6 +39,12 @@ __all__ = [
     "scan_listing",
     "valid_name",
 ]
+
+
+#: How old a directory :func:`checkpoint_name` named must be before retention may take it for abandoned:
+#: more than any commit takes, since another daemon on the same store may still be uploading it.
+ORPHAN_GRACE: Final = timedelta(hours=6)
+_COMMIT_TIME_RE: Final = re.compile(r"^(\d{8}T\d{6}\.\d{6})Z-")
 
 
 def sanitize(text: str, limit: int = 40) -> str:
@@ -187,26 +194,55 @@ class Retention:
 
 
 def plan_retention(
-    manifests: Sequence[Manifest], names: Iterable[str], *, keep: int, inflight: Iterable[str] = ()
+    manifests: Sequence[Manifest],
+    names: Iterable[str],
+    *,
+    keep: int,
+    now: datetime,
+    inflight: Iterable[str] = (),
 ) -> Retention:
     """Keep the ``keep`` newest commits per rank, and the ``keep`` newest multi-node commits (``manifests``
-    newest first). A directory without a manifest (a failed commit, or the parts of a multi-node step
-    that never committed) is an orphan to delete only when it is older than every kept commit and not
-    ``inflight`` (being uploaded by this process): a newer one may be another rank's or another node's
-    commit still under way."""
+    newest first); the others are doomed.
+
+    A directory without a manifest (a failed commit, or the parts of a multi-node step that never
+    committed) is an orphan to delete when nothing may still be writing it; ``inflight`` (being uploaded
+    by this process) never is. Another daemon on the same store may be uploading one, and what it writes
+    may be the first commit of its rank, with nothing of that rank kept yet to compare with; so:
+
+    - a name :func:`checkpoint_name` made (it starts with the time that commit started) must be older
+      than every kept commit and than :data:`ORPHAN_GRACE`;
+    - any other name (a multi-node step's, :func:`run_checkpoint_name`) must be older than every kept
+      multi-node commit, of which there must be one: a node uploading a step that some kept step
+      follows could only ever commit what retention would doom at once.
+    """
     per_unit: dict[tuple[str, int | None], int] = {}
     kept: list[str] = []
+    kept_nodes: list[str] = []
     doomed: list[str] = []
     for m in manifests:
         unit = _unit(m)
         per_unit[unit] = per_unit.get(unit, 0) + 1
-        (kept if per_unit[unit] <= keep else doomed).append(m.name)
+        if per_unit[unit] > keep:
+            doomed.append(m.name)
+            continue
+        kept.append(m.name)
+        if m.nodes is not None:
+            kept_nodes.append(m.name)
     if not kept:
         return Retention(doomed=(), orphans=())
-    oldest_kept = min(kept)
     committed = {m.name for m in manifests}
     busy = set(inflight)
-    orphans = sorted(n for n in set(names) - committed if n < oldest_kept and n not in busy)
+
+    def abandoned(name: str) -> bool:
+        if name in busy:
+            return False
+        started = _COMMIT_TIME_RE.match(name)
+        if started is not None:
+            at = datetime.strptime(started.group(1), "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
+            return name < min(kept) and now - at > ORPHAN_GRACE
+        return bool(kept_nodes) and name < min(kept_nodes)
+
+    orphans = sorted(n for n in set(names) - committed if abandoned(n))
     return Retention(doomed=tuple(doomed), orphans=tuple(orphans))
 
 

@@ -1,4 +1,5 @@
-"""LATEST only moves forward: a compare-and-swap on both backends (S3's If-Match; file:// a lock and a compare)."""
+"""Two daemons on one store: LATEST only moves forward (a compare-and-swap on both backends: S3's If-Match,
+file:// a lock and a compare), and one's retention never deletes the other's commit in flight."""
 
 from __future__ import annotations
 
@@ -78,3 +79,39 @@ async def test_concurrent_commits_leave_latest_at_the_newest(backend: Backend, c
             await s.close()
     latest = backend.read(f"{JOB}/LATEST")
     assert latest is not None and latest.decode().strip() == max(m.name for m in done)
+
+
+async def test_another_daemons_retention_never_deletes_a_commit_in_flight(
+    backend: Backend, ckdir: Path, tmp_path: Path
+) -> None:
+    """Two daemons on one store, the first commits of a job (per-rank, nothing older kept): while rank 0's commit is half uploaded on one, rank 1's commit completes on the other and its retention runs; rank 0's files survive and its commit restores (the orphan rule saw rank 0's directory, older than the only kept commit, as abandoned, and deleted it under the upload)."""
+    a, b = backend.make(), backend.make()
+    assert isinstance(a, BaseStore)
+    real = type(a)
+    for name in ("r0-a.pt", "r0-b.pt", "r1.pt"):
+        (ckdir / name).write_bytes(name.encode() * 100)
+    (ckdir / "r0").mkdir()
+    for name in ("r0-a.pt", "r0-b.pt"):
+        (ckdir / name).rename(ckdir / "r0" / name)
+    uploads: list[str] = []
+
+    class OtherCommitsMidway(real):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+
+        async def upload_file(self, file: Any, key: str, priority: Any, progress: Any) -> str:
+            uploads.append(file.rel)
+            if len(uploads) == 2:  # the first file is up, this one not yet
+                await b.commit(ckdir / "r1.pt", checkpoint_dir=ckdir, info=info(5, rank=1, world_size=2))
+            return await super().upload_file(file, key, priority, progress)
+
+    a.__class__ = OtherCommitsMidway
+    try:
+        await a.commit(ckdir / "r0", checkpoint_dir=ckdir, info=info(5, rank=0, world_size=2))
+    finally:
+        a.__class__ = real
+    try:
+        result = await a.restore(tmp_path / "fresh")
+    finally:
+        await a.close()
+        await b.close()
+    assert result.manifest.step == 5 and result.files == 3 and result.skipped == ()

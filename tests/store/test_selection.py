@@ -10,6 +10,7 @@ import pytest
 from spotd.errors import CommitError
 from spotd.store import CommitInfo, FileEntry, Manifest
 from spotd.store.selection import (
+    ORPHAN_GRACE,
     IncompleteStep,
     checkpoint_name,
     event_name,
@@ -25,6 +26,7 @@ from spotd.store.selection import (
 )
 
 T0 = datetime(2026, 11, 25, 4, 0, 0, tzinfo=UTC)
+LATER = T0 + timedelta(days=1)  # "now" for retention: every name made near T0 is past ORPHAN_GRACE
 
 
 def info(step: int | None = 1, *, rank: int | None = None, trainer: str = "train") -> CommitInfo:
@@ -156,7 +158,7 @@ def test_retention_keeps_keep_newest_per_rank() -> None:
     """With keep=2 each rank keeps its two newest commits and the older ones are doomed."""
     r0 = [m(i, rank=0) for i in range(4)]
     r1 = [m(10 + i, rank=1) for i in range(2)]
-    plan = plan_retention(newest_first(*r0, *r1), [x.name for x in (*r0, *r1)], keep=2)
+    plan = plan_retention(newest_first(*r0, *r1), [x.name for x in (*r0, *r1)], keep=2, now=LATER)
     assert set(plan.doomed) == {r0[0].name, r0[1].name} and plan.orphans == ()
 
 
@@ -166,13 +168,32 @@ def test_retention_removes_only_old_orphans_not_in_flight() -> None:
     old_orphan, busy_orphan = "20261125T040001.000000Z-old", "20261125T040002.000000Z-busy"
     new_orphan = "20261125T050000.000000Z-new"  # maybe another rank's commit still under way
     names = [x.name for x in kept] + [old_orphan, busy_orphan, new_orphan]
-    plan = plan_retention(newest_first(*kept), names, keep=2, inflight={busy_orphan})
+    plan = plan_retention(newest_first(*kept), names, keep=2, now=LATER, inflight={busy_orphan})
     assert plan.doomed == () and plan.orphans == (old_orphan,)
+
+
+def test_a_fresh_orphan_is_left_for_another_daemon_to_finish() -> None:
+    """A directory named by a commit that started within ORPHAN_GRACE is never deleted, even when older than every kept commit: another daemon on the same store may be uploading its rank's first commit."""
+    kept = m(10, rank=1)
+    fresh = checkpoint_name(info(1, rank=0), T0 + timedelta(seconds=5))
+    stale = checkpoint_name(info(1, rank=0), T0 + timedelta(seconds=1))
+    now = T0 + timedelta(seconds=1) + ORPHAN_GRACE + timedelta(seconds=2)
+    plan = plan_retention([kept], [kept.name, fresh, stale], keep=2, now=now)
+    assert plan.orphans == (stale,)
+
+
+def test_multi_node_orphans_go_only_behind_a_kept_multi_node_commit() -> None:
+    """The parts of a multi-node step that never committed are deleted once older than the oldest kept multi-node commit; with only other kinds kept they stay (they may be the first in flight)."""
+    waiting = run_checkpoint_name(RUN, 5)
+    single = m(10)
+    assert plan_retention([single], [single.name, waiting], keep=2, now=LATER).orphans == ()
+    newer = global_m(20, step=6)
+    assert plan_retention([newer], [newer.name, waiting], keep=2, now=LATER).orphans == (waiting,)
 
 
 def test_retention_with_nothing_committed_deletes_nothing() -> None:
     """Without any commit nothing is deleted, orphans included (they may be the first commit in flight)."""
-    plan = plan_retention([], ["20261125T040001.000000Z-x"], keep=1)
+    plan = plan_retention([], ["20261125T040001.000000Z-x"], keep=1, now=LATER)
     assert plan.doomed == () and plan.orphans == ()
 
 
@@ -286,7 +307,7 @@ def test_retention_counts_global_commits_apart_from_per_rank_ones() -> None:
     globals_ = [global_m(i, step=100 + i) for i in range(3)]
     single = [m(10 + i) for i in range(2)]
     manifests = sorted([*globals_, *single], key=lambda x: x.name, reverse=True)
-    plan = plan_retention(manifests, [x.name for x in manifests], keep=2)
+    plan = plan_retention(manifests, [x.name for x in manifests], keep=2, now=LATER)
     assert plan.doomed == (globals_[0].name,)
 
 
