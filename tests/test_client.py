@@ -93,6 +93,18 @@ def test_saved_then_durable(ipc_thread_server: ThreadServer) -> None:
         assert guard.status() == {"op": "status", "phase": "Training", "trainers": 1}
 
 
+def test_durable_stays_true_after_the_daemon_goes_away(ipc_thread_server: ThreadServer) -> None:
+    """A save the daemon said was durable stays durable when the daemon then closes the socket (as at shutdown)."""
+    ts = ipc_thread_server
+    with connect(socket_path=ts.path, reconnect_interval_s=60) as guard:
+        ts.handler.auto_durable = True
+        guard.saved("a/model.pt", step=1)
+        assert guard.wait_durable(5)
+        ts.stop_server()
+        wait_until(lambda: not guard.connected, what="disconnect noticed")
+        assert guard.wait_durable(0)
+
+
 def test_reconnects_after_daemon_restart(ipc_thread_server: ThreadServer) -> None:
     """After the daemon restarts, the guard says hello again and re-sends the save made while it was down."""
     ts = ipc_thread_server

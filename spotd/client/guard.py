@@ -212,10 +212,13 @@ class Guard:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                if self._inert or self._closed or self._last_save is None or not self._connected:
+                if self._inert or self._last_save is None:
                     return False
+                # The answer first: a daemon that said durable and then went away did say it.
                 if self._save_state != "pending":
                     return self._save_state == "durable"
+                if self._closed or not self._connected:
+                    return False
                 remaining = _IO_TIMEOUT_S if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
                     return False
