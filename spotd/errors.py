@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "AwsError",
     "ChecksumMismatch",
     "CommitError",
     "ConfigError",
@@ -73,6 +74,10 @@ class ProtocolError(SpotdError, ValueError):
 
 class DaemonAlreadyRunning(SpotdError, RuntimeError):
     """Another spotd answers on the configured socket."""
+
+
+class AwsError(SpotdError, ConnectionError):
+    """An EC2 or Price List call failed (after botocore's retries); the message names the call and the fix."""
 
 
 class StoreError(SpotdError):

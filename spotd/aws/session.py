@@ -23,9 +23,12 @@ from spotd.logs import get_logger
 
 __all__ = [
     "DEFAULT_REQUEST_ATTEMPTS",
+    "PRICING_REGIONS",
     "ClientSettings",
     "botocore_config",
+    "ec2_client",
     "error_code",
+    "pricing_client",
     "request_attempts_from_env",
     "s3_client",
     "tries_made",
@@ -89,6 +92,36 @@ def s3_client(settings: ClientSettings) -> Any:
         config=config,
     )
     client.meta.events.register("after-call.s3", _log_retries)
+    return client
+
+
+def ec2_client(settings: ClientSettings) -> Any:
+    """An EC2 client (spot price history, spot requests, stop/terminate); ``region`` is the instance's."""
+    client = boto3.session.Session().client(
+        "ec2",
+        endpoint_url=settings.endpoint_url or None,
+        region_name=settings.region or None,
+        config=botocore_config(settings),
+    )
+    client.meta.events.register("after-call.ec2", _log_retries)
+    return client
+
+
+#: The Price List API answers only in these regions, whatever region the instance is in.
+PRICING_REGIONS: Final = ("us-east-1", "eu-central-1", "ap-south-1")
+
+
+def pricing_client(settings: ClientSettings) -> Any:
+    """A Price List (``pricing``) client; it lives in us-east-1 unless ``region`` names another of
+    :data:`PRICING_REGIONS`."""
+    region = settings.region if settings.region in PRICING_REGIONS else PRICING_REGIONS[0]
+    client = boto3.session.Session().client(
+        "pricing",
+        endpoint_url=settings.endpoint_url or None,
+        region_name=region,
+        config=botocore_config(settings),
+    )
+    client.meta.events.register("after-call.pricing", _log_retries)
     return client
 
 
