@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "ScheduledEvent",
     "format_time",
     "parse_time",
+    "region_of_zone",
 ]
 
 
@@ -56,6 +58,15 @@ def parse_time(text: str) -> datetime:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+_REGION_RE = re.compile(r"^([a-z]{2}(?:-[a-z]+)+-\d+)")
+
+
+def region_of_zone(zone: str) -> str:
+    """``us-east-1a`` → ``us-east-1``, ``us-west-2-lax-1a`` → ``us-west-2``; the zone itself if no match."""
+    match = _REGION_RE.match(zone)
+    return match.group(1) if match else zone
 
 
 def format_time(value: datetime) -> str:

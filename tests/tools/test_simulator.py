@@ -253,3 +253,72 @@ def test_simulate_imds_command() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_simulate_imds_reports_the_identity_it_is_given() -> None:
+    """`spotd simulate-imds --instance-id … --instance-type … --availability-zone … --life-cycle …` answers
+    those on the identity paths (region included), so a drill can match a real or moto instance."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spotd",
+            "simulate-imds",
+            "--port",
+            "0",
+            "--instance-id",
+            "i-0feedface0000001",
+            "--instance-type",
+            "p4d.24xlarge",
+            "--availability-zone",
+            "us-west-2-lax-1a",
+            "--life-cycle",
+            "on-demand",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        _, _, tok = call(f"{url}/latest/api/token", method="PUT", headers={TTL: "60"})
+        answers = {
+            path: call(f"{url}/latest/meta-data/{path}", headers={TOKEN: tok})[2]
+            for path in (
+                "instance-id",
+                "instance-type",
+                "placement/availability-zone",
+                "placement/region",
+                "instance-life-cycle",
+            )
+        }
+        assert answers == {
+            "instance-id": "i-0feedface0000001",
+            "instance-type": "p4d.24xlarge",
+            "placement/availability-zone": "us-west-2-lax-1a",
+            "placement/region": "us-west-2",
+            "instance-life-cycle": "on-demand",
+        }
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_identity_changes_through_the_control_api(imds_sim: SimulatorThread) -> None:
+    """POST /_sim/identity (and set_identity) change what the identity paths answer; a bad life cycle is 400."""
+    status, state = control(
+        imds_sim, "identity", {"instance_id": "i-0aaa", "availability_zone": "eu-west-1c"}
+    )
+    assert status == 200 and state["identity"]["instance-id"] == "i-0aaa"
+    imds_sim.set_identity(instance_type="g6.xlarge")
+    tok = token(imds_sim)
+    assert meta(imds_sim, "instance-id", tok)[2] == "i-0aaa"
+    assert meta(imds_sim, "instance-type", tok)[2] == "g6.xlarge"
+    assert meta(imds_sim, "placement/region", tok)[2] == "eu-west-1"
+    assert control(imds_sim, "identity", {"life_cycle": "reserved"})[0] == 400

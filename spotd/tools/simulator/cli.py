@@ -7,7 +7,13 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 
-from spotd.tools.simulator.server import FAULT_MODES, SPOT_ACTIONS, TOKEN_FAULT_MODES, ImdsSimulator
+from spotd.tools.simulator.server import (
+    FAULT_MODES,
+    LIFE_CYCLES,
+    SPOT_ACTIONS,
+    TOKEN_FAULT_MODES,
+    ImdsSimulator,
+)
 
 __all__ = ["add_arguments", "main"]
 
@@ -58,12 +64,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-require-token", action="store_true", help="also serve IMDSv1 requests that carry no token"
     )
+    # The identity it reports, so a drill or a test can match a real (or moto) instance.
+    parser.add_argument("--instance-id", default="i-0123456789abcdef0", help="instance-id to report")
+    parser.add_argument("--instance-type", default="g5.2xlarge", help="instance-type to report")
+    parser.add_argument(
+        "--availability-zone",
+        default="us-east-1a",
+        metavar="AZ",
+        help="placement/availability-zone to report (placement/region follows from it)",
+    )
+    parser.add_argument(
+        "--life-cycle",
+        choices=sorted(LIFE_CYCLES),
+        default="spot",
+        help="instance-life-cycle to report (default spot)",
+    )
 
 
 async def _serve(
     args: argparse.Namespace, started: Callable[[ImdsSimulator], Awaitable[None] | None]
 ) -> None:
-    sim = ImdsSimulator(host=args.host, port=args.port, require_token=not args.no_require_token)
+    sim = ImdsSimulator(
+        host=args.host,
+        port=args.port,
+        require_token=not args.no_require_token,
+        instance_id=args.instance_id,
+        instance_type=args.instance_type,
+        availability_zone=args.availability_zone,
+        life_cycle=args.life_cycle,
+    )
     await sim.start()
     try:
         if args.action:
@@ -105,6 +134,11 @@ def main(args: argparse.Namespace) -> int:
         print(
             f'  fault:               curl -X POST {url}/_sim/fault -d \'{{"mode": "503", "count": 3}}\' '
             f"(modes: {', '.join(sorted(FAULT_MODES | TOKEN_FAULT_MODES))})",
+            flush=True,
+        )
+        print(
+            f'  identity:            curl -X POST {url}/_sim/identity -d \'{{"instance_id": "i-0abc", '
+            f'"instance_type": "g5.2xlarge", "availability_zone": "us-east-1b", "life_cycle": "spot"}}\'',
             flush=True,
         )
         print(f"  clear / state:       curl -X POST {url}/_sim/clear ; curl {url}/_sim/state", flush=True)

@@ -20,7 +20,9 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
-__all__ = ["FAULT_MODES", "HUGE_BODY_BYTES", "SPOT_ACTIONS", "ImdsSimulator"]
+from spotd.events import region_of_zone
+
+__all__ = ["FAULT_MODES", "HUGE_BODY_BYTES", "LIFE_CYCLES", "SPOT_ACTIONS", "ImdsSimulator"]
 
 TOKEN_HEADER: Final = "X-aws-ec2-metadata-token"
 TTL_HEADER: Final = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -33,6 +35,8 @@ TOKEN_FAULT_MODES: Final = frozenset(
 )
 HUGE_BODY_BYTES: Final = 1024 * 1024
 SPOT_ACTIONS: Final = frozenset({"terminate", "stop", "hibernate"})
+#: What ``instance-life-cycle`` answers on EC2.
+LIFE_CYCLES: Final = frozenset({"spot", "on-demand", "scheduled"})
 
 T = TypeVar("T")
 
@@ -106,12 +110,13 @@ class ImdsSimulator:
         #: How long the "slow" fault holds a request: longer than any client timeout a test uses.
         self.slow_s = slow_s
         self._clock = clock
-        self._identity = {
-            "instance-id": instance_id,
-            "instance-type": instance_type,
-            "placement/availability-zone": availability_zone,
-            "instance-life-cycle": life_cycle,
-        }
+        self._identity: dict[str, str] = {}
+        self.set_identity(
+            instance_id=instance_id,
+            instance_type=instance_type,
+            availability_zone=availability_zone,
+            life_cycle=life_cycle,
+        )
         self._runner: web.AppRunner | None = None
         self._tokens: dict[str, float] = {}
         self._tokens_issued = 0
@@ -190,6 +195,31 @@ class ImdsSimulator:
         )
         return event_id
 
+    def set_identity(
+        self,
+        *,
+        instance_id: str | None = None,
+        instance_type: str | None = None,
+        availability_zone: str | None = None,
+        life_cycle: str | None = None,
+    ) -> None:
+        """Who the simulated instance says it is (None keeps a field), e.g. to match a moto instance; a new
+        identity is a new instance, so any armed notice stays as it is and only the answers change."""
+        if life_cycle is not None and life_cycle not in LIFE_CYCLES:
+            raise ValueError(f"life cycle {life_cycle!r} is not one of {sorted(LIFE_CYCLES)}")
+        for path, value in (
+            ("instance-id", instance_id),
+            ("instance-type", instance_type),
+            ("placement/availability-zone", availability_zone),
+            ("instance-life-cycle", life_cycle),
+        ):
+            if value is not None:
+                if not value.strip():
+                    raise ValueError(f"{path} may not be empty")
+                self._identity[path] = value
+        # IMDS serves the region beside the zone: us-east-1a → us-east-1 (local zones keep their region too).
+        self._identity["placement/region"] = region_of_zone(self._identity["placement/availability-zone"])
+
     def set_fault(self, mode: str | None, *, count: int | None = None) -> None:
         """Misbehave on the next ``count`` requests (all of them when None); ``None`` heals."""
         if mode is not None and mode not in FAULT_MODES | TOKEN_FAULT_MODES:
@@ -223,6 +253,7 @@ class ImdsSimulator:
             "notice_first_served_at": self._notice_first_served_at,
             "rebalance_at": self._rebalance_at,
             "maintenance": [m.event_id for m in self._maintenance],
+            "identity": dict(self._identity),
         }
 
     # -- handlers ----------------------------------------------------------------------------------------
@@ -366,11 +397,21 @@ class ImdsSimulator:
                 self.set_fault(
                     None if mode is None else str(mode), count=None if count is None else int(count)
                 )
+            elif op == "identity":
+                self.set_identity(
+                    instance_id=body.get("instance_id"),
+                    instance_type=body.get("instance_type"),
+                    availability_zone=body.get("availability_zone"),
+                    life_cycle=body.get("life_cycle"),
+                )
             elif op == "clear":
                 self.clear()
             else:
                 return web.json_response(
-                    {"error": f"unknown control {op!r}; use notice, rebalance, maintenance, fault or clear"},
+                    {
+                        "error": f"unknown control {op!r}; "
+                        "use notice, rebalance, maintenance, fault, identity or clear"
+                    },
                     status=404,
                 )
         except (ValueError, TypeError) as exc:

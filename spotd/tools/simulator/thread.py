@@ -126,6 +126,23 @@ class SimulatorThread:
     def set_fault(self, mode: str | None, *, count: int | None = None) -> None:
         self._call(lambda: self._sim.set_fault(mode, count=count))
 
+    def set_identity(
+        self,
+        *,
+        instance_id: str | None = None,
+        instance_type: str | None = None,
+        availability_zone: str | None = None,
+        life_cycle: str | None = None,
+    ) -> None:
+        self._call(
+            lambda: self._sim.set_identity(
+                instance_id=instance_id,
+                instance_type=instance_type,
+                availability_zone=availability_zone,
+                life_cycle=life_cycle,
+            )
+        )
+
     def set_require_token(self, value: bool) -> None:
         def apply() -> None:
             self._sim.require_token = value
