@@ -249,6 +249,95 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        from spotd.aws.pricing import PriceBook
+        from spotd.daemon.costs import price_history, price_settings
+        from spotd.store.history import summarize
+        from spotd.store.ledger import Ledger
+
+        cfg, store = _store(args)
+        book = None if args.no_cost else PriceBook(settings=price_settings(cfg))
+        try:
+            view = await Ledger.of_store(store).read()
+            history = summarize(view, now=datetime.now(UTC))
+            if book is not None and history.sessions:
+                history = await price_history(history, book)
+        finally:
+            if book is not None:
+                await book.close()
+            await store.close()
+        if args.json:
+            print(json.dumps(history.to_dict(), indent=2, sort_keys=True))
+        elif not history.sessions:
+            print(f"no sessions recorded for job {cfg.job_id!r} in {store.uri}")
+        else:
+            print(render_history(history.to_dict()))
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _dollars(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"${value:.2f}" if value >= 0.01 or value == 0 else f"${value:.6f}"
+
+
+def render_history(h: dict[str, Any]) -> str:
+    """``spotd history`` as a person reads it: one block per session, then the job's totals."""
+    end = h.get("end") or {}
+    head = f"job {h['job_id']}: {h['status']}"
+    if end:
+        head += f" ({end.get('reason')}, {end.get('at')})"
+    lines = [head, ""]
+    for s in h["sessions"]:
+        inst = s["instance"]
+        lines.append(
+            f"{s['session']}  {inst['type']} {inst['az']} {inst['life_cycle']}  {s['status']}"
+            f"{' (running)' if s['running'] else ''}"
+        )
+        lines.append("  " + " → ".join(f"{t['status']} {t['at'][11:19]}" for t in s["timeline"]))
+        billable = s.get("billable_seconds")
+        lines.append(
+            f"  training {_span(s['training_seconds'])}, instance {_span(s['instance_seconds'])}"
+            f"{'' if billable is None else f', billable {_span(billable)}'}, cost {_dollars(s['cost_usd'])}"
+        )
+        for i in s["interruptions"]:
+            took = i.get("notice_to_durable_seconds")
+            durable = f"durable in {took:.1f} s" if i["durable"] and took is not None else "NOT durable"
+            lines.append(
+                f"  interruption {i['kind']}/{i['action']} at {i['detected_at'][11:19]}: {durable}, "
+                f"{_human(i['bytes'])}"
+            )
+            lines += [f"    lost: {x}" for x in i["lost"]]
+        if s["lost_seconds"]:
+            steps = "unknown steps" if s["lost_steps"] is None else f"{s['lost_steps']} steps"
+            lines.append(
+                f"  work lost: {_span(s['lost_seconds'])} of training ({steps}), "
+                f"{_dollars(s['lost_work_usd'])}"
+            )
+    lines.append("")
+    billable = h.get("billable_seconds")
+    lines.append(
+        f"{len(h['sessions'])} sessions, {h['interruptions']} interruptions; training "
+        f"{_span(h['training_seconds'])}, instances {_span(h['instance_seconds'])}"
+        f"{'' if billable is None else f', billable {_span(billable)} (in on-demand seconds)'}"
+    )
+    if h.get("cost_usd") is not None:
+        lines.append(
+            f"cost {_dollars(h['cost_usd'])}; on demand it would have cost "
+            f"{_dollars(h['on_demand_cost_usd'])}; "
+            f"savings {h['savings_percent']:.1f}% = (1 - billable/training) x 100; "
+            f"lost work {_dollars(h['lost_work_usd'])}"
+        )
+    for error in h.get("pricing_errors") or []:
+        lines.append(f"no price: {error}")
+    for key in h.get("unreadable_records") or []:
+        lines.append(f"unreadable ledger record skipped: {key}")
+    return "\n".join(lines)
+
+
 def _human(n: int) -> str:
     value = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -302,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("restore", cmd_restore, "download a committed checkpoint and verify every file")
     p.add_argument("--to", metavar="DIR", help="destination directory (default: checkpoint_dir)")
     p.add_argument("--name", help="checkpoint name from `spotd list` (default: the newest)")
+
+    p = add("history", cmd_history, "the job across instances: sessions, interruptions, cost and savings")
+    p.add_argument("--json", action="store_true", help="print the history as JSON")
+    p.add_argument(
+        "--no-cost", action="store_true", help="do not look prices up (EC2 and the AWS Price List API)"
+    )
 
     from spotd.tools import simulator
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from spotd.errors import ConfigError
 from spotd.protocol import DEFAULT_SOCKET
 
-__all__ = ["DEFAULT_CONFIG_PATH", "Config", "load_config"]
+__all__ = ["DEFAULT_CONFIG_PATH", "NOTIFY_FIELDS", "ON_COMPLETE", "Config", "load_config"]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/spotd/spotd.toml")
 #: sun_path is 108 bytes including the terminating NUL.
@@ -71,6 +71,51 @@ class PolicyConfig:
     maintenance_lead: float = 600.0
     shutdown_grace: float = 30.0
     drill_timeout: float = 300.0
+    #: What to do with the instance (and its spot request) once the job is Completed or Stopped.
+    on_complete: str = "none"  # none | stop | terminate | cancel-request
+    #: Seconds of training summed over every instance of the job (SageMaker's MaxRuntimeInSeconds); 0: none.
+    max_run: float = 0.0
+    #: Seconds since the job first started, waiting for capacity included (MaxWaitTimeInSeconds); 0: none.
+    max_wait: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConfig:
+    #: Uploaded to <uri>/<job_id>/output/ when the job completes (SageMaker's /opt/ml/model); "": nothing.
+    dir: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CostConfig:
+    #: USD per hour on demand for this job's instance type; 0 asks the AWS Price List API.
+    on_demand_hourly: float = 0.0
+    #: The Price List API's endpoint (tests); "" is AWS's.
+    pricing_endpoint_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ec2Config:
+    #: EC2's endpoint (tests, moto); "" is AWS's.
+    endpoint_url: str = ""
+    #: "" is the instance's own region, from its availability zone.
+    region: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    #: Slack-compatible incoming webhook (a JSON ``{"text": ...}`` POST); "" sends nothing.
+    webhook: str = ""
+    #: The text, with {text} {event} {job_id} {instance_id} {instance_type} {phase} {detail}; "" is {text}.
+    template: str = ""
+    #: Seconds one POST may take.
+    timeout: float = 5.0
+
+
+#: The fields a ``[notify] template`` may name.
+NOTIFY_FIELDS: Final = frozenset(
+    {"text", "event", "job_id", "instance_id", "instance_type", "phase", "detail"}
+)
+ON_COMPLETE: Final = ("none", "stop", "terminate", "cancel-request")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +141,10 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    ec2: Ec2Config = field(default_factory=Ec2Config)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -336,6 +385,63 @@ def _validate(cfg: Config) -> None:
         "every deadline would be now",
         "use e.g. 10 (seconds kept back from the notice for the upload to finish)",
     )
+    need(
+        cfg.policy.on_complete in ON_COMPLETE,
+        "policy.on_complete",
+        f"{cfg.policy.on_complete!r} is not an option",
+        "use none, stop, terminate or cancel-request (cancels the persistent spot request, then terminates)",
+    )
+    for key in ("max_run", "max_wait"):
+        value = getattr(cfg.policy, key)
+        need(
+            value >= 0, f"policy.{key}", f"{value} is negative", "use a number of seconds, or 0 for no limit"
+        )
+    # SageMaker's rule too: waiting included, the job cannot be allowed less time than its training.
+    need(
+        not (cfg.policy.max_wait and cfg.policy.max_run) or cfg.policy.max_wait >= cfg.policy.max_run,
+        "policy.max_wait",
+        f"{cfg.policy.max_wait:g} s is less than policy.max_run ({cfg.policy.max_run:g} s)",
+        "make max_wait at least max_run (it counts the waiting for capacity too), or 0 for no limit",
+    )
+    need(
+        not cfg.output.dir or os.path.isabs(cfg.output.dir),
+        "output.dir",
+        f"{cfg.output.dir!r} is not an absolute path",
+        "use an absolute directory such as /opt/ml/model",
+    )
+    need(
+        cfg.cost.on_demand_hourly >= 0,
+        "cost.on_demand_hourly",
+        f"{cfg.cost.on_demand_hourly} is negative",
+        "use the on-demand USD price per hour (e.g. 1.212), or 0 to ask the AWS Price List API",
+    )
+    for key, url in (
+        ("cost.pricing_endpoint_url", cfg.cost.pricing_endpoint_url),
+        ("ec2.endpoint_url", cfg.ec2.endpoint_url),
+    ):
+        need(
+            not url or urlsplit(url).scheme in {"http", "https"},
+            key,
+            f"{url!r} is not an http URL",
+            'use http(s)://host:port, or "" for AWS itself',
+        )
+    need(
+        not cfg.notify.webhook or urlsplit(cfg.notify.webhook).scheme in {"http", "https"},
+        "notify.webhook",
+        f"{cfg.notify.webhook!r} is not an http URL",
+        'use the https:// URL of a Slack-compatible incoming webhook, or "" for none',
+    )
+    need(cfg.notify.timeout > 0, "notify.timeout", f"{cfg.notify.timeout} is not > 0", "use e.g. 5.0")
+    if cfg.notify.template:
+        try:
+            cfg.notify.template.format(**{name: name for name in NOTIFY_FIELDS})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                "notify.template",
+                f"{cfg.notify.template!r} does not format ({type(exc).__name__}: {exc})",
+                f"name only {', '.join('{' + f + '}' for f in sorted(NOTIFY_FIELDS))}; "
+                "write {{ and }} for a brace",
+            ) from None
     need(
         cfg.sync.mode in {"client", "watch"},
         "sync.mode",

@@ -19,6 +19,8 @@ __all__ = [
     "Phase",
     "RebalanceRecommendation",
     "ScheduledEvent",
+    "SessionEvent",
+    "SessionEventKind",
     "format_time",
     "parse_time",
     "region_of_zone",
@@ -43,6 +45,7 @@ class NoticeKind(enum.StrEnum):
     MAINTENANCE = "maintenance"  # events/maintenance/scheduled
     SHUTDOWN = "shutdown"  # SIGTERM from systemd: the last chance
     DRILL = "drill"  # `spotd checkpoint`
+    JOB = "job"  # the job ends: `spotd complete`, or policy.max_run / policy.max_wait exceeded
 
 
 def parse_time(text: str) -> datetime:
@@ -212,3 +215,29 @@ class InterruptionRecord:
 def _rounded(seconds: float | None) -> float | None:
     # Milliseconds: finer is clock noise at these scales, coarser hides a slow detection.
     return None if seconds is None else round(seconds, 3)
+
+
+class SessionEventKind(enum.StrEnum):
+    """What happened in one instance session, in the job ledger's words (``<job>/ledger/``)."""
+
+    BOOT = "boot"  # the daemon started on this instance: identity, region
+    RESTORED = "restored"  # restore on boot done: name, step, bytes, seconds (name null: nothing restored)
+    TRAINING = "training"  # the first trainer connected: trainer
+    NOTICE = "notice"  # a notice acted on: kind, action, final, not_after
+    DURABLE = "durable"  # a checkpoint committed: name, step, bytes, trainer, emergency
+    UPLOAD_FAILED = "upload_failed"  # a commit given up: trainer, step, error
+    INTERRUPTION = "interruption"  # an episode ended: the InterruptionRecord's dict
+    FINISHING = "finishing"  # the job is ending: status, reason (final checkpoint and output to go)
+    ENDED = "ended"  # the job ended: status (Completed | Stopped), reason, checkpoint, output
+    END = "end"  # the daemon stops cleanly on this instance: phase
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One thing the job ledger, the webhook and the job metrics hear about: a kind, when, its JSON fields,
+    and for INTERRUPTION the episode's record itself."""
+
+    kind: SessionEventKind
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+    record: InterruptionRecord | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -11,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from spotd.events import Phase
 
-__all__ = ["Metrics"]
+__all__ = ["JobFigures", "Metrics"]
 
 # Detection is sub-second; checkpoint and upload run from seconds to the two-minute window and beyond.
 _FAST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -35,6 +36,63 @@ class _SecondsUntilInterruption(Collector):
         yield family
 
 
+@dataclass(frozen=True, slots=True)
+class JobFigures:
+    """The job across instances, as the daemon last worked it out; None where not known (no prices)."""
+
+    sessions: int
+    interruptions: int
+    training_seconds: float
+    cost_dollars: float | None = None
+    on_demand_cost_dollars: float | None = None
+    savings_ratio: float | None = None
+    lost_work_dollars: float | None = None
+    #: Seconds left under policy.max_run / policy.max_wait, for the budgets configured.
+    budgets_remaining: tuple[tuple[str, float], ...] = ()
+
+
+class _JobCollector(Collector):
+    """The job's figures at scrape time; a figure not known yet has no sample rather than a false 0."""
+
+    _GAUGES = (
+        ("sessions", "spotd_job_sessions", "Instance sessions of this job so far, this one included."),
+        ("interruptions", "spotd_job_interruptions", "Sessions of this job that ended interrupted."),
+        ("training_seconds", "spotd_job_training_seconds", "Training seconds summed over the sessions."),
+        ("cost_dollars", "spotd_job_cost_dollars", "USD the job's instances cost so far (spot prices)."),
+        (
+            "on_demand_cost_dollars",
+            "spotd_job_on_demand_cost_dollars",
+            "USD the job's training time would have cost on demand.",
+        ),
+        (
+            "savings_ratio",
+            "spotd_job_savings_ratio",
+            "1 - billable/training seconds (SageMaker's savings, as a ratio).",
+        ),
+        ("lost_work_dollars", "spotd_job_lost_work_dollars", "USD of training lost to interruptions."),
+    )
+
+    def __init__(self, figures: Callable[[], JobFigures | None]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        figures = self._figures()
+        for attr, name, doc in self._GAUGES:
+            family = GaugeMetricFamily(name, doc)
+            value = None if figures is None else getattr(figures, attr)
+            if value is not None:
+                family.add_metric([], float(value))
+            yield family
+        budgets = GaugeMetricFamily(
+            "spotd_job_budget_remaining_seconds",
+            "Seconds left under policy.max_run / policy.max_wait (only those configured).",
+            labels=["budget"],
+        )
+        for budget, left in figures.budgets_remaining if figures else ():
+            budgets.add_metric([budget], max(0.0, left))
+        yield budgets
+
+
 class Metrics:
     """Every spotd metric. Labels stay low-cardinality: no request ids, paths or instance ids."""
 
@@ -47,8 +105,10 @@ class Metrics:
         "imds_requests",
         "imds_up",
         "interruption_deadline",
+        "job_figures",
         "last_durable_step",
         "last_durable_timestamp",
+        "ledger_write_failures",
         "maintenance_events",
         "notice_to_durable_seconds",
         "notices",
@@ -60,6 +120,8 @@ class Metrics:
         "upload_bytes",
         "upload_failures",
         "upload_seconds",
+        "webhook_attempts",
+        "webhook_sends",
     )
 
     def __init__(
@@ -160,12 +222,37 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.ledger_write_failures = Counter(
+            "spotd_ledger_write_failures",
+            "Job ledger records (or heartbeats) not written after their retries.",
+            registry=r,
+        )
+        self.webhook_sends = Counter(
+            "spotd_webhook_sends",
+            "Webhook messages by event and outcome (ok, failed after retries, dropped unsent).",
+            ["event", "result"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "spotd_webhook_attempts",
+            "Webhook POSTs by HTTP code (or timeout/error), retries included.",
+            ["code"],
+            registry=r,
+        )
+        #: Set by the daemon once it knows the job's history: read at every scrape.
+        self.job_figures: JobFigures | None = None
         r.register(_SecondsUntilInterruption(lambda: self.interruption_deadline._value.get(), clock))
+        r.register(_JobCollector(lambda: self.job_figures))
         self.set_phase(Phase.STARTING)
         # Counters with labels appear only once used; touch the label sets a dashboard queries.
         self.upload_bytes.inc(0)
         self.upload_failures.inc(0)
         self.checkpoint_failures.inc(0)
+        self.ledger_write_failures.inc(0)
+        # A series that first appears at 1 has no increase() to alert on: the first notice of a daemon
+        # would never fire SpotdInterruptionNotice. Every spot action starts at 0.
+        for action in ("terminate", "stop", "hibernate"):
+            self.notices.labels(kind="spot", action=action).inc(0)
 
     def set_phase(self, phase: Phase) -> None:
         for p in Phase:

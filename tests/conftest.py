@@ -19,8 +19,12 @@ pytest_plugins = sorted(
 
 @pytest.fixture(autouse=True)
 def _no_real_imds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test may reach 169.254.169.254: the default endpoint is replaced by a closed loopback port."""
+    """No test may reach 169.254.169.254 or AWS: the default endpoints are replaced by a closed loopback port."""
     monkeypatch.setenv("SPOTD_IMDS_ENDPOINT", "http://127.0.0.1:9")
+    # Nor AWS's EC2 or Price List API: the daemon's job metrics look prices up; a test that wants them
+    # points these at moto and a loopback Price List server.
+    monkeypatch.setenv("SPOTD_EC2_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SPOTD_COST_PRICING_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("SPOTD_CONFIG", os.devnull)
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
         monkeypatch.delenv(name, raising=False)

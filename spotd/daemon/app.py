@@ -16,19 +16,27 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from spotd import __version__
 from spotd.aws.imds import ImdsClient
+from spotd.aws.pricing import PriceBook
 from spotd.config import Config
 from spotd.daemon import boot
 from spotd.daemon.coordinator import Coordinator
+from spotd.daemon.costs import price_settings
 from spotd.daemon.http import MetricsServer
 from spotd.daemon.ipc import IpcServer
+from spotd.daemon.job import Job
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
+from spotd.daemon.sinks import Sinks
+from spotd.daemon.sinks.ledger import LedgerSink
 from spotd.daemon.systemd import Notifier, watchdog_loop
 from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, DiskFull, StoreError
-from spotd.events import Notice, Phase
+from spotd.events import InstanceIdentity, Notice, Phase, SessionEventKind, region_of_zone
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, open_store
+from spotd.store.ledger import Ledger, session_name
+from spotd.store.marker import read_disk_marker
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -45,6 +53,9 @@ class Daemon:
         "_ipc",
         "_metrics",
         "_notifier",
+        "_prices",
+        "_sinks",
+        "_started",
         "_stop",
         "_store",
     )
@@ -68,6 +79,9 @@ class Daemon:
         self._store: CheckpointStore | None = None
         self._coordinator: Coordinator | None = None
         self._http: MetricsServer | None = None
+        self._sinks: Sinks | None = None
+        self._prices: PriceBook | None = None
+        self._started = datetime.now(UTC)
 
     @property
     def metrics_port(self) -> int | None:
@@ -108,8 +122,14 @@ class Daemon:
         store = self._store = await asyncio.to_thread(
             open_store, cfg, executor=self._executor, metrics=self._metrics
         )
+        job, sinks = self._job(store, identity)
         coordinator = self._coordinator = Coordinator(
-            config=cfg, store=store, metrics=self._metrics, identity=identity, imds_up=lambda: imds.up
+            config=cfg,
+            store=store,
+            metrics=self._metrics,
+            identity=identity,
+            imds_up=lambda: imds.up,
+            sinks=sinks,
         )
         await asyncio.to_thread(Path(cfg.checkpoint_dir).mkdir, parents=True, exist_ok=True)
         self._ipc = IpcServer(
@@ -129,15 +149,32 @@ class Daemon:
             await self._http.start()
         coordinator.set_phase(Phase.DOWNLOADING)
         self._notifier.status("checking the checkpoint store")
+        past: asyncio.Task[object] | None = None
         try:
             await boot.prepare_store(store)
+            # The job's past is read while the checkpoint downloads: the budgets need it, training does not.
+            past = asyncio.get_running_loop().create_task(job.load())
+            on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
+            restore_started = datetime.now(UTC)
             newest = await boot.restore_on_start(
                 store,
                 checkpoint_dir=Path(cfg.checkpoint_dir),
                 enabled=cfg.policy.restore_on_start,
                 notifier=self._notifier,
             )
+            now_on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
+            sinks.emit(
+                SessionEventKind.RESTORED,
+                name=None if newest is None else newest.name,
+                step=None if newest is None else newest.step,
+                bytes=0 if newest is None else newest.total_bytes,
+                downloaded=now_on_disk is not None and now_on_disk != on_disk,
+                seconds=round((datetime.now(UTC) - restore_started).total_seconds(), 3),
+            )
+            await past
         except (StoreError, OSError) as exc:
+            if past is not None:
+                past.cancel()
             log.error(
                 "startup.store_failed",
                 error=str(exc),
@@ -157,6 +194,7 @@ class Daemon:
             instance_id=identity.instance_id,
             store=store.uri,
         )
+        ledger_sink = next(s for s in sinks.sinks if isinstance(s, LedgerSink))
         monitors: list[Monitor] = [
             SpotMonitor(imds=imds),
             RebalanceMonitor(imds=imds),
@@ -169,7 +207,11 @@ class Daemon:
             metrics=self._metrics,
         )
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(loop_.run(), name="monitors")]
+            tasks = [
+                tg.create_task(loop_.run(), name="monitors"),
+                tg.create_task(ledger_sink.heartbeats(), name="heartbeat"),
+                tg.create_task(job.figures_loop(interval_s=5.0), name="job-figures"),
+            ]
             interval = self._notifier.watchdog_interval()
             if interval:
                 tasks.append(
@@ -186,7 +228,39 @@ class Daemon:
                 task.cancel()
         await coordinator.last_chance(grace_s=cfg.policy.shutdown_grace)
         await coordinator.drain(grace_s=max(1.0, cfg.policy.shutdown_grace / 2))
+        sinks.emit(SessionEventKind.END, phase=coordinator.phase.value)
         return EXIT_OK
+
+    def _job(self, store: CheckpointStore, identity: InstanceIdentity) -> tuple[Job, Sinks]:
+        """The job's ledger for this session, and the sinks the coordinator tells what happens."""
+        cfg = self._config
+        ledger = Ledger.of_store(store)
+        region = cfg.ec2.region or region_of_zone(identity.availability_zone)
+        writer = ledger.writer(
+            session=session_name(identity.instance_id, self._started), identity=identity, region=region
+        )
+        ledger_sink = LedgerSink(writer=writer, metrics=self._metrics)
+        # Two tries and a short connect: the figures are looked up again at the next refresh anyway.
+        self._prices = PriceBook(
+            settings=price_settings(cfg, request_attempts=2, connect_timeout_s=2.0), executor=self._executor
+        )
+        known = "unknown" not in (identity.instance_type, identity.availability_zone)
+        job = Job(
+            config=cfg,
+            ledger=ledger,
+            sink=ledger_sink,
+            metrics=self._metrics,
+            prices=self._prices if known else None,
+        )
+        sinks = self._sinks = Sinks(sinks=[ledger_sink])
+        sinks.emit(
+            SessionEventKind.BOOT,
+            at=self._started,
+            version=__version__,
+            pid=os.getpid(),
+            store=store.uri,
+        )
+        return job, sinks
 
     async def _on_notice(self, notice: Notice) -> None:
         assert self._coordinator is not None
@@ -206,6 +280,11 @@ class Daemon:
         await watcher.run()
 
     async def _close(self) -> None:
+        if self._sinks is not None:
+            # The session's last records (its end) are worth a moment, not a stuck shutdown.
+            await self._sinks.close(grace_s=3.0)
+        if self._prices is not None:
+            await self._prices.close()
         if self._ipc is not None:
             await self._ipc.close(grace_s=1.0)
         if self._http is not None:

@@ -41,7 +41,16 @@ Reply = Callable[[dict[str, Any]], Awaitable[bool]]
 class Committer:
     """Commits saves into the store for the coordinator; tells each trainer ``durable`` or ``error``."""
 
-    __slots__ = ("_checkpoint_dir", "_clock", "_metrics", "_on_durable", "_sleep", "_store", "_wall")
+    __slots__ = (
+        "_checkpoint_dir",
+        "_clock",
+        "_metrics",
+        "_on_durable",
+        "_on_failed",
+        "_sleep",
+        "_store",
+        "_wall",
+    )
 
     def __init__(
         self,
@@ -53,8 +62,10 @@ class Committer:
         clock: Callable[[], float],
         wall: Callable[[], datetime],
         sleep: Callable[[float], Awaitable[None]],
+        on_failed: Callable[[CommitInfo, str], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_failed = on_failed
         self._metrics = metrics
         self._checkpoint_dir = checkpoint_dir
         self._on_durable = on_durable
@@ -74,6 +85,8 @@ class Committer:
             save.error = str(exc)
             # Counted here, once per commit given up, not per attempt: the help text of the metric says so.
             self._metrics.upload_failures.inc()
+            if self._on_failed is not None:
+                self._on_failed(info, str(exc))
             log.error(
                 "checkpoint.upload_failed",
                 trainer=info.trainer,

@@ -37,8 +37,9 @@ from spotd.daemon.episode import (
     status_view,
 )
 from spotd.daemon.ipc import Session
+from spotd.daemon.sinks import Sinks
 from spotd.errors import PathEscape, ProtocolError, StoreError
-from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, format_time
+from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, SessionEventKind, format_time
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, CommitInfo, Manifest, resolve_inside
@@ -73,8 +74,10 @@ class Coordinator:
         "_metrics",
         "_phase",
         "_seen_notices",
+        "_sinks",
         "_started",
         "_store",
+        "_training_seen",
         "_wall",
         "current",
     )
@@ -90,8 +93,12 @@ class Coordinator:
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         imds_up: Callable[[], bool] = lambda: True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sinks: Sinks | None = None,
     ) -> None:
         self._config = config
+        # The ledger, the webhook, the job metrics: emit() never waits on them.
+        self._sinks = sinks or Sinks()
+        self._training_seen = False
         self._store = store
         self._metrics = metrics
         self._identity = identity
@@ -103,7 +110,8 @@ class Coordinator:
             store=store,
             metrics=metrics,
             checkpoint_dir=self._checkpoint_dir,
-            on_durable=self.set_last_durable,
+            on_durable=self._committed,
+            on_failed=self._commit_failed,
             clock=clock,
             wall=wall,
             sleep=sleep,
@@ -138,6 +146,20 @@ class Coordinator:
             self._metrics.last_durable_timestamp.set(manifest.created_at.timestamp())
             if manifest.step is not None:
                 self._metrics.last_durable_step.set(manifest.step)
+
+    def _committed(self, manifest: Manifest) -> None:
+        self.set_last_durable(manifest)
+        self._sinks.emit(
+            SessionEventKind.DURABLE,
+            name=manifest.name,
+            step=manifest.step,
+            bytes=manifest.total_bytes,
+            trainer=manifest.trainer,
+            reason=manifest.reason,
+        )
+
+    def _commit_failed(self, info: CommitInfo, error: str) -> None:
+        self._sinks.emit(SessionEventKind.UPLOAD_FAILED, trainer=info.trainer, step=info.step, error=error)
 
     # -- notices ---------------------------------------------------------------------------------------------
     async def handle_notice(self, notice: Notice) -> Episode | None:
@@ -179,6 +201,17 @@ class Coordinator:
         for session in trainers:
             episode.asked[session.id] = session.name
         self._metrics.checkpoint_requests.labels(reason=reason_label(notice)).inc()
+        if notice.kind is not NoticeKind.DRILL:
+            self._sinks.emit(
+                SessionEventKind.NOTICE,
+                at=notice.detected_at,
+                kind=notice.kind.value,
+                action=notice.action,
+                final=notice.final,
+                not_after=None if notice.not_after is None else format_time(notice.not_after),
+                request_id=episode.request_id,
+                trainers=len(trainers),
+            )
         sent = await self._ipc.broadcast(episode.frame()) if self._ipc and trainers else 0
         episode.asked_at = self._clock()
         episode.asked_wall = self._wall()
@@ -232,6 +265,7 @@ class Coordinator:
         log_fn = log.info if ok else log.error
         log_fn("interruption.handled" if episode.final else "checkpoint.handled", **record.to_dict())
         if episode.final or episode.notice.kind is not NoticeKind.DRILL:
+            self._sinks.emit(SessionEventKind.INTERRUPTION, record=record)
             with contextlib.suppress(StoreError, OSError):
                 await self._store.write_event(record)
 
@@ -245,6 +279,9 @@ class Coordinator:
         }
 
     async def on_ready(self, session: Session) -> None:
+        if session.role == "trainer" and not self._training_seen:
+            self._training_seen = True
+            self._sinks.emit(SessionEventKind.TRAINING, trainer=session.name)
         episode = self.current
         if episode is None or episode.finished or self._ipc is None:
             return

@@ -233,7 +233,17 @@ def test_missing_store_uri_is_a_config_error(tmp_path):
 
 def test_every_command_has_help():
     """Every subcommand answers --help with exit 0."""
-    for cmd in ("run", "status", "checkpoint", "list", "restore", "simulate-imds", "install", "demo"):
+    for cmd in (
+        "run",
+        "status",
+        "checkpoint",
+        "list",
+        "restore",
+        "history",
+        "simulate-imds",
+        "install",
+        "demo",
+    ):
         out = subprocess.run(
             [sys.executable, "-m", "spotd", cmd, "--help"],
             capture_output=True,
