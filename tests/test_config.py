@@ -81,6 +81,16 @@ def test_client_variables_are_not_config_keys():
         ("[store]\nuri = 's3://'\n", "store.uri", "s3://bucket/prefix"),
         ("[store]\nuri = 'file://'\n", "store.uri", "file:///absolute/path"),
         ("[policy]\ndeadline_margin = 120.0\n", "policy.deadline_margin", "e.g. 10"),
+        ("[policy]\non_complete = 'shutdown'\n", "policy.on_complete", "cancel-request"),
+        ("[policy]\nmax_run = -1.0\n", "policy.max_run", "0 for no limit"),
+        ("[policy]\nmax_run = 7200.0\nmax_wait = 3600.0\n", "policy.max_wait", "at least max_run"),
+        ("[output]\ndir = 'model'\n", "output.dir", "/opt/ml/model"),
+        ("[cost]\non_demand_hourly = -1.0\n", "cost.on_demand_hourly", "Price List"),
+        ("[cost]\npricing_endpoint_url = 'api.pricing'\n", "cost.pricing_endpoint_url", "http"),
+        ("[ec2]\nendpoint_url = 'localhost:5000'\n", "ec2.endpoint_url", "http"),
+        ("[notify]\nwebhook = 'hooks.slack.com/x'\n", "notify.webhook", "https://"),
+        ("[notify]\ntemplate = '{job} was {phase}'\n", "notify.template", "{job_id}"),
+        ("[notify]\ntimeout = 0.0\n", "notify.timeout", "5.0"),
     ],
 )
 def test_every_mistake_names_the_key_and_the_fix(tmp_path, text, key, fix_mentions):
@@ -119,3 +129,21 @@ def test_replace_validates_like_loading():
     assert cfg.store.uri == "file:///tmp/s" and cfg.imds.poll_interval == 0.25
     with pytest.raises(ConfigError):
         cfg.replace(**{"imds.poll_interval": 0})
+
+
+def test_the_job_keys_of_the_issue_load_from_file_and_environment(tmp_path):
+    """[policy] on_complete/max_run/max_wait, [output], [cost], [ec2], [notify]: from TOML and SPOTD_* alike."""
+    path = write(
+        tmp_path,
+        "[policy]\non_complete = 'cancel-request'\nmax_run = 3600.0\nmax_wait = 7200.0\n"
+        "[output]\ndir = '/opt/ml/model'\n[cost]\non_demand_hourly = 1.212\n"
+        "[notify]\nwebhook = 'https://hooks.example/x'\ntemplate = '{job_id}: {text}'\n",
+    )
+    cfg = load_config(path, environ={"SPOTD_EC2_REGION": "us-west-2", "SPOTD_NOTIFY_TIMEOUT": "2.5"})
+    assert (cfg.policy.on_complete, cfg.policy.max_run, cfg.policy.max_wait) == ("cancel-request", 3600, 7200)
+    assert cfg.output.dir == "/opt/ml/model" and cfg.cost.on_demand_hourly == 1.212
+    assert cfg.ec2.region == "us-west-2" and cfg.notify.timeout == 2.5
+    assert cfg.notify.webhook == "https://hooks.example/x" and cfg.notify.template == "{job_id}: {text}"
+    defaults = load_config(environ={})
+    assert defaults.policy.on_complete == "none" and defaults.policy.max_run == 0 == defaults.policy.max_wait
+    assert defaults.notify.webhook == "" and defaults.output.dir == "" and defaults.cost.on_demand_hourly == 0
