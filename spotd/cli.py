@@ -173,6 +173,35 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK if reply.get("ok") else EXIT_FAILURE
 
 
+def cmd_complete(args: argparse.Namespace) -> int:
+    from spotd.client import control
+
+    try:
+        reply = control(
+            "finished",
+            socket_path=_socket_path(args),
+            timeout=args.timeout,
+            reason=args.reason,
+            checkpoint=not args.no_checkpoint,
+        )
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        print(f"spotd complete: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    reply.pop("op", None)
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    elif reply.get("ok"):
+        print(
+            f"job {reply.get('job_id')}: {reply.get('status')} ({reply.get('reason')}); final checkpoint "
+            f"{reply.get('checkpoint') or 'none'} (step {reply.get('step')})"
+            f"{'; output ' + reply['output'] if reply.get('output') else ''}; "
+            f"on_complete = {reply.get('on_complete')}"
+        )
+    else:
+        print(f"spotd complete: {reply.get('message')}", file=sys.stderr)
+    return EXIT_OK if reply.get("ok") else EXIT_FAILURE
+
+
 def _store(args: argparse.Namespace) -> Any:
     from spotd.store import open_store
 
@@ -383,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("checkpoint", cmd_checkpoint, "ask every trainer to checkpoint now and upload it (a drill)")
     p.add_argument("--reason", default="drill", help="free text recorded in the logs (default: drill)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for durable (default 600)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = add(
+        "complete",
+        cmd_complete,
+        "mark the job Completed: a final checkpoint, the output, then policy.on_complete",
+    )
+    p.add_argument("--reason", default="complete", help="recorded in the ledger (default: complete)")
+    p.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not ask the trainers for a final checkpoint; the newest durable one is final",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to wait for the daemon (default 900)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = add("list", cmd_list, "list committed checkpoints in the store, newest first")

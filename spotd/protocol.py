@@ -3,9 +3,10 @@
 Stdlib only: :mod:`spotd.client` imports this and must stay light.
 
 Daemon → trainer: ``welcome``, ``checkpoint``, ``durable``, ``error`` (and ``status`` replies).
-Trainer → daemon: ``hello``, ``saved``, ``failed``, ``status``.
-A control client (``spotd status``/``spotd checkpoint``) says ``hello`` with ``"role": "control"`` and may
-then send ``status`` or ``drill``; it is never counted as a trainer.
+Trainer → daemon: ``hello``, ``saved``, ``failed``, ``status``, ``finished`` (the job is done: spotd marks it
+Completed and answers ``finished`` with the outcome).
+A control client (``spotd status``/``spotd checkpoint``/``spotd complete``) says ``hello`` with
+``"role": "control"`` and may then send ``status``, ``drill`` or ``finished``; it never counts as a trainer.
 
 The daemon builds its frames with the functions below rather than literal dicts, so each frame's keys are
 written once; the key order of each is kept as it always was, so the bytes on the wire do not change.
@@ -47,8 +48,8 @@ MAX_LINE: Final = 64 * 1024
 #: Where the daemon listens unless ``socket.path`` says otherwise (systemd's RuntimeDirectory=spotd).
 DEFAULT_SOCKET: Final = "/run/spotd/spotd.sock"
 
-CLIENT_OPS: Final = frozenset({"hello", "saved", "failed", "status", "drill"})
-DAEMON_OPS: Final = frozenset({"welcome", "checkpoint", "durable", "error", "status", "drill"})
+CLIENT_OPS: Final = frozenset({"hello", "saved", "failed", "status", "drill", "finished"})
+DAEMON_OPS: Final = frozenset({"welcome", "checkpoint", "durable", "error", "status", "drill", "finished"})
 
 # Error codes sent in `error` frames.
 E_BAD_JSON: Final = "bad_json"
@@ -123,6 +124,10 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
     "failed": {"request_id": ((str, type(None)), False), "message": (str, False)},
     "status": {},
     "drill": {"reason": (str, False), "wait": (bool, False)},
+    # The job is done. ``step``: the steps done, whose checkpoint the trainer has made durable (the daemon
+    # refuses to mark the job Completed while the newest durable one is older). ``checkpoint``: ask every
+    # trainer for a final checkpoint first (``spotd complete``, for scripts that report no saves themselves).
+    "finished": {"step": ((int, type(None)), False), "reason": (str, False), "checkpoint": (bool, False)},
 }
 
 

@@ -1,6 +1,6 @@
 """A stand-in training process: steps, reports a connection, and answers checkpoint requests.
 
-Prints one JSON line per event on stdout: connected, requested, durable, step, exit.
+Prints one JSON line per event on stdout: connected, requested, durable, step, finished, exit.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def main() -> int:
     parser.add_argument("--step-sleep", type=float, default=0.01)
     parser.add_argument("--size", type=int, default=4096, help="bytes per checkpoint file")
     parser.add_argument("--periodic-every", type=int, default=0)
+    parser.add_argument(
+        "--finish-at", type=int, default=None, help="save, then guard.finished() at this step"
+    )
     args = parser.parse_args()
     warnings.simplefilter("default")
     guard = spotd.client.connect(name=args.name)
@@ -62,6 +65,15 @@ def main() -> int:
                 emit("exit", step=step, reason="final")
                 guard.close()
                 return 0
+        if args.finish_at is not None and step == args.finish_at:
+            rel = f"{args.name}/step-{step:06d}.bin"
+            (root / args.name).mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(os.urandom(args.size))
+            guard.saved(rel, step=step)
+            answer = guard.finished(step, timeout=60)
+            emit("finished", step=step, answer=answer)
+            guard.close()
+            return 0 if answer and answer.get("ok") else 1
         if step % 50 == 0:
             emit("step", step=step)
     emit("exit", step=args.steps, reason="done")

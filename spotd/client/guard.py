@@ -45,6 +45,7 @@ class Guard:
         "_cond",
         "_connected",
         "_ever_connected",
+        "_finished_q",
         "_hello",
         "_inert",
         "_interval_s",
@@ -93,6 +94,7 @@ class Guard:
         self._send_lock = threading.Lock()
         self._status_lock = threading.Lock()
         self._status_q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._finished_q: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wire: Wire | None = None
@@ -241,6 +243,33 @@ class Guard:
             except queue.Empty:
                 return None
 
+    def finished(self, step: int | None = None, *, timeout: float = 120.0) -> dict[str, Any] | None:
+        """The job is done: spotd marks it Completed in the store and then does ``policy.on_complete``.
+
+        ``step`` is the steps done; report its checkpoint with :meth:`saved` first: this waits for it to be
+        durable, and spotd refuses to complete a job whose newest durable checkpoint is older. Returns the
+        daemon's answer (``ok``, ``status``, ``checkpoint``, ``output``…), or None without a daemon or after
+        ``timeout``.
+        """
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step must be an int or None, not {type(step).__name__}")
+        if self._inert or not self._connected:
+            return None
+        deadline = time.monotonic() + timeout
+        if self._save_state == "pending":
+            self.wait_durable(timeout=timeout)
+        while True:  # an answer to an earlier call that gave up
+            try:
+                self._finished_q.get_nowait()
+            except queue.Empty:
+                break
+        if not self._send({"op": "finished", "step": step}):
+            return None
+        try:
+            return self._finished_q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -338,6 +367,7 @@ class Guard:
             self._cond.notify_all()
         wire.close()
         self._status_q.put(None)
+        self._finished_q.put(None)
         if not self._closed:
             log.warning("lost the connection to spotd at %s (%s); reconnecting", self._path, reason)
 
@@ -426,8 +456,11 @@ class Guard:
                 log.warning("spotd error %s: %s", frame.get("code"), frame.get("message"))
                 if not matched:
                     self._status_q.put(None)  # it may be the answer to a pending status()
+                    self._finished_q.put(None)  # or finished()
         elif op == "status":
             self._status_q.put(frame)
+        elif op == "finished":
+            self._finished_q.put(frame)
 
     def _matches_last_save(self, frame: dict[str, Any]) -> bool:
         last = self._last_save

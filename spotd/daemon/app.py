@@ -17,15 +17,17 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from spotd import __version__
+from spotd.aws.ec2 import Ec2
 from spotd.aws.imds import ImdsClient
 from spotd.aws.pricing import PriceBook
+from spotd.aws.session import ClientSettings
 from spotd.config import Config
 from spotd.daemon import boot
 from spotd.daemon.coordinator import Coordinator
 from spotd.daemon.costs import price_settings
 from spotd.daemon.http import MetricsServer
 from spotd.daemon.ipc import IpcServer
-from spotd.daemon.job import Job
+from spotd.daemon.job import Finisher, Job, clear_marker, marker_path
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
 from spotd.daemon.sinks import Sinks
 from spotd.daemon.sinks.ledger import LedgerSink
@@ -34,7 +36,7 @@ from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, DiskFull, 
 from spotd.events import InstanceIdentity, Notice, Phase, SessionEventKind, region_of_zone
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, open_store
+from spotd.store import CheckpointStore, Manifest, open_store
 from spotd.store.ledger import Ledger, session_name
 from spotd.store.marker import read_disk_marker
 
@@ -131,6 +133,21 @@ class Daemon:
             imds_up=lambda: imds.up,
             sinks=sinks,
         )
+        region = cfg.ec2.region or region_of_zone(identity.availability_zone)
+        finisher = Finisher(
+            config=cfg,
+            job=job,
+            control=coordinator,
+            store=store,
+            sinks=sinks,
+            identity=identity,
+            ec2=lambda: Ec2(
+                settings=ClientSettings(endpoint_url=cfg.ec2.endpoint_url, region=region),
+                executor=self._executor,
+            ),
+            marker=marker_path(cfg),
+        )
+        coordinator.attach_finisher(finisher)
         await asyncio.to_thread(Path(cfg.checkpoint_dir).mkdir, parents=True, exist_ok=True)
         self._ipc = IpcServer(
             path=cfg.socket.path, handler=coordinator, metrics=self._metrics, group=cfg.socket.group
@@ -154,23 +171,14 @@ class Daemon:
             await boot.prepare_store(store)
             # The job's past is read while the checkpoint downloads: the budgets need it, training does not.
             past = asyncio.get_running_loop().create_task(job.load())
-            on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
-            restore_started = datetime.now(UTC)
-            newest = await boot.restore_on_start(
-                store,
-                checkpoint_dir=Path(cfg.checkpoint_dir),
-                enabled=cfg.policy.restore_on_start,
-                notifier=self._notifier,
-            )
-            now_on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
-            sinks.emit(
-                SessionEventKind.RESTORED,
-                name=None if newest is None else newest.name,
-                step=None if newest is None else newest.step,
-                bytes=0 if newest is None else newest.total_bytes,
-                downloaded=now_on_disk is not None and now_on_disk != on_disk,
-                seconds=round((datetime.now(UTC) - restore_started).total_seconds(), 3),
-            )
+            ended = await job.ledger.ended()
+            if ended is None:
+                await asyncio.to_thread(clear_marker, cfg)
+                newest = await self._restore(store, sinks)
+            else:
+                # A persistent request relaunched an instance for a job that is done: no restore, no training.
+                newest = None
+                await finisher.ended_at_boot(ended)
             await past
         except (StoreError, OSError) as exc:
             if past is not None:
@@ -185,7 +193,8 @@ class Daemon:
             )
             return EXIT_FAILURE
         coordinator.set_last_durable(newest)
-        coordinator.set_phase(Phase.TRAINING)
+        if not finisher.ended:
+            coordinator.set_phase(Phase.TRAINING)
         self._notifier.ready(f"watching IMDS; socket {cfg.socket.path}")
         log.info(
             "daemon.ready",
@@ -228,8 +237,32 @@ class Daemon:
                 task.cancel()
         await coordinator.last_chance(grace_s=cfg.policy.shutdown_grace)
         await coordinator.drain(grace_s=max(1.0, cfg.policy.shutdown_grace / 2))
+        # on_complete (cancel, terminate) may still be on its way to EC2: it is why the job ended this way.
+        await finisher.wait(timeout_s=15.0)
         sinks.emit(SessionEventKind.END, phase=coordinator.phase.value)
         return EXIT_OK
+
+    async def _restore(self, store: CheckpointStore, sinks: Sinks) -> Manifest | None:
+        """Restore on boot (:mod:`.boot`), recorded in the ledger: what, whether it downloaded, how long."""
+        cfg = self._config
+        on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
+        restore_started = datetime.now(UTC)
+        newest = await boot.restore_on_start(
+            store,
+            checkpoint_dir=Path(cfg.checkpoint_dir),
+            enabled=cfg.policy.restore_on_start,
+            notifier=self._notifier,
+        )
+        now_on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
+        sinks.emit(
+            SessionEventKind.RESTORED,
+            name=None if newest is None else newest.name,
+            step=None if newest is None else newest.step,
+            bytes=0 if newest is None else newest.total_bytes,
+            downloaded=now_on_disk is not None and now_on_disk != on_disk,
+            seconds=round((datetime.now(UTC) - restore_started).total_seconds(), 3),
+        )
+        return newest
 
     def _job(self, store: CheckpointStore, identity: InstanceIdentity) -> tuple[Job, Sinks]:
         """The job's ledger for this session, and the sinks the coordinator tells what happens."""

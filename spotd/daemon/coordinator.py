@@ -37,6 +37,7 @@ from spotd.daemon.episode import (
     status_view,
 )
 from spotd.daemon.ipc import Session
+from spotd.daemon.job import Finisher
 from spotd.daemon.sinks import Sinks
 from spotd.errors import PathEscape, ProtocolError, StoreError
 from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, SessionEventKind, format_time
@@ -67,6 +68,7 @@ class Coordinator:
         "_clock",
         "_committer",
         "_config",
+        "_finisher",
         "_identity",
         "_imds_up",
         "_ipc",
@@ -99,6 +101,7 @@ class Coordinator:
         # The ledger, the webhook, the job metrics: emit() never waits on them.
         self._sinks = sinks or Sinks()
         self._training_seen = False
+        self._finisher: Finisher | None = None
         self._store = store
         self._metrics = metrics
         self._identity = identity
@@ -127,6 +130,17 @@ class Coordinator:
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, ipc: TrainerChannel) -> None:
         self._ipc = ipc
+
+    def attach_finisher(self, finisher: Finisher) -> None:
+        """Who ends the job when a trainer says ``finished`` or ``spotd complete`` asks."""
+        self._finisher = finisher
+
+    @property
+    def last_durable(self) -> Manifest | None:
+        return self._last_durable
+
+    def trainer_count(self) -> int:
+        return len(self._ipc.trainers) if self._ipc else 0
 
     @property
     def phase(self) -> Phase:
@@ -382,6 +396,18 @@ class Coordinator:
         # The reply says what is outstanding in "missing"; its record's "lost" stays empty, as it always was.
         record = episode.record(identity=self._identity, lost=())
         return {"ok": episode.all_durable(), **record.to_dict(), "missing": episode.outstanding()}
+
+    async def on_finished(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
+        """``finished`` (a trainer: the job is done at ``step``) or ``spotd complete`` (a control client)."""
+        if self._finisher is None:
+            return {"ok": False, "status": self._phase.value, "message": "this daemon cannot end the job"}
+        control = session.role == "control"
+        return await self._finisher.finish(
+            status=Phase.COMPLETED,
+            reason=frame.get("reason") or ("complete" if control else "finished"),
+            step=frame.get("step"),
+            ask_trainers=bool(frame.get("checkpoint", control)),
+        )
 
     def on_disconnect(self, session: Session) -> None:
         episode = self.current

@@ -199,9 +199,9 @@ def episode_deadline(notice: Notice, *, now: datetime, policy: PolicyConfig) -> 
 
 
 def episode_reason(notice: Notice) -> str:
-    """The ``reason`` trainers are told: the kind, the spot action, or the drill's own text."""
-    if notice.kind is NoticeKind.DRILL:
-        return notice.detail.get("reason", "drill")
+    """The ``reason`` trainers are told: the kind, the spot action, or a drill's or job end's own text."""
+    if notice.kind in (NoticeKind.DRILL, NoticeKind.JOB):
+        return notice.detail.get("reason", notice.kind.value)
     return reason_label(notice)
 
 

@@ -63,6 +63,7 @@ class Handler(Protocol):
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None: ...
     async def on_status(self, session: Session) -> dict[str, Any]: ...
     async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]: ...
+    async def on_finished(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]: ...
     def on_disconnect(self, session: Session) -> None: ...
 
 
@@ -507,6 +508,10 @@ class IpcServer:
                 await self._write(
                     conn, protocol.encode({"op": "drill", **await handler.on_drill(session, frame)})
                 )
+            elif op == "finished":
+                # The job is done (a trainer's finished(), or `spotd complete`): answered once it is marked.
+                answer = await handler.on_finished(session, frame)
+                await self._write(conn, protocol.encode(protocol.reply("finished", answer)))
         except ProtocolError as exc:
             # A refusal (path outside checkpoint_dir, ...): the connection stays usable.
             self._count(exc.code)

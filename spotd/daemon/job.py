@@ -1,33 +1,57 @@
 """The job across instances, as this daemon sees it: the ledger read at boot plus this session's records.
 
-It answers what the rest of the daemon asks about the job (its history so far, the training seconds the
-budgets count, when it first started) and keeps the job figures on /metrics current: counts at once, costs
-every :data:`COST_REFRESH_S` (they take EC2 and Price List calls).
+:class:`Job` answers what the rest of the daemon asks about the job (its history so far, the training seconds
+the budgets count, when it first started) and keeps the job figures on /metrics current: counts at once,
+costs every :data:`COST_REFRESH_S` (they take EC2 and Price List calls). :class:`Finisher` ends the job:
+Completed (``finished`` from a trainer, ``spotd complete``) or Stopped (a stopping condition), then
+``policy.on_complete``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Final
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Protocol
 
+from spotd.aws.ec2 import Ec2
 from spotd.aws.pricing import PriceBook
 from spotd.config import Config
 from spotd.daemon.costs import price_history
+from spotd.daemon.episode import Episode
+from spotd.daemon.sinks import Sinks
 from spotd.daemon.sinks.ledger import LedgerSink
-from spotd.errors import StoreError
+from spotd.errors import AwsError, StoreError
+from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, SessionEventKind, format_time
 from spotd.logs import get_logger
 from spotd.metrics import JobFigures, Metrics
+from spotd.store import CheckpointStore, Manifest
+from spotd.store.base import BaseStore
 from spotd.store.history import JobHistory, summarize
-from spotd.store.ledger import Ledger, LedgerView
+from spotd.store.ledger import JobEnd, Ledger, LedgerView
+from spotd.store.output import upload_output
 
-__all__ = ["COST_REFRESH_S", "Job"]
+__all__ = [
+    "COST_REFRESH_S",
+    "MARKER",
+    "Finisher",
+    "Job",
+    "JobControl",
+    "clear_marker",
+    "job_notice",
+    "marker_path",
+]
 
 log = get_logger("spotd.job")
 
 #: How often the job's cost figures are looked up again while the daemon runs.
 COST_REFRESH_S: Final = 300.0
+#: The file beside the socket that says the job ended (the training unit's ConditionPathExists=!).
+MARKER: Final = "job-ended"
+#: How long the job's last records and messages may take to go out before on_complete ends the instance.
+ON_COMPLETE_FLUSH_S: Final = 10.0
 
 
 class Job:
@@ -149,3 +173,235 @@ class Job:
                     log.warning("costs.refresh_failed", error=repr(exc))
             self.update_figures()
             await asyncio.sleep(interval_s)
+
+
+def job_notice(*, reason: str, now: datetime, within_s: float) -> Notice:
+    """The job ends (``spotd complete``, a stopping condition): a final notice of the job's own, so every
+    trainer saves and stops; its deadline is ``within_s`` away (less the usual margin)."""
+    return Notice(
+        kind=NoticeKind.JOB,
+        action=reason,
+        key=f"job:{reason}",
+        detected_at=now,
+        final=True,
+        not_after=now + timedelta(seconds=within_s),
+        detail={"reason": reason},
+    )
+
+
+class JobControl(Protocol):
+    """What ending the job needs of the coordinator."""
+
+    @property
+    def phase(self) -> Phase: ...
+    @property
+    def last_durable(self) -> Manifest | None: ...
+    def set_phase(self, phase: Phase) -> None: ...
+    def trainer_count(self) -> int: ...
+    async def handle_notice(self, notice: Notice) -> Episode | None: ...
+
+
+class Finisher:
+    """Ends the job once: the final checkpoint, the output, END.json (conditional), the marker the training
+    unit checks, then ``policy.on_complete``. A second end (a stopping condition racing ``finished``) gets
+    the answer of the first."""
+
+    __slots__ = (
+        "_bg",
+        "_config",
+        "_control",
+        "_ec2",
+        "_ended",
+        "_identity",
+        "_job",
+        "_lock",
+        "_marker",
+        "_sinks",
+        "_store",
+        "_wall",
+    )
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        job: Job,
+        control: JobControl,
+        store: CheckpointStore,
+        sinks: Sinks,
+        identity: InstanceIdentity,
+        ec2: Callable[[], Ec2],
+        marker: Path,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._config = config
+        self._job = job
+        self._control = control
+        self._store = store
+        self._sinks = sinks
+        self._identity = identity
+        self._ec2 = ec2
+        self._marker = marker
+        self._wall = wall
+        self._lock = asyncio.Lock()
+        self._ended: dict[str, Any] | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended is not None
+
+    async def finish(
+        self, *, status: Phase, reason: str, step: int | None = None, ask_trainers: bool = False
+    ) -> dict[str, Any]:
+        """End the job as ``status`` (Completed, or Stopped for a stopping condition) and answer what
+        happened; ``ok`` False (and the job goes on) when ``step``'s checkpoint is not durable."""
+        async with self._lock:
+            if self._ended is not None:
+                return self._ended
+            previous = self._control.phase
+            if step is not None:
+                newest = self._control.last_durable
+                if newest is None or newest.step is None or newest.step < step:
+                    return {
+                        "ok": False,
+                        "status": previous.value,
+                        "message": f"the newest durable checkpoint is at step "
+                        f"{None if newest is None else newest.step}, not {step}: report the final "
+                        "checkpoint with saved() and wait_durable() before finished()",
+                    }
+            log.info("job.finishing", status=status.value, reason=reason, step=step)
+            self._sinks.emit(SessionEventKind.FINISHING, status=status.value, reason=reason)
+            if ask_trainers and self._control.trainer_count():
+                episode = await self._control.handle_notice(
+                    job_notice(reason=reason, now=self._wall(), within_s=self._config.policy.drill_timeout)
+                )
+                if episode is not None:
+                    # Its watcher closes it at its deadline, whatever the trainers do.
+                    await episode.closed.wait()
+            self._control.set_phase(Phase.UPLOADING)
+            output = await self._upload_output()
+            newest = self._control.last_durable
+            end = JobEnd(
+                job_id=self._config.job_id,
+                status=status,
+                reason=reason,
+                at=self._wall(),
+                session=self._job.session,
+                instance_id=self._identity.instance_id,
+                checkpoint=None if newest is None else newest.name,
+                step=None if newest is None else newest.step,
+                output=output,
+            )
+            try:
+                end, ours = await self._job.ledger.mark_ended(end)
+            except (StoreError, OSError) as exc:
+                log.error(
+                    "job.end_not_recorded",
+                    error=str(exc),
+                    fix="the store refused END.json; the job is not marked ended, so a new instance would "
+                    "train it again: check the store and run `spotd complete` again",
+                )
+                self._control.set_phase(previous)
+                return {"ok": False, "status": previous.value, "message": f"writing END.json failed: {exc}"}
+            self._sinks.emit(SessionEventKind.ENDED, at=end.at, **_fields(end), ours=ours)
+            await self.mark_ended_here(end)
+            answer = {"ok": True, **end.to_dict(), "on_complete": self._config.policy.on_complete}
+            self._ended = answer
+            log.info("job.ended", **answer)
+            self._spawn(self._on_complete())
+            return answer
+
+    async def mark_ended_here(self, end: JobEnd) -> None:
+        """This instance knows the job ended: the phase says so and the training unit will not start."""
+        await asyncio.to_thread(_write_marker, self._marker, end)
+        self._control.set_phase(end.status)
+
+    async def ended_at_boot(self, end: JobEnd) -> None:
+        """A new instance booted for a job that already ended (a persistent request relaunched it)."""
+        log.warning(
+            "job.already_ended",
+            status=end.status.value,
+            reason=end.reason,
+            at=format_time(end.at),
+            note="nothing restored; the training unit will not start (ConditionPathExists in its unit)",
+        )
+        self._sinks.emit(SessionEventKind.ENDED, **_fields(end), already=True)
+        await self.mark_ended_here(end)
+        self._ended = {"ok": True, **end.to_dict(), "on_complete": self._config.policy.on_complete}
+        self._spawn(self._on_complete())
+
+    async def _upload_output(self) -> str | None:
+        directory = self._config.output.dir
+        if not directory or not isinstance(self._store, BaseStore):
+            return None
+        try:
+            return await upload_output(self._store, Path(directory), instance_id=self._identity.instance_id)
+        except (StoreError, OSError) as exc:
+            log.error(
+                "output.upload_failed", dir=directory, error=str(exc), fix="check the store; the job ends"
+            )
+            self._sinks.emit(SessionEventKind.UPLOAD_FAILED, trainer="output", error=str(exc))
+            return None
+
+    async def _on_complete(self) -> None:
+        """``policy.on_complete``, after the job's last records and messages had their moment to go out."""
+        action = self._config.policy.on_complete
+        if action == "none":
+            return
+        await self._sinks.flush(timeout_s=ON_COMPLETE_FLUSH_S)
+        instance_id = self._identity.instance_id
+        if instance_id == "unknown":
+            log.error("job.on_complete_skipped", action=action, reason="the instance id is unknown (no IMDS)")
+            return
+        ec2 = self._ec2()
+        try:
+            done: dict[str, Any] = {"action": action, "instance_id": instance_id}
+            if action == "cancel-request":
+                # Cancel first: terminating an instance of a persistent request makes EC2 launch another.
+                request = await ec2.spot_request_of(instance_id)
+                if request is not None:
+                    done["request_id"] = request.request_id
+                    done["request_state"] = await ec2.cancel_spot_request(request.request_id)
+                done["instance_state"] = await ec2.terminate(instance_id)
+            elif action == "terminate":
+                done["instance_state"] = await ec2.terminate(instance_id)
+            elif action == "stop":
+                done["instance_state"] = await ec2.stop(instance_id)
+            log.info("job.on_complete", **done)
+        except AwsError as exc:
+            log.error("job.on_complete_failed", action=action, instance_id=instance_id, error=str(exc))
+        finally:
+            await ec2.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def wait(self, *, timeout_s: float) -> None:
+        """Give what ``finish`` started (the on_complete call) ``timeout_s`` to finish."""
+        if self._bg:
+            await asyncio.wait(set(self._bg), timeout=timeout_s)
+
+
+def marker_path(cfg: Config) -> Path:
+    """Where the daemon says the job ended, for the training unit's ``ConditionPathExists=!``: beside the
+    socket (``/run/spotd/job-ended``, systemd's RuntimeDirectory, so gone at every stop and reboot)."""
+    return Path(cfg.socket.path).parent / MARKER
+
+
+def clear_marker(cfg: Config) -> None:
+    """A job that has not ended may train: remove a marker an earlier run left (outside systemd)."""
+    marker_path(cfg).unlink(missing_ok=True)
+
+
+def _write_marker(path: Path, end: JobEnd) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(end.to_json() + b"\n")
+    os.replace(tmp, path)
+
+
+def _fields(end: JobEnd) -> dict[str, Any]:
+    """END.json's fields as a ledger record's data (its time is the record's own)."""
+    return {k: v for k, v in end.to_dict().items() if k not in ("at", "job_id")}

@@ -4,6 +4,7 @@ leave, and `spotd history --json` with costs from moto's EC2 and a loopback Pric
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.aws import Ec2, PriceList
-from tests.util import wait_until
+from tests.util import require_tool, wait_until
 
 ON_DEMAND = 1.212  # what the loopback Price List API serves for a g5.2xlarge in us-east-1
 
@@ -64,6 +65,38 @@ class Play:
         assert d.stop() == 0
         return d
 
+    def completed(self, instance_id: str, *, finish_at: int = 30, **kw: Any) -> Any:
+        """A session that trains to the end: saves, says finished(step), and exits; the daemon stays up."""
+        d = self.start(instance_id, **kw)
+        t = self.trainer_procs(d.socket, "train", "--finish-at", str(finish_at))
+        assert t.proc.wait(60) == 0, t.out.lines
+        (finished,) = t.events("finished")
+        assert finished["answer"]["ok"] is True and finished["answer"]["status"] == "Completed"
+        assert finished["answer"]["step"] == finish_at
+        return d
+
+
+def marker(d: Any) -> Path:
+    return Path(d.socket).parent / "job-ended"
+
+
+def training_unit_would_start(marker_path: Path) -> bool:
+    """What systemd decides for spotd-train@.service's conditions with the job-ended marker at ``marker_path``."""
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "spotd-train@.service").read_text()
+    (condition,) = [
+        line for line in unit.splitlines() if line.startswith("Condition") and "job-ended" in line
+    ]
+    assert condition == "ConditionPathExists=!/run/spotd/job-ended"
+    analyze = require_tool("systemd-analyze", "systemd")
+    done = subprocess.run(
+        [analyze, "condition", condition.replace("/run/spotd/job-ended", str(marker_path))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode == 0
+
 
 @pytest.fixture
 def play(
@@ -108,9 +141,10 @@ def savings_by_hand(h: dict[str, Any], spot: float, on_demand: float) -> float:
     return (1 - billable / training) * 100
 
 
-def test_two_interrupted_sessions_make_a_history_with_costs(play: Play, ec2: Ec2) -> None:
-    """Two sessions on two instances, each interrupted by a spot notice after its emergency checkpoint is
-    durable: the ledger tells both, and the savings equal the figure worked out from the prices served."""
+def test_interrupted_interrupted_completed_is_the_history(play: Play, ec2: Ec2) -> None:
+    """Three sessions in a row against one store (spot notice, spot notice, finished): `spotd history --json`
+    shows three sessions, two interruptions, the statuses in order, and savings equal to the figure worked
+    out by hand from the prices the test served (moto's spot price, the loopback Price List's on-demand)."""
     seen: dict[str, float] = {}
 
     def job_metrics(d: Any) -> None:
@@ -121,19 +155,29 @@ def test_two_interrupted_sessions_make_a_history_with_costs(play: Play, ec2: Ec2
         wait_until(read, timeout_s=30, what="the job's savings on /metrics")
 
     play.interrupted("i-0000000000000001")
-    d = play.interrupted("i-0000000000000002", zone="us-east-1b", during=job_metrics)
+    play.interrupted("i-0000000000000002", zone="us-east-1b", during=job_metrics)
     assert seen["spotd_job_sessions"] == 2 and seen["spotd_job_interruptions"] == 1
     assert 0.99 < seen["spotd_job_savings_ratio"] <= 1.0, "moto's spot price is a millionth of on demand"
     assert seen["spotd_job_cost_dollars"] > 0 and seen["spotd_job_training_seconds"] > 0
+    d = play.completed("i-0000000000000003")
+    wait_until(lambda: marker(d).exists(), timeout_s=10, what="the job-ended marker")
+    assert d.stop() == 0
     h = history(d)
-    assert [s["instance"]["id"] for s in h["sessions"]] == ["i-0000000000000001", "i-0000000000000002"]
-    assert [s["status"] for s in h["sessions"]] == ["Interrupted", "Interrupted"]
-    assert h["interruptions"] == 2 and h["status"] == "Interrupted"
-    first, second = h["sessions"]
-    assert [t["status"] for t in first["timeline"]] == ["Starting", "Training", "Interrupted"]
-    assert [t["status"] for t in second["timeline"]] == ["Starting", "Downloading", "Training", "Interrupted"]
+    ids = [s["instance"]["id"] for s in h["sessions"]]
+    assert ids == ["i-0000000000000001", "i-0000000000000002", "i-0000000000000003"]
+    assert [s["status"] for s in h["sessions"]] == ["Interrupted", "Interrupted", "Completed"]
+    assert h["interruptions"] == 2 and h["status"] == "Completed"
+    assert h["end"]["status"] == "Completed" and h["end"]["reason"] == "finished" and h["end"]["step"] == 30
+    first, second, third = h["sessions"]
+    assert h["statuses"] == [
+        *["Starting", "Training", "Interrupted"],
+        *["Starting", "Downloading", "Training", "Interrupted"],
+        *["Starting", "Downloading", "Training", "Uploading", "Completed"],
+    ]
     assert second["restored"]["name"] == first["last_durable"]["name"]
-    for s in h["sessions"]:
+    assert third["restored"]["name"] == second["last_durable"]["name"]
+    assert third["interruptions"] == [] and third["last_durable"]["step"] == 30
+    for s in (first, second):
         (i,) = s["interruptions"]
         assert i["kind"] == "spot" and i["durable"] and i["bytes"] == 4096 and i["lost"] == []
         assert s["lost_seconds"] == 0 and s["lost_steps"] == 0
@@ -146,4 +190,49 @@ def test_two_interrupted_sessions_make_a_history_with_costs(play: Play, ec2: Ec2
     )
     assert h["savings_percent"] == pytest.approx(savings_by_hand(h, spot, ON_DEMAND), rel=1e-6)
     text = d.cli("history")
-    assert text.returncode == 0 and "2 sessions, 2 interruptions" in text.stdout and "savings" in text.stdout
+    assert text.returncode == 0 and "3 sessions, 2 interruptions" in text.stdout and "savings" in text.stdout
+
+
+def test_cancel_request_on_complete_and_a_fourth_session_trains_nothing(play: Play, ec2: Ec2) -> None:
+    """on_complete = "cancel-request": the job's persistent spot request is cancelled and its instance
+    terminated in moto. A fourth session for the same job (EC2 launched another instance) restores nothing,
+    says Completed, writes the marker that keeps spotd-train@ from starting, and goes the same way."""
+    policy = {"on_complete": "cancel-request"}
+    play.interrupted("i-0000000000000001", policy=policy)
+    request, instance = ec2.spot_instance()
+    d = play.completed(instance, policy=policy)
+    wait_until(lambda: d.logs.events("job.on_complete"), timeout_s=30, what="on_complete done")
+    (done,) = d.logs.events("job.on_complete")
+    assert done["action"] == "cancel-request" and done["request_id"] == request
+    assert request not in ec2.request_states() or ec2.request_states()[request] == "cancelled"
+    assert ec2.instance_state(instance) in ("shutting-down", "terminated")
+    assert not training_unit_would_start(marker(d))
+    assert d.stop() == 0
+
+    request4, instance4 = ec2.spot_instance()
+    d4 = play.start(instance4, policy=policy)
+    assert d4.logs.events("job.already_ended")[0]["status"] == "Completed"
+    assert json.loads(marker(d4).read_text())["status"] == "Completed"
+    assert not training_unit_would_start(marker(d4)), "spotd-train@ is not started for a Completed job"
+    assert list(d4.checkpoint_dir.iterdir()) == [], "nothing restored"
+    assert not d4.logs.events("restore.done")
+    status = json.loads(d4.cli("status", "--json").stdout)
+    assert status["phase"] == "Completed"
+    wait_until(lambda: d4.logs.events("job.on_complete"), timeout_s=30, what="on_complete again")
+    assert d4.logs.events("job.on_complete")[0]["request_id"] == request4
+    assert ec2.instance_state(instance4) in ("shutting-down", "terminated")
+    assert d4.stop() == 0
+    h = history(d4)
+    assert [s["status"] for s in h["sessions"]] == ["Interrupted", "Completed", "Completed"]
+    assert h["sessions"][2]["training_seconds"] == 0 and h["sessions"][2]["restored"] is None
+
+
+def test_a_job_that_has_not_ended_trains(play: Play) -> None:
+    """Without END.json a marker left from before (outside systemd's RuntimeDirectory) is removed at boot,
+    so spotd-train@ starts."""
+    d = play.start("i-0000000000000001")
+    assert d.stop() == 0
+    marker(d).write_text("left over from before")
+    again = play.spotd_daemon(play.imds.url, store_uri=play.store_uri, env=play.env, socket_path=d.socket)
+    assert not marker(d).exists() and training_unit_would_start(marker(d))
+    assert again.stop() == 0

@@ -64,6 +64,8 @@ log = logging.getLogger("spotd.torch")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: How long a rank that was not asked itself (a peer rank or node was) waits for its save to be durable.
 PEER_GRACE_S: Final = 60.0
+#: How long finish() waits for the final checkpoint to be durable, and then for spotd's answer.
+FINISH_TIMEOUT_S: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class Checkpointer:
         "_keep",
         "_last_save_t",
         "_last_saved_step",
+        "_last_step_done",
         "_link",
         "_map_location",
         "_name",
@@ -187,6 +190,7 @@ class Checkpointer:
         self._by_step: dict[int, LocalCheckpoint] = {}
         self._handled_request: str | None = None
         self._last_saved_step: int | None = None
+        self._last_step_done: int | None = None
         self._pending_step: int | None = None
         self._last_save_t = time.monotonic()
 
@@ -284,6 +288,7 @@ class Checkpointer:
     def step(self, step: int) -> bool:
         """Call after finishing ``step``. Saves when due or asked; True means stop now (final request)."""
         done = step + 1
+        self._last_step_done = done
         self._link.notice_connection()
         request = self._link.pending_request(self._handled_request)
         level = ranks.NONE
@@ -335,6 +340,36 @@ class Checkpointer:
     def save(self, step: int) -> SaveInfo:
         """Save now, as if ``step`` steps are done (the value :meth:`restore` will return)."""
         return self._save(step, reason="manual", request_id=None)
+
+    def finish(self, step: int | None = None, *, timeout: float = FINISH_TIMEOUT_S) -> bool:
+        """The training is done: save the final checkpoint, wait for it to be durable, and tell spotd, which
+        marks the job Completed (so no new instance trains it again) and does ``policy.on_complete``.
+
+        ``step`` is the steps done, by default one past the last step given to :meth:`step`. Collective with
+        several ranks: every rank saves and waits, then rank 0 tells spotd. True once spotd says the job is
+        Completed; False without a daemon (the final checkpoint is on disk all the same) or when it refused.
+        """
+        done = self._last_step_done if step is None else step
+        if done is None:
+            raise ValueError("finish() needs the number of steps done: call step() first or pass step=")
+        self._save(done, reason="final", request_id=None)
+        durable = self.wait_durable(timeout=timeout)
+        if not durable:
+            log.warning(
+                "the final checkpoint at step %d is not confirmed durable within %.1fs", done, timeout
+            )
+        if self._agreement is not None and not ranks.all_ok(durable):
+            durable = False
+        if self._rank not in (None, 0) or not durable or not self._link.expected():
+            return False
+        answer = self._link.finished(done, timeout=timeout)
+        if answer is None or not answer.get("ok"):
+            log.warning(
+                "spotd did not mark the job completed: %s", (answer or {}).get("message", "no answer")
+            )
+            return False
+        log.info("job %s at step %d: %s", answer.get("status"), done, answer.get("checkpoint"))
+        return True
 
     def wait_durable(self, timeout: float | None = None) -> bool:
         """True once the daemon committed the last save; at once without a daemon (nothing to wait for).

@@ -244,6 +244,18 @@ class DaemonLink:
             assert deadline is not None
             remaining = max(0.0, deadline - time.monotonic())
 
+    def finished(self, step: int, *, timeout: float) -> dict[str, Any] | None:
+        """Tell spotd the job is done; its answer, or None (no daemon, an old client, or no answer)."""
+        finished = getattr(self.guard, "finished", None)
+        if not callable(finished):
+            return None
+        try:
+            answer = finished(step, timeout=timeout)
+        except Exception as exc:
+            log.warning("telling spotd the job finished failed: %s", exc)
+            return None
+        return answer if isinstance(answer, dict) else None
+
     def close(self) -> None:
         """Disconnect, if the Checkpointer connected the guard itself."""
         if self._owned and self.guard is not None:
