@@ -27,7 +27,7 @@ from spotd.daemon.coordinator import Coordinator
 from spotd.daemon.costs import price_settings
 from spotd.daemon.http import MetricsServer
 from spotd.daemon.ipc import IpcServer
-from spotd.daemon.job import Finisher, Job, clear_marker, marker_path
+from spotd.daemon.job import Finisher, Job, clear_marker, exceeded, marker_path, watch_budgets
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
 from spotd.daemon.sinks import Sinks
 from spotd.daemon.sinks.ledger import LedgerSink
@@ -166,23 +166,21 @@ class Daemon:
             await self._http.start()
         coordinator.set_phase(Phase.DOWNLOADING)
         self._notifier.status("checking the checkpoint store")
-        past: asyncio.Task[object] | None = None
         try:
             await boot.prepare_store(store)
-            # The job's past is read while the checkpoint downloads: the budgets need it, training does not.
-            past = asyncio.get_running_loop().create_task(job.load())
-            ended = await job.ledger.ended()
-            if ended is None:
+            past = await job.load()
+            newest = None
+            if past.end is not None:
+                # A persistent request relaunched an instance for a job that is done: no restore, no training.
+                await finisher.ended_at_boot(past.end)
+            elif (reason := exceeded(job, cfg, now=datetime.now(UTC))) is not None:
+                # Past a stopping condition already (max_wait while no capacity): stop before training starts.
+                log.warning("job.budget_exceeded", reason=reason, at="boot")
+                await finisher.finish(status=Phase.STOPPED, reason=reason)
+            else:
                 await asyncio.to_thread(clear_marker, cfg)
                 newest = await self._restore(store, sinks)
-            else:
-                # A persistent request relaunched an instance for a job that is done: no restore, no training.
-                newest = None
-                await finisher.ended_at_boot(ended)
-            await past
         except (StoreError, OSError) as exc:
-            if past is not None:
-                past.cancel()
             log.error(
                 "startup.store_failed",
                 error=str(exc),
@@ -219,7 +217,8 @@ class Daemon:
             tasks = [
                 tg.create_task(loop_.run(), name="monitors"),
                 tg.create_task(ledger_sink.heartbeats(), name="heartbeat"),
-                tg.create_task(job.figures_loop(interval_s=5.0), name="job-figures"),
+                tg.create_task(job.figures_loop(interval_s=1.0), name="job-figures"),
+                tg.create_task(watch_budgets(job, finisher, cfg), name="budgets"),
             ]
             interval = self._notifier.watchdog_interval()
             if interval:

@@ -37,11 +37,15 @@ __all__ = [
     "COST_REFRESH_S",
     "MARKER",
     "Finisher",
+    "MAX_RUN_EXCEEDED",
+    "MAX_WAIT_EXCEEDED",
     "Job",
     "JobControl",
     "clear_marker",
+    "exceeded",
     "job_notice",
     "marker_path",
+    "watch_budgets",
 ]
 
 log = get_logger("spotd.job")
@@ -383,6 +387,53 @@ class Finisher:
         """Give what ``finish`` started (the on_complete call) ``timeout_s`` to finish."""
         if self._bg:
             await asyncio.wait(set(self._bg), timeout=timeout_s)
+
+
+#: SageMaker's words for the stopping conditions, the reasons a Stopped job gives.
+MAX_RUN_EXCEEDED: Final = "MaxRuntimeExceeded"
+MAX_WAIT_EXCEEDED: Final = "MaxWaitTimeExceeded"
+
+
+def exceeded(job: Job, config: Config, *, now: datetime) -> str | None:
+    """The stopping condition the job is past, if any: ``policy.max_run`` (training seconds over every
+    session) or ``policy.max_wait`` (seconds since the job first started, waiting included)."""
+    policy = config.policy
+    if not (policy.max_run or policy.max_wait):
+        return None
+    history = job.history()
+    if policy.max_run and history.training_seconds >= policy.max_run:
+        return MAX_RUN_EXCEEDED
+    started = history.first_started_at
+    if policy.max_wait and started is not None and (now - started).total_seconds() >= policy.max_wait:
+        return MAX_WAIT_EXCEEDED
+    return None
+
+
+async def watch_budgets(
+    job: Job,
+    finisher: Finisher,
+    config: Config,
+    *,
+    interval_s: float = 1.0,
+    wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """Stop the job (a final checkpoint, Stopped with the reason, on_complete) once a stopping condition is
+    exceeded; returns when the job ended. Checked every ``interval_s``: a budget overruns by at most that."""
+    if not (config.policy.max_run or config.policy.max_wait):
+        return
+    while not finisher.ended:
+        reason = exceeded(job, config, now=wall())
+        if reason is not None:
+            log.warning(
+                "job.budget_exceeded",
+                reason=reason,
+                max_run=config.policy.max_run,
+                max_wait=config.policy.max_wait,
+                training_seconds=round(job.training_seconds(), 3),
+            )
+            await finisher.finish(status=Phase.STOPPED, reason=reason, ask_trainers=True)
+            return
+        await asyncio.sleep(interval_s)
 
 
 def marker_path(cfg: Config) -> Path:

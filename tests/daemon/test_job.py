@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from spotd.events import parse_time
 from tests.fixtures.aws import Ec2, PriceList
 from tests.util import require_tool, wait_until
 
@@ -236,3 +238,58 @@ def test_a_job_that_has_not_ended_trains(play: Play) -> None:
     again = play.spotd_daemon(play.imds.url, store_uri=play.store_uri, env=play.env, socket_path=d.socket)
     assert not marker(d).exists() and training_unit_would_start(marker(d))
     assert again.stop() == 0
+
+
+def test_max_run_exceeded_across_two_sessions_stops_the_job(play: Play, tmp_path: Path) -> None:
+    """policy.max_run counts training over every session: the first trains 2 s and is interrupted, the
+    second is stopped when the sum reaches 5 s, with a final checkpoint durable and the reason recorded."""
+    policy = {"max_run": 5.0}
+    play.interrupted("i-0000000000000001", policy=policy, during=lambda d: wait_for_training(d, 2.0))
+    d = play.start("i-0000000000000002", policy=policy)
+    t = play.trainer_procs(d.socket, "train")
+    assert t.proc.wait(60) == 0
+    (req,) = t.events("requested")
+    assert req["final"] is True and req["reason"] == "MaxRuntimeExceeded"
+    assert t.events("durable")[-1]["ok"] is True
+    wait_until(lambda: d.logs.events("job.ended"), timeout_s=20, what="job ended")
+    (ended,) = d.logs.events("job.ended")
+    assert ended["status"] == "Stopped" and ended["reason"] == "MaxRuntimeExceeded"
+    assert ended["step"] == req["step"], "the final checkpoint is the durable one the job ends on"
+    end = json.loads((tmp_path / "store" / "test-job" / "ledger" / "END.json").read_text())
+    assert end["status"] == "Stopped" and end["checkpoint"] == ended["checkpoint"]
+    assert (tmp_path / "store" / "test-job" / "checkpoints" / end["checkpoint"] / "MANIFEST.json").is_file()
+    assert json.loads(marker(d).read_text())["reason"] == "MaxRuntimeExceeded"
+    assert d.stop() == 0
+    h = history(d)
+    assert [s["status"] for s in h["sessions"]] == ["Interrupted", "Stopped"]
+    assert h["statuses"][-3:] == ["Training", "Uploading", "Stopped"]
+    assert 5.0 <= h["training_seconds"] < 5.0 + 3.0, "stopped within a check interval or two of the budget"
+
+
+def test_max_wait_counts_the_waiting_and_stops_a_late_instance_at_boot(play: Play) -> None:
+    """policy.max_wait runs from the job's first start, waiting for capacity included: an instance that
+    boots after it is Stopped with MaxWaitTimeExceeded before any training, and restores nothing."""
+    policy = {"max_wait": 3.0, "max_run": 3.0}
+    d = play.start("i-0000000000000001", policy=policy)
+    started = d.logs.events("daemon.ready")[0]
+    assert d.stop() == 0
+    wait_until(lambda: job_age(started) > 3.0, timeout_s=10, what="max_wait to pass while no instance runs")
+    late = play.start("i-0000000000000002", policy=policy)
+    (exceeded,) = late.logs.events("job.budget_exceeded")
+    assert exceeded["reason"] == "MaxWaitTimeExceeded" and exceeded["at"] == "boot"
+    assert json.loads(late.cli("status", "--json").stdout)["phase"] == "Stopped"
+    assert not training_unit_would_start(marker(late)) and not late.logs.events("restore.done")
+    assert late.stop() == 0
+    assert history(late)["end"]["reason"] == "MaxWaitTimeExceeded"
+
+
+def wait_for_training(d: Any, seconds: float) -> None:
+    wait_until(
+        lambda: job_gauges(d).get("spotd_job_training_seconds", 0) >= seconds,
+        timeout_s=30,
+        what=f"{seconds} s of training",
+    )
+
+
+def job_age(event: dict[str, Any]) -> float:
+    return (datetime.now(UTC) - parse_time(event["timestamp"])).total_seconds()
