@@ -31,6 +31,7 @@ from spotd.daemon.job import Finisher, Job, clear_marker, exceeded, marker_path,
 from spotd.daemon.monitors import MaintenanceMonitor, Monitor, MonitorLoop, RebalanceMonitor, SpotMonitor
 from spotd.daemon.sinks import Sinks
 from spotd.daemon.sinks.ledger import LedgerSink
+from spotd.daemon.sinks.webhook import WebhookSink
 from spotd.daemon.systemd import Notifier, watchdog_loop
 from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, DiskFull, StoreError
 from spotd.events import InstanceIdentity, Notice, Phase, SessionEventKind, region_of_zone
@@ -284,7 +285,20 @@ class Daemon:
             metrics=self._metrics,
             prices=self._prices if known else None,
         )
-        sinks = self._sinks = Sinks(sinks=[ledger_sink])
+        webhooks: list[WebhookSink] = []
+        if cfg.notify.webhook:
+            webhooks.append(
+                WebhookSink(
+                    url=cfg.notify.webhook,
+                    metrics=self._metrics,
+                    job_id=cfg.job_id,
+                    identity=identity,
+                    template=cfg.notify.template,
+                    timeout_s=cfg.notify.timeout,
+                    phase=lambda: self._coordinator.phase.value if self._coordinator else "",
+                )
+            )
+        sinks = self._sinks = Sinks(sinks=[ledger_sink, *webhooks])
         sinks.emit(
             SessionEventKind.BOOT,
             at=self._started,

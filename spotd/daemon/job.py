@@ -36,9 +36,9 @@ from spotd.store.output import upload_output
 __all__ = [
     "COST_REFRESH_S",
     "MARKER",
-    "Finisher",
     "MAX_RUN_EXCEEDED",
     "MAX_WAIT_EXCEEDED",
+    "Finisher",
     "Job",
     "JobControl",
     "clear_marker",

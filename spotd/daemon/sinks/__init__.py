@@ -33,6 +33,9 @@ class Sink(Protocol):
     name: str
 
     async def handle(self, event: SessionEvent) -> None: ...
+    def dropped(self, event: SessionEvent) -> None:
+        """``event`` will never be handled (the queue overflowed, or shutdown came first): count it."""
+
     async def close(self) -> None: ...
 
 
@@ -74,8 +77,16 @@ class Sinks:
             if queue.full():
                 dropped = queue.get_nowait()
                 queue.task_done()
-                log.warning("sink.dropped", sink=name, event=dropped.kind.value, queue=QUEUE_SIZE)
+                self._drop(name, dropped, why="queue full")
             queue.put_nowait(event)
+
+    def _drop(self, name: str, event: SessionEvent, *, why: str) -> None:
+        log.warning("sink.dropped", sink=name, kind=event.kind.value, why=why)
+        sink = next(s for s in self._sinks if s.name == name)
+        try:
+            sink.dropped(event)
+        except Exception as exc:
+            log.warning("sink.failed", sink=name, hook="dropped", error=repr(exc))
 
     async def _work(self, sink: Sink, queue: asyncio.Queue[SessionEvent]) -> None:
         while True:
@@ -83,7 +94,7 @@ class Sinks:
             try:
                 await sink.handle(event)
             except Exception as exc:
-                log.error("sink.failed", sink=sink.name, event=event.kind.value, error=repr(exc))
+                log.error("sink.failed", sink=sink.name, kind=event.kind.value, error=repr(exc))
             finally:
                 queue.task_done()
 
@@ -107,6 +118,10 @@ class Sinks:
         if not done:
             left = {name: q.qsize() for name, q in self._queues.items()}
             log.warning("sink.unflushed", grace_seconds=grace_s, left=left)
+            for name, queue in self._queues.items():
+                while not queue.empty():
+                    self._drop(name, queue.get_nowait(), why="shutdown")
+                    queue.task_done()
         for task in self._workers:
             task.cancel()
         for task in self._workers:

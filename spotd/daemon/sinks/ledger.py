@@ -98,6 +98,9 @@ class LedgerSink:
             await self._retried("heartbeat", lambda: self._writer.heartbeat(self._clock()))
             await self._sleep(interval_s)
 
+    def dropped(self, event: SessionEvent) -> None:
+        self._metrics.ledger_write_failures.inc()
+
     async def close(self) -> None:
         return None
 
