@@ -98,8 +98,11 @@ args=(
     --instance-market-options "$market"
     --metadata-options "$metadata"
     --user-data "file://${user_data}"
-    # The tags select scrape targets in docs/prometheus-scrape.yml.
-    --tag-specifications "ResourceType=instance,Tags=[{Key=Name,Value=spotd-${JOB_ID}},{Key=spotd,Value=enabled},{Key=spotd-job,Value=${JOB_ID}}]"
+    # The tags select scrape targets in docs/prometheus-scrape.yml, and scope what docs/iam-policy.json
+    # lets policy.on_complete stop, terminate or cancel: instances and spot requests tagged spotd=enabled.
+    --tag-specifications
+    "ResourceType=instance,Tags=[{Key=Name,Value=spotd-${JOB_ID}},{Key=spotd,Value=enabled},{Key=spotd-job,Value=${JOB_ID}}]"
+    "ResourceType=spot-instances-request,Tags=[{Key=spotd,Value=enabled},{Key=spotd-job,Value=${JOB_ID}}]"
     --count 1
 )
 if [ -n "$KEY_NAME" ]; then

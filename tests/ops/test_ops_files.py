@@ -196,3 +196,28 @@ def test_launch_script_fills_user_data_and_asks_for_spot(tmp_path: Path) -> None
     )
     assert unpinned.returncode == 2
     assert "public index" in unpinned.stderr
+
+
+def test_the_iam_policy_grants_exactly_the_ec2_and_pricing_calls_spotd_makes() -> None:
+    """Every EC2 or Price List call in spotd/aws (boto3 method names) has its IAM action in
+    docs/iam-policy.json, and the policy grants no EC2 or pricing action spotd does not call; the ones that
+    change something are scoped to resources tagged spotd=enabled."""
+    calls = set()
+    for module in ("ec2.py", "pricing.py"):
+        text = (REPO / "spotd" / "aws" / module).read_text()
+        calls |= set(re.findall(r"client\.(\w+)\(", text))
+        calls |= set(re.findall(r'get_paginator\("(\w+)"\)', text))
+    calls -= {"close", "get_paginator"}
+    service = {"get_products": "pricing"}
+    wanted = {f"{service.get(c, 'ec2')}:{''.join(w.title() for w in c.split('_'))}" for c in calls}
+    policy = json.loads((DOCS / "iam-policy.json").read_text())
+    granted: dict[str, dict[str, object]] = {}
+    for statement in policy["Statement"]:
+        for action in statement["Action"]:
+            if action.startswith(("ec2:", "pricing:")):
+                granted[action] = statement
+    assert set(granted) == wanted
+    for action in ("ec2:CancelSpotInstanceRequests", "ec2:StopInstances", "ec2:TerminateInstances"):
+        statement = granted[action]
+        assert statement["Resource"] != "*", action
+        assert statement["Condition"] == {"StringEquals": {"aws:ResourceTag/spotd": "enabled"}}, action
