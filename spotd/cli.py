@@ -328,9 +328,10 @@ def render_history(h: dict[str, Any]) -> str:
         )
         lines.append("  " + " → ".join(f"{t['status']} {t['at'][11:19]}" for t in s["timeline"]))
         billable = s.get("billable_seconds")
+        cost = f", cost {_dollars(s['cost_usd'])}" if h.get("priced") else ""
         lines.append(
             f"  training {_span(s['training_seconds'])}, instance {_span(s['instance_seconds'])}"
-            f"{'' if billable is None else f', billable {_span(billable)}'}, cost {_dollars(s['cost_usd'])}"
+            f"{'' if billable is None else f', billable {_span(billable)}'}{cost}"
         )
         for i in s["interruptions"]:
             took = i.get("notice_to_durable_seconds")
@@ -342,10 +343,8 @@ def render_history(h: dict[str, Any]) -> str:
             lines += [f"    lost: {x}" for x in i["lost"]]
         if s["lost_seconds"]:
             steps = "unknown steps" if s["lost_steps"] is None else f"{s['lost_steps']} steps"
-            lines.append(
-                f"  work lost: {_span(s['lost_seconds'])} of training ({steps}), "
-                f"{_dollars(s['lost_work_usd'])}"
-            )
+            worth = f", {_dollars(s['lost_work_usd'])}" if h.get("priced") else ""
+            lines.append(f"  work lost: {_span(s['lost_seconds'])} of training ({steps}){worth}")
     lines.append("")
     billable = h.get("billable_seconds")
     lines.append(

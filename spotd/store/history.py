@@ -238,6 +238,7 @@ class JobHistory:
             "on_demand_cost_usd": _usd(self.on_demand_cost_usd),
             "savings_percent": None if self.savings_percent is None else round(self.savings_percent, 6),
             "lost_work_usd": _usd(self.lost_work_usd),
+            "priced": self.priced,
             "unreadable_records": list(self.unreadable),
             "pricing_errors": list(self.pricing_errors),
         }
