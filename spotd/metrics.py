@@ -118,6 +118,8 @@ class Metrics:
         "socket_errors",
         "trainers",
         "upload_bytes",
+        "upload_bytes_copied",
+        "upload_bytes_sent",
         "upload_failures",
         "upload_seconds",
         "webhook_attempts",
@@ -157,7 +159,20 @@ class Metrics:
             "spotd_checkpoint_failures", "Trainers that reported a failed checkpoint.", registry=r
         )
         self.upload_bytes = Counter(
-            "spotd_upload_bytes", "Bytes uploaded to the checkpoint store.", registry=r
+            "spotd_upload_bytes",
+            "Bytes committed to the checkpoint store (sent, or copied server-side when unchanged).",
+            registry=r,
+        )
+        self.upload_bytes_sent = Counter(
+            "spotd_upload_bytes_sent",
+            "Bytes of committed checkpoints sent over the network to the checkpoint store.",
+            registry=r,
+        )
+        self.upload_bytes_copied = Counter(
+            "spotd_upload_bytes_copied",
+            "Bytes of committed checkpoints not sent: files unchanged since the previous commit, copied "
+            "server-side.",
+            registry=r,
         )
         self.upload_failures = Counter(
             "spotd_upload_failures",
@@ -246,6 +261,8 @@ class Metrics:
         self.set_phase(Phase.STARTING)
         # Counters with labels appear only once used; touch the label sets a dashboard queries.
         self.upload_bytes.inc(0)
+        self.upload_bytes_sent.inc(0)
+        self.upload_bytes_copied.inc(0)
         self.upload_failures.inc(0)
         self.checkpoint_failures.inc(0)
         self.ledger_write_failures.inc(0)

@@ -93,6 +93,16 @@ class Tagged:
     tag: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Put:
+    """What putting a commit's files did: their checksums in order, and bytes sent vs copied."""
+
+    checksums: list[str]
+    sent: int
+    copied: int
+    files_copied: int
+
+
 class BaseStore(ABC):
     """:class:`~spotd.store.api.CheckpointStore` over storage primitives; a backend subclasses this and
     implements them.
@@ -117,6 +127,9 @@ class BaseStore(ABC):
     - ``delete_keys(keys)``: remove them; a key already gone is not an error.
     - ``upload_file(file, key, priority, progress)``: one local file to ``key``; returns its checksum
       (algorithm :attr:`algo`) computed from the bytes it sent. ``progress(n)`` on the loop thread.
+    - ``copy_object(src, key, size=, checksum=, priority=)`` (optional): a server-side copy of the stored
+      object ``src`` to ``key``; returns the checksum the store reports for the copy (algorithm
+      :attr:`algo`), or None when the backend cannot copy (the file is then uploaded).
     - ``download_file(key, dest, size=, algo=, progress=)``: one object into ``dest``, fsynced; returns
       (size, checksum) when it hashed the bytes as they arrived, or None to have ``dest`` hashed afterwards.
     - ``check_access()`` and ``recover()`` of :class:`CheckpointStore` (what "usable" and "left behind by a
@@ -126,7 +139,10 @@ class BaseStore(ABC):
     The order the protocol calls them in:
 
     - ``commit``: collect the files (:func:`~spotd.store.localfs.collect_files`, on the executor) →
-      ``begin_emergency()`` if EMERGENCY → ``upload_file`` for every file, concurrently → ``put_bytes``
+      ``begin_emergency()`` if EMERGENCY → for every file, concurrently: if the newest committed
+      checkpoint of that rank (see :meth:`_put_files`) has a file of its size, hash it from disk, and when
+      size and checksum equal one of its files ``copy_object`` that one (unchanged files are not sent
+      again), else (or if the copy fails or reports another checksum) ``upload_file`` → ``put_bytes``
       MANIFEST.json with ``if_absent`` (on :class:`AlreadyExists`: ``get_bytes`` it back; the same bytes
       mean a retried write that had landed) → advance LATEST → ``end_emergency()`` (always, once per
       ``begin``) → retention.
@@ -165,7 +181,17 @@ class BaseStore(ABC):
     conditional writes alone decide between them.
     """
 
-    __slots__ = ("_executor", "_inflight", "_keep", "_metrics", "_owns_executor", "algo", "job_id", "uri")
+    __slots__ = (
+        "_executor",
+        "_inflight",
+        "_keep",
+        "_metrics",
+        "_newest",
+        "_owns_executor",
+        "algo",
+        "job_id",
+        "uri",
+    )
 
     def __init__(
         self,
@@ -189,6 +215,9 @@ class BaseStore(ABC):
         )
         self._metrics = metrics
         self._inflight: set[str] = set()
+        #: The newest manifest this store committed, per rank (``("rank", r)``; ``("nodes",)`` for
+        #: multi-node ones): what unchanged files are copied from, without listing the store again.
+        self._newest: dict[tuple[object, ...], Manifest] = {}
 
     # ---- primitives
 
@@ -212,6 +241,13 @@ class BaseStore(ABC):
     async def download_file(
         self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str] | None: ...
+
+    async def copy_object(
+        self, src: str, key: str, *, size: int, checksum: str, priority: Priority
+    ) -> str | None:
+        """Copy the stored object ``src`` (``size`` bytes, ``checksum``) to ``key`` inside the store; the
+        checksum the store reports for the copy, or None: this backend does not copy (upload instead)."""
+        return None
 
     def begin_emergency(self) -> None:  # noqa: B027  (backends without preemption keep the default)
         """An EMERGENCY commit starts: background transfers should yield to it."""
@@ -264,11 +300,11 @@ class BaseStore(ABC):
         if priority is Priority.EMERGENCY:
             self.begin_emergency()
         try:
-            checksums = await gather_or_cancel(
-                [self.upload_file(f, base + f.rel, priority, progress) for f in files]
-            )
+            prior = await self._prior(("rank", info.rank))
+            put = await self._put_files(files, base, priority, progress, prior)
             entries = tuple(
-                FileEntry(path=f.rel, size=f.size, checksum=c) for f, c in zip(files, checksums, strict=True)
+                FileEntry(path=f.rel, size=f.size, checksum=c)
+                for f, c in zip(files, put.checksums, strict=True)
             )
             manifest = Manifest.of_commit(info, name=name, created_at=created, files=entries)
             try:
@@ -282,6 +318,7 @@ class BaseStore(ABC):
             except StoreError as exc:
                 raise CommitError(f"writing {self.url(base + MANIFEST)} failed: {exc}") from exc
             await self._advance_latest(name)
+            self._newest["rank", info.rank] = manifest
         except BaseException as exc:
             # Not counted in spotd_upload_failures_total: a failed attempt may yet be retried, and the
             # coordinator counts a commit once it gives up.
@@ -298,15 +335,16 @@ class BaseStore(ABC):
                 self.end_emergency()
             self._inflight.discard(name)
         seconds = time.monotonic() - started
-        if self._metrics is not None:
-            self._metrics.upload_bytes.inc(manifest.total_bytes)
-            self._metrics.upload_seconds.observe(seconds)
+        self._count(put, seconds)
         log.info(
             "store.committed",
             name=name,
             url=self.url(base),
             files=len(files),
             bytes=manifest.total_bytes,
+            bytes_sent=put.sent,
+            bytes_copied=put.copied,
+            files_copied=put.files_copied,
             seconds=round(seconds, 3),
             priority=priority.value,
             step=info.step,
@@ -351,11 +389,11 @@ class BaseStore(ABC):
         if priority is Priority.EMERGENCY:
             self.begin_emergency()
         try:
-            checksums = await gather_or_cancel(
-                [self.upload_file(f, base + f.rel, priority, progress) for f in files]
-            )
+            prior = await self._prior(("nodes",))
+            put = await self._put_files(files, base, priority, progress, prior)
             entries = tuple(
-                FileEntry(path=f.rel, size=f.size, checksum=c) for f, c in zip(files, checksums, strict=True)
+                FileEntry(path=f.rel, size=f.size, checksum=c)
+                for f, c in zip(files, put.checksums, strict=True)
             )
             part = Manifest.of_commit(
                 info,
@@ -368,6 +406,8 @@ class BaseStore(ABC):
             )
             part = await self._put_part(base, part)
             state, manifest, missing = await self._commit_global(name, nodes)
+            if manifest is not None:
+                self._newest["nodes",] = manifest
         except BaseException as exc:
             log.error(
                 "store.part_failed",
@@ -383,9 +423,7 @@ class BaseStore(ABC):
                 self.end_emergency()
             self._inflight.discard(name)
         seconds = time.monotonic() - started
-        if self._metrics is not None:
-            self._metrics.upload_bytes.inc(part.total_bytes)
-            self._metrics.upload_seconds.observe(seconds)
+        self._count(put, seconds)
         log.info(
             "store.part_committed",
             name=name,
@@ -394,6 +432,9 @@ class BaseStore(ABC):
             ranks=list(part.ranks or ()),
             files=len(files),
             bytes=part.total_bytes,
+            bytes_sent=put.sent,
+            bytes_copied=put.copied,
+            files_copied=put.files_copied,
             seconds=round(seconds, 3),
             priority=priority.value,
             step=info.step,
@@ -403,6 +444,87 @@ class BaseStore(ABC):
         if manifest is not None:
             await self._retention_quietly()
         return PartResult(state=state, part=part, manifest=manifest, missing=missing, seconds=seconds)
+
+    # ---- unchanged files
+
+    async def _prior(self, kind: tuple[object, ...]) -> Manifest | None:
+        """The newest committed manifest of a rank (``("rank", r)``, single-node) or the newest multi-node
+        one (``("nodes",)``), whose files a new commit's unchanged files are copied from: the one this
+        store last committed, else the newest listed (once per store)."""
+        if kind in self._newest:
+            return self._newest[kind]
+        try:
+            manifests = await self.list()
+        except StoreError as exc:  # only an optimisation: upload everything
+            log.warning("store.prior_unknown", error=str(exc))
+            return None
+        for m in manifests:
+            if (
+                (m.nodes is not None)
+                if kind == ("nodes",)
+                else (m.nodes is None and ("rank", m.rank) == kind)
+            ):
+                self._newest[kind] = m
+                return m
+        return None
+
+    async def _put_files(
+        self,
+        files: Sequence[LocalFile],
+        base: str,
+        priority: Priority,
+        progress: Callable[[int], None] | None,
+        prior: Manifest | None,
+    ) -> _Put:
+        """Every file to ``base`` concurrently: server-side copied from ``prior`` when a file of ``prior``
+        (any path) has its size and checksum, else uploaded. A file of a size ``prior`` has is hashed
+        from disk first (one more read); others are hashed while they are uploaded, as always."""
+        by_size: dict[int, dict[str, str]] = {}
+        if prior is not None:
+            for e in prior.files:
+                if e.size > 0:
+                    by_size.setdefault(e.size, {}).setdefault(
+                        e.checksum, f"{self.checkpoints_prefix}{prior.name}/{e.path}"
+                    )
+
+        async def one(f: LocalFile) -> tuple[str, bool]:
+            key = base + f.rel
+            same_size = by_size.get(f.size)
+            if same_size:
+                size, checksum = await self.run(hash_file, f.path, self.algo)
+                src = same_size.get(checksum) if size == f.size else None
+                if src is not None and await self._copied(src, key, f, checksum, priority):
+                    if progress is not None:
+                        progress(f.size)
+                    return checksum, True
+            return await self.upload_file(f, key, priority, progress), False
+
+        done = await gather_or_cancel([one(f) for f in files])
+        copied = [f for f, (_, c) in zip(files, done, strict=True) if c]
+        nbytes = sum(f.size for f in files)
+        ncopied = sum(f.size for f in copied)
+        return _Put(
+            checksums=[c for c, _ in done], sent=nbytes - ncopied, copied=ncopied, files_copied=len(copied)
+        )
+
+    async def _copied(self, src: str, key: str, f: LocalFile, checksum: str, priority: Priority) -> bool:
+        """Whether ``src`` was copied to ``key`` and the copy has ``checksum``; False: upload it."""
+        try:
+            got = await self.copy_object(src, key, size=f.size, checksum=checksum, priority=priority)
+        except StoreError as exc:
+            log.warning("store.copy_failed", src=self.url(src), key=self.url(key), error=str(exc))
+            return False
+        if got is not None and got != checksum:
+            log.warning("store.copy_mismatch", src=self.url(src), key=self.url(key), want=checksum, got=got)
+            return False
+        return got is not None
+
+    def _count(self, put: _Put, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.upload_bytes.inc(put.sent + put.copied)
+            self._metrics.upload_bytes_sent.inc(put.sent)
+            self._metrics.upload_bytes_copied.inc(put.copied)
+            self._metrics.upload_seconds.observe(seconds)
 
     async def committed(self, name: str, *, nodes: int | None = None) -> Manifest | None:
         """The global manifest of ``name`` once it is committed, else None.

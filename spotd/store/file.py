@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import fcntl
 import hashlib
 import os
@@ -165,6 +166,29 @@ class FileStore(BaseStore):
         fsync_dir(target.parent)
         return checksum
 
+    def _link(self, src: str, key: str, size: int, checksum: str) -> str:
+        """``key`` as a hard link of the stored ``src`` (objects are never rewritten in place: a write is a
+        new file renamed over the name), or a hashed copy where links do not work; the copy's checksum."""
+        source = self._path(src)
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{TMP_PREFIX}{secrets.token_hex(4)}-{target.name}")
+        try:
+            try:
+                os.link(source, tmp)
+                got_size, got = os.stat(tmp).st_size, checksum
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                got_size, got = _copy_hashed(source, tmp, checksum.split(":", 1)[0], None)
+            if got_size != size:
+                raise StoreError(f"{source} has {got_size} bytes, its manifest says {size}")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(target.parent)
+        return got
+
     def _copy_out(
         self, key: str, dest: Path, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str]:
@@ -206,6 +230,14 @@ class FileStore(BaseStore):
             raise
         except OSError as exc:
             raise UploadError(f"copying {file.rel} to {self._path(key)} failed: {exc}") from exc
+
+    async def copy_object(
+        self, src: str, key: str, *, size: int, checksum: str, priority: Priority
+    ) -> str | None:
+        try:
+            return await self.run(self._link, src, key, size, checksum)
+        except OSError as exc:
+            raise StoreError(f"linking {self._path(src)} to {self._path(key)} failed: {exc}") from exc
 
     async def download_file(
         self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None

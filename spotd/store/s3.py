@@ -256,6 +256,11 @@ class S3Store(BaseStore):
     ) -> str:
         return await self._files.upload(file, self._full(key), priority, progress)
 
+    async def copy_object(
+        self, src: str, key: str, *, size: int, checksum: str, priority: Priority
+    ) -> str | None:
+        return await self._files.copy(self._full(src), self._full(key), size=size, priority=priority)
+
     async def download_file(
         self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str] | None:

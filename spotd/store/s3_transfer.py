@@ -53,6 +53,10 @@ T = TypeVar("T")
 S3_ALGORITHM: Final = {"crc32": "CRC32", "crc32c": "CRC32C", "crc64nvme": "CRC64NVME", "sha256": "SHA256"}
 #: Part buffers in memory per priority class; bounds slots when part_size is large.
 BUFFER_CAP: Final = 1024 * 1024 * 1024
+#: Largest object one CopyObject copies (S3's limit); larger ones are copied in parts (UploadPartCopy).
+COPY_LIMIT: Final = 5 * 1024**3
+#: Part size of a multipart copy (at most 5 GiB each, 10,000 parts).
+COPY_PART: Final = 1024**3
 #: Smallest ranged GET on restore.
 _MIN_RANGE: Final = 64 * 1024 * 1024
 _REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
@@ -94,6 +98,8 @@ class FileTransfers:
         "_body_read_attempts",
         "_bucket",
         "_client",
+        "_copy_limit",
+        "_copy_part",
         "_executor",
         "_part_size",
         "_pool",
@@ -120,6 +126,8 @@ class FileTransfers:
         self._executor = executor  # the store's: hashing and file I/O that needs no transfer slot
         self._request_attempts = request_attempts
         self._body_read_attempts = body_read_attempts
+        self._copy_limit = COPY_LIMIT
+        self._copy_part = COPY_PART
 
     async def _request(self, what: str, priority: Priority, fn: Callable[[], T]) -> T:
         """One blocking request on a transfer slot; botocore has retried it by the time it fails here."""
@@ -291,6 +299,84 @@ class FileTransfers:
             self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
         except _REQUEST_ERRORS as exc:
             log.debug("store.abort_failed", key=full, error=str(exc))
+
+    # ---- server-side copy
+
+    async def copy(self, src: str, full: str, *, size: int, priority: Priority) -> str | None:
+        """Copy the object ``src`` to ``full`` (both bucket-relative) inside S3, nothing sent but the
+        request; returns the checksum S3 reports for the copy (``<algo>:<base64>``), or None if it reports
+        none. CopyObject up to :data:`COPY_LIMIT`, a multipart copy (UploadPartCopy) above it."""
+        what = f"copy s3://{self._bucket}/{src} to s3://{self._bucket}/{full}"
+        name = S3_ALGORITHM[self._algo]
+        source = {"Bucket": self._bucket, "Key": src}
+        if size <= self._copy_limit:
+            resp = await self._request(
+                what,
+                priority,
+                lambda: self._client.copy_object(
+                    Bucket=self._bucket, Key=full, CopySource=source, ChecksumAlgorithm=name
+                ),
+            )
+            value = resp.get("CopyObjectResult", {}).get(f"Checksum{name}")
+            if value:
+                return f"{self._algo}:{value}"
+            return await self._stored_checksum(full, priority, what)
+        parts = _parts(size, max(self._copy_part, -(-size // 10_000)))
+        extra: dict[str, str] = {"ChecksumType": "FULL_OBJECT"} if can_combine(self._algo) else {}
+        created = await self._request(
+            what,
+            priority,
+            lambda: self._client.create_multipart_upload(
+                Bucket=self._bucket, Key=full, ChecksumAlgorithm=name, **extra
+            ),
+        )
+        upload_id: str = created["UploadId"]
+
+        async def copy_part(part: _Part) -> dict[str, Any]:
+            def call() -> dict[str, Any]:
+                resp = self._client.upload_part_copy(
+                    Bucket=self._bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=part.number,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={part.offset}-{part.offset + part.length - 1}",
+                )
+                result = resp["CopyPartResult"]
+                entry = {"PartNumber": part.number, "ETag": result["ETag"]}
+                if result.get(f"Checksum{name}"):
+                    entry[f"Checksum{name}"] = result[f"Checksum{name}"]
+                return entry
+
+            return await self._request(f"{what} (part {part.number}/{len(parts)})", priority, call)
+
+        try:
+            entries = await gather_or_cancel([copy_part(p) for p in parts])
+            await self._request(
+                what,
+                priority,
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self._bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": entries}
+                ),
+            )
+        except BaseException:
+            self._pool.detach(self._abort_quietly, full, upload_id)
+            raise
+        return await self._stored_checksum(full, priority, what)
+
+    async def _stored_checksum(self, full: str, priority: Priority, what: str) -> str | None:
+        """The whole-object checksum S3 keeps for ``full`` (a composite one, ``…-<parts>``, is not a file's
+        checksum: None)."""
+        name = S3_ALGORITHM[self._algo]
+        head = await self._request(
+            what,
+            priority,
+            lambda: self._client.head_object(Bucket=self._bucket, Key=full, ChecksumMode="ENABLED"),
+        )
+        value = head.get(f"Checksum{name}")
+        if not value or "-" in str(value)[-6:]:
+            return None
+        return f"{self._algo}:{value}"
 
     # ---- download
 
