@@ -122,6 +122,7 @@ class Metrics:
         "upload_bytes_sent",
         "upload_failures",
         "upload_seconds",
+        "upload_throughput",
         "webhook_attempts",
         "webhook_sends",
     )
@@ -216,6 +217,11 @@ class Metrics:
             registry=r,
         )
         self.phase = Gauge("spotd_phase", "1 for the current phase, 0 for the others.", ["phase"], registry=r)
+        self.upload_throughput = Gauge(
+            "spotd_upload_throughput_bytes_per_second",
+            "Moving median of the bytes/s background uploads sent (0 until one was measured).",
+            registry=r,
+        )
         self.trainers = Gauge("spotd_trainers", "Training processes connected.", registry=r)
         self.interruption_deadline = Gauge(
             "spotd_interruption_deadline_timestamp_seconds",

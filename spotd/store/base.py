@@ -62,6 +62,7 @@ from spotd.store.selection import (
     scan_listing,
     valid_name,
 )
+from spotd.store.throughput import Throughput
 
 if TYPE_CHECKING:
     from spotd.metrics import Metrics
@@ -188,6 +189,7 @@ class BaseStore(ABC):
         "_metrics",
         "_newest",
         "_owns_executor",
+        "_throughput",
         "algo",
         "job_id",
         "uri",
@@ -218,6 +220,7 @@ class BaseStore(ABC):
         #: The newest manifest this store committed, per rank (``("rank", r)``; ``("nodes",)`` for
         #: multi-node ones): what unchanged files are copied from, without listing the store again.
         self._newest: dict[tuple[object, ...], Manifest] = {}
+        self._throughput = Throughput()
 
     # ---- primitives
 
@@ -265,6 +268,11 @@ class BaseStore(ABC):
     def executor(self) -> concurrent.futures.Executor:
         """Where :meth:`run` runs blocking work; a backend may hand it to its helpers."""
         return self._executor
+
+    def estimate_seconds(self, nbytes: int) -> float | None:
+        """How long sending ``nbytes`` would take at the moving median of this store's background uploads
+        (bytes sent per second of each periodic commit's file transfers); None before one was measured."""
+        return self._throughput.estimate(nbytes)
 
     @property
     def checkpoints_prefix(self) -> str:
@@ -499,10 +507,13 @@ class BaseStore(ABC):
                     return checksum, True
             return await self.upload_file(f, key, priority, progress), False
 
+        started = time.monotonic()
         done = await gather_or_cancel([one(f) for f in files])
         copied = [f for f, (_, c) in zip(files, done, strict=True) if c]
         nbytes = sum(f.size for f in files)
         ncopied = sum(f.size for f in copied)
+        if priority is Priority.BACKGROUND:
+            self._measured(nbytes - ncopied, time.monotonic() - started)
         return _Put(
             checksums=[c for c, _ in done], sent=nbytes - ncopied, copied=ncopied, files_copied=len(copied)
         )
@@ -518,6 +529,14 @@ class BaseStore(ABC):
             log.warning("store.copy_mismatch", src=self.url(src), key=self.url(key), want=checksum, got=got)
             return False
         return got is not None
+
+    def _measured(self, sent: int, seconds: float) -> None:
+        """A background commit's files went out: its rate joins the moving median (EMERGENCY ones are left
+        out: they take every slot and preempt the rest, so they would overstate what a periodic gets)."""
+        if self._throughput.record(sent, seconds) and self._metrics is not None:
+            rate = self._throughput.bytes_per_second()
+            if rate is not None:
+                self._metrics.upload_throughput.set(rate)
 
     def _count(self, put: _Put, seconds: float) -> None:
         if self._metrics is not None:
