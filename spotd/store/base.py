@@ -183,6 +183,7 @@ class BaseStore(ABC):
     """
 
     __slots__ = (
+        "_copy_paid",
         "_executor",
         "_inflight",
         "_keep",
@@ -221,6 +222,11 @@ class BaseStore(ABC):
         #: multi-node ones): what unchanged files are copied from, without listing the store again.
         self._newest: dict[tuple[object, ...], Manifest] = {}
         self._throughput = Throughput()
+        #: Per kind (as ``_newest``): whether the last commit that hashed candidates first copied any. When
+        #: it copied none (every same-size file had changed: fixed-size shards of a full fine-tune), an
+        #: EMERGENCY commit skips the extra read (~0.35 s/GB from page cache) and uploads straight away;
+        #: background commits always look, which keeps this current.
+        self._copy_paid: dict[tuple[object, ...], bool] = {}
 
     # ---- primitives
 
@@ -308,8 +314,8 @@ class BaseStore(ABC):
         if priority is Priority.EMERGENCY:
             self.begin_emergency()
         try:
-            prior = await self._prior(("rank", info.rank))
-            put = await self._put_files(files, base, priority, progress, prior)
+            kind = ("rank", info.rank)
+            put = await self._put_files(files, base, priority, progress, kind)
             entries = tuple(
                 FileEntry(path=f.rel, size=f.size, checksum=c)
                 for f, c in zip(files, put.checksums, strict=True)
@@ -326,7 +332,7 @@ class BaseStore(ABC):
             except StoreError as exc:
                 raise CommitError(f"writing {self.url(base + MANIFEST)} failed: {exc}") from exc
             await self._advance_latest(name)
-            self._newest["rank", info.rank] = manifest
+            self._newest[kind] = manifest
         except BaseException as exc:
             # Not counted in spotd_upload_failures_total: a failed attempt may yet be retried, and the
             # coordinator counts a commit once it gives up.
@@ -397,8 +403,7 @@ class BaseStore(ABC):
         if priority is Priority.EMERGENCY:
             self.begin_emergency()
         try:
-            prior = await self._prior(("nodes",))
-            put = await self._put_files(files, base, priority, progress, prior)
+            put = await self._put_files(files, base, priority, progress, ("nodes",))
             entries = tuple(
                 FileEntry(path=f.rel, size=f.size, checksum=c)
                 for f, c in zip(files, put.checksums, strict=True)
@@ -482,12 +487,15 @@ class BaseStore(ABC):
         base: str,
         priority: Priority,
         progress: Callable[[int], None] | None,
-        prior: Manifest | None,
+        kind: tuple[object, ...],
     ) -> _Put:
-        """Every file to ``base`` concurrently: server-side copied from ``prior`` when a file of ``prior``
-        (any path) has its size and checksum, else uploaded. A file of a size ``prior`` has is hashed
-        from disk first (one more read); others are hashed while they are uploaded, as always."""
+        """Every file to ``base`` concurrently: server-side copied from ``prior`` (the newest commit of
+        ``kind``, :meth:`_prior`) when a file of it (any path) has its size and checksum, else uploaded. A
+        file of a size ``prior`` has is hashed from disk first (one more read); others are hashed while
+        they are uploaded, as always."""
         by_size: dict[int, dict[str, str]] = {}
+        look = priority is Priority.BACKGROUND or self._copy_paid.get(kind, True)
+        prior = await self._prior(kind) if look else None
         if prior is not None:
             for e in prior.files:
                 if e.size > 0:
@@ -512,6 +520,8 @@ class BaseStore(ABC):
         copied = [f for f, (_, c) in zip(files, done, strict=True) if c]
         nbytes = sum(f.size for f in files)
         ncopied = sum(f.size for f in copied)
+        if any(f.size in by_size for f in files):
+            self._copy_paid[kind] = bool(copied)
         if priority is Priority.BACKGROUND:
             self._measured(nbytes - ncopied, time.monotonic() - started)
         return _Put(
@@ -558,10 +568,13 @@ class BaseStore(ABC):
         if found is not None:
             # The node that committed it may have died before moving LATEST: a no-op when it did not.
             await self._advance_latest(name)
+            self._newest["nodes",] = found
             return found
         state, manifest, _ = await self._commit_global(name, nodes)
-        if manifest is not None and state is PartState.COMMITTED:
-            await self._retention_quietly()
+        if manifest is not None:
+            self._newest["nodes",] = manifest
+            if state is PartState.COMMITTED:
+                await self._retention_quietly()
         return manifest
 
     async def _put_part(self, base: str, part: Manifest) -> Manifest:

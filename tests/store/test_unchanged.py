@@ -8,7 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from spotd.metrics import Metrics
+from spotd.store import Priority, run_checkpoint_name
+from spotd.store import base as base_module
 from spotd.store.s3 import S3Store
 from tests.fixtures.s3 import FaultProxy, S3Bucket
 from tests.store.helpers import JOB, Backend, info, same_tree
@@ -152,5 +156,64 @@ async def test_s3_copies_a_large_file_in_parts(s3_bucket: S3Bucket, ckdir: Path,
         result = await store.restore(dest)
         assert result.manifest.name == m2.name
         assert (dest / "step_000002/model.pt").read_bytes() == big["model.pt"]
+    finally:
+        await store.close()
+
+
+async def test_a_node_part_copies_from_the_newest_multi_node_commit(
+    backend: Backend, ckdir: Path, tmp_path: Path
+) -> None:
+    """commit_part: the unchanged files of a node's share are copied from the previous committed step."""
+    metrics = Metrics()
+    store = backend.make()
+    store._metrics = metrics  # type: ignore[attr-defined]
+    run = "20261201T193000Z-1a2b3c"
+    try:
+        first = _ten_files()
+        second = {**first, "shard9.bin": os.urandom(MIB)}
+        for step, files in ((1, first), (2, second)):
+            result = await store.commit_part(
+                [_step(ckdir, step, files)],
+                checkpoint_dir=ckdir,
+                name=run_checkpoint_name(run, step),
+                node_rank=0,
+                nodes=1,
+                ranks=[0],
+                info=info(step, rank=0, world_size=1),
+            )
+            assert result.committed
+        assert _sample(metrics, "spotd_upload_bytes_copied_total") == 9 * MIB
+        assert _sample(metrics, "spotd_upload_bytes_sent_total") == 11 * MIB
+        dest = tmp_path / "restored"
+        await store.restore(dest)
+        for rel, data in second.items():
+            assert (dest / "step_000002" / rel).read_bytes() == data
+    finally:
+        await store.close()
+
+
+async def test_an_emergency_skips_the_extra_read_when_copying_did_not_pay_last_time(
+    backend: Backend, ckdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fixed-size files that all changed (a full fine-tune's shards): once a commit found nothing to copy,
+    an EMERGENCY commit uploads at once instead of reading every file twice; a background one still looks."""
+    hashed: list[Path] = []
+    real = base_module.hash_file
+
+    def counting(path: Path, algo: str, *, fsync: bool = False) -> tuple[int, str]:
+        hashed.append(path)
+        return real(path, algo, fsync=fsync)
+
+    monkeypatch.setattr(base_module, "hash_file", counting)
+    store = backend.make()
+    try:
+        sizes = [MIB] * 3
+        for step, priority in ((1, Priority.BACKGROUND), (2, Priority.BACKGROUND), (3, Priority.EMERGENCY)):
+            files = {f"shard{i}.bin": os.urandom(n) for i, n in enumerate(sizes)}
+            hashed.clear()
+            await store.commit(
+                _step(ckdir, step, files), checkpoint_dir=ckdir, info=info(step), priority=priority
+            )
+            assert len(hashed) == {1: 0, 2: 3, 3: 0}[step]
     finally:
         await store.close()
