@@ -16,12 +16,12 @@ LAYERS: list[set[str]] = [
     {"errors", "events", "protocol"},
     {"config", "logs", "metrics"},
     {"store", "aws", "client"},
-    {"daemon", "integrations", "torch"},
+    {"daemon", "integrations", "torch", "lightning", "transformers", "accelerate"},
     {"tools"},
     {"cli", "__main__"},
 ]
 #: Training-side units: may import torch and frameworks; nothing on the daemon side imports them.
-TRAINING_SIDE = {"integrations", "torch"}
+TRAINING_SIDE = {"integrations", "torch", "lightning", "transformers", "accelerate"}
 
 
 def module_name(path: Path) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, Final
 
-__all__ = ["DEFAULT_GRACE_S", "install", "installed", "sigterm_enabled", "sigterm_grace_s"]
+__all__ = ["DEFAULT_GRACE_S", "install", "installed", "reinstate", "sigterm_enabled", "sigterm_grace_s"]
 
 log = logging.getLogger("spotd.client")
 
@@ -87,6 +87,20 @@ def install(on_sigterm: Callable[[], None]) -> bool:
         signal.signal(signal.SIGTERM, _handle)
         _installed = True
         _installed_pid = os.getpid()
+        return True
+
+
+def reinstate() -> bool:
+    """Make spotd's handler the process's SIGTERM handler again after a framework put its own in front of it
+    (Lightning does when ``fit`` starts, and runs a collective inside it). The handler spotd found at install
+    time is still called after spotd's; the framework's is not. False when spotd's was never installed here,
+    or outside the main thread."""
+    with _lock:
+        if not _installed or _installed_pid != os.getpid():
+            return False
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        signal.signal(signal.SIGTERM, _handle)
         return True
 
 
