@@ -28,7 +28,8 @@ FEATURES = 16
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, "rank": RANK, **fields}), flush=True)
+    # One write() per line: under torchrun the ranks share one stdout, and print() may split a line.
+    os.write(1, (json.dumps({"event": event, "rank": RANK, **fields}) + "\n").encode())
 
 
 def digest(module: nn.Module) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -30,7 +31,8 @@ BATCH = 32
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    # One write() per line: under torchrun the ranks share one stdout, and print() may split a line.
+    os.write(1, (json.dumps({"event": event, **fields}) + "\n").encode())
 
 
 def digest(module: nn.Module) -> str:
@@ -66,7 +68,7 @@ class Events(pl.Callback):
         self.step_sleep = step_sleep
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        emit("started", step=trainer.global_step, pid=__import__("os").getpid())
+        emit("started", step=trainer.global_step, pid=os.getpid())
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.step_sleep:

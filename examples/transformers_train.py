@@ -36,7 +36,8 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, "rank": RANK, **fields}), flush=True)
+    # One write() per line: under torchrun the ranks share one stdout, and print() may split a line.
+    os.write(1, (json.dumps({"event": event, "rank": RANK, **fields}) + "\n").encode())
 
 
 def digest(module: torch.nn.Module) -> str:
@@ -122,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=spotd.transformers.latest_checkpoint(output_dir))
     if spotd_cb.stopped:
         emit("stopped", step=trainer.state.global_step)
-        return 0
-    emit("done", step=trainer.state.global_step, digest=digest(model))
+    else:
+        emit("done", step=trainer.state.global_step, digest=digest(model))
     return 0
 
 

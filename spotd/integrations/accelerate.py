@@ -47,7 +47,9 @@ log = logging.getLogger("spotd.accelerate")
 
 _STEP_RE: Final = re.compile(r"^step-(\d{9})$")
 _TEMP_PREFIX: Final = ".tmp-"
-MARKER: Final = "spotd.json"
+#: Written by each node's speaker last, before the rename; one name per node, so the parts of a multi-node
+#: checkpoint restored side by side never collide.
+MARKER_GLOB: Final = "spotd-node-*.json"
 
 
 class SpotdAccelerate:
@@ -101,7 +103,7 @@ class SpotdAccelerate:
         steps = []
         for entry in self.directory.iterdir():
             match = _STEP_RE.match(entry.name)
-            if match and entry.is_dir() and (entry / MARKER).is_file():
+            if match and entry.is_dir() and any(entry.glob(MARKER_GLOB)):
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
@@ -172,7 +174,8 @@ class SpotdAccelerate:
             self._accelerator.save_state(str(temp))
             self._node.barrier()  # every rank's part (its RNG state at least) is written
             if speaker:
-                (temp / MARKER).write_text(json.dumps({"step": done}) + "\n")
+                marker = temp / f"spotd-node-{self._node.topology.node_rank}.json"
+                marker.write_text(json.dumps({"step": done}) + "\n")
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(temp, final)
                 _fsync_dir(self.directory)

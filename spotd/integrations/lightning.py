@@ -97,7 +97,8 @@ class SpotdCallback(ModelCheckpoint):
                 name=self._spotd_name,
                 guard=self._spotd_guard,
                 handle_sigterm=self._spotd_sigterm,
-                group=None,
+                sync_every=1,  # held here: the agreement is Lightning's reduce_boolean_decision
+                single_writer=True,
             )
             daemon_dir = self._node.directory
             told = self._node.speaker and self._node.link.guard is not None

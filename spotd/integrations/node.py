@@ -6,7 +6,9 @@ A framework writes one checkpoint for all ranks (a Lightning ``.ckpt`` from glob
 node exactly one process, local rank 0 (the *speaker*), connects to that node's spotd and reports what the
 node holds, after a barrier, as one checkpoint: its hello says ``rank = node_rank``, ``world_size = nodes``
 and ``local_world_size = 1`` (one trainer speaks for the node), so a single node commits it whole and several
-nodes commit one part each. The other local ranks do not connect; they keep spotd's SIGTERM handler (torchrun
+nodes commit one part each. Where global rank 0 alone writes the whole checkpoint (Lightning), every speaker
+says ``rank = 0``, ``world_size = 1``: node 0's file is the job's checkpoint, and every node restores it. The
+other local ranks do not connect; they keep spotd's SIGTERM handler (torchrun
 forwards SIGTERM to every worker), whose flag they bring to the agreement.
 
 The stop decision is :func:`spotd.integrations.torch.ranks.agree`'s all-reduce MAX, made at the same step on
@@ -98,8 +100,11 @@ class NodeLink:
         handle_sigterm: bool | None = None,
         sync_every: int = 1,
         group: Any = None,
+        single_writer: bool = False,
     ) -> None:
-        """Collective when distributed (the run identity and the node's directory are agreed on)."""
+        """Collective when distributed (the run identity and the node's directory are agreed on).
+
+        ``single_writer``: global rank 0 writes the whole checkpoint, other nodes hold no part of it."""
         topology = ranks.topology()
         self.topology = topology
         self.speaker = topology.local_rank == 0
@@ -114,8 +119,8 @@ class NodeLink:
             socket_path = default_socket_path()
             nodes = max(1, topology.world_size // max(1, topology.local_world_size))
             speaks_for = Topology(
-                rank=topology.node_rank,
-                world_size=nodes,
+                rank=0 if single_writer else topology.node_rank,
+                world_size=1 if single_writer else nodes,
                 local_rank=0,
                 local_world_size=1,
                 node_rank=topology.node_rank,

@@ -46,7 +46,8 @@ def test_a_notice_mid_epoch_resumes_at_the_saved_step_bitwise(imds_sim, spotd_da
     manifests = [m for m in map(json.loads, committed_manifests(tmp_path / "store")) if m["step"] == step]
     [manifest] = manifests
     files = {f["path"] for f in manifest["files"]}
-    assert f"accelerate/step-{step:09d}/spotd.json" in files and any("random_states_0" in f for f in files)
+    assert f"accelerate/step-{step:09d}/spotd-node-0.json" in files
+    assert any("random_states_0" in f for f in files), files
     new_instance(d1)
 
     imds_sim.clear()
