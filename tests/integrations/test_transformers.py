@@ -1,13 +1,16 @@
 """The Hugging Face Trainer with spotd.transformers.SpotdCallback, for real (a tiny GPT-2 from a config,
 HF_HUB_OFFLINE=1): a spot notice through a real daemon stops it at a step with no evaluation in the window,
 checkpoint-N/ is committed whole, a new instance restores it and resume_from_checkpoint ends bitwise where an
-uninterrupted run ends; two ranks under torchrun stop at the same step; a checkpoint killed mid-write is never
+uninterrupted run ends; two ranks under torchrun stop at the same step, on a notice and on SIGTERM; a
+checkpoint killed mid-write is never
 committed."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 
 import pytest
 
@@ -132,3 +135,23 @@ def test_a_checkpoint_killed_mid_write_is_never_committed(imds_sim, spotd_daemon
     resumed.finish()
     assert [e["step"] for e in resumed.events("started")] == [50]
     assert resumed.events("done"), resumed.explain("did not finish")
+
+
+def test_sigterm_through_torchrun_stops_both_ranks_at_one_step(imds_sim, spotd_daemon, tmp_path):
+    """SIGTERM to torchrun (systemd's KillMode=mixed): torchrun forwards it to both workers, rank 1's flag (it has no spotd link of its own) and rank 0's guard meet in the agreement, both stop at one step, that checkpoint is committed, and no worker is killed."""
+    d = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "disk")
+    run = torchrun(
+        SCRIPT,
+        *("--max-steps", "400", "--save-steps", "1000", "--eval-steps", "1000", "--step-sleep", "0.02"),
+        nproc=2,
+        env=with_daemon(d),
+    )
+    run.wait_for("started", count=2)
+    time.sleep(1.0)
+    run.proc.send_signal(signal.SIGTERM)
+    run.finish(timeout_s=120, code=None)
+    stopped = run.events("stopped")
+    assert sorted(e["rank"] for e in stopped) == [0, 1], run.explain("not every rank stopped")
+    (step,) = {e["step"] for e in stopped}
+    assert manifest_of_step(tmp_path / "store", step), "the SIGTERM checkpoint was not committed"
+    assert not [line for line in run.err.lines if "exitcode  : -" in line], run.explain("a worker was killed")
