@@ -2,8 +2,7 @@
 HF_HUB_OFFLINE=1): a spot notice through a real daemon stops it at a step with no evaluation in the window,
 checkpoint-N/ is committed whole, a new instance restores it and resume_from_checkpoint ends bitwise where an
 uninterrupted run ends; two ranks under torchrun stop at the same step, on a notice and on SIGTERM; a
-checkpoint killed mid-write is never
-committed."""
+checkpoint killed mid-write is never committed."""
 
 from __future__ import annotations
 
