@@ -297,7 +297,9 @@ class Coordinator:
             self._training_seen = True
             self._sinks.emit(SessionEventKind.TRAINING, trainer=session.name)
         episode = self.current
-        if episode is None or episode.finished or self._ipc is None:
+        # A control session (`spotd status`, `spotd checkpoint`) saves nothing: asking it would make the
+        # episode wait for it and count it as lost when it leaves.
+        if session.role != "trainer" or episode is None or episode.finished or self._ipc is None:
             return
         if session.id not in episode.asked:
             episode.asked[session.id] = session.name

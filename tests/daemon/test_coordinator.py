@@ -66,19 +66,25 @@ class FakeTime:
 class FakeChannel:
     """What the coordinator needs of the socket server: the trainer sessions, send and broadcast.
 
-    Every frame is encoded as the real server would (so an unsendable frame fails here too) and kept per
-    session; a test awaits the next frame of an op with :meth:`next`.
+    Like the real server it holds every session (``spotd status`` connects as role "control") and counts
+    and broadcasts to the trainers among them. Every frame is encoded as the real server would (so an
+    unsendable frame fails here too) and kept per session; a test awaits the next frame of an op with
+    :meth:`next`.
     """
 
     def __init__(self) -> None:
-        self.trainers: list[Session] = []
+        self.sessions: list[Session] = []
         self.frames: dict[str, list[dict[str, Any]]] = {}
         self._changed = asyncio.Condition()
 
-    def connect(self, name: str, *, rank: int | None = None) -> Session:
+    @property
+    def trainers(self) -> list[Session]:
+        return [s for s in self.sessions if s.role == "trainer"]
+
+    def connect(self, name: str, *, rank: int | None = None, role: str = "trainer") -> Session:
         session = Session(
             id=uuid.uuid4().hex[:12],
-            role="trainer",
+            role=role,
             name=name,
             pid=4242,
             rank=rank,
@@ -88,16 +94,16 @@ class FakeChannel:
             peer_gid=1000,
             connected_at=0.0,
         )
-        self.trainers.append(session)
+        self.sessions.append(session)
         self.frames[session.id] = []
         return session
 
     def disconnect(self, session: Session) -> None:
-        self.trainers.remove(session)
+        self.sessions.remove(session)
 
     async def send(self, session: Session, message: dict[str, Any]) -> bool:
         protocol.encode(message)
-        if session not in self.trainers:
+        if session not in self.sessions:
             return False
         await self._record(session, message)
         return True
@@ -525,8 +531,7 @@ async def test_drill_reply_carries_the_record(make):
     """`spotd checkpoint` waits for the drill to end and gets ok, the record's figures and what is missing."""
     h = make()
     trainer = h.channel.connect("rank0")
-    control = h.channel.connect("cli")
-    h.channel.disconnect(control)  # a control client is never asked
+    control = h.channel.connect("spotd-cli", role="control")
     reply_task = asyncio.create_task(h.coordinator.on_drill(control, {"op": "drill", "reason": "game day"}))
     frame = await h.channel.next(trainer, "checkpoint")
     assert frame["reason"] == "game day" and frame["final"] is False
@@ -537,3 +542,45 @@ async def test_drill_reply_carries_the_record(make):
     assert reply["ok"] is True and reply["missing"] == [] and reply["reason"] == "game day"
     assert [d["step"] for d in reply["durable"]] == [9] and reply["kind"] == "drill"
     assert h.events() == [], "a drill writes no events/ record"
+
+
+# ---------------------------------------------------------------------------------------- control sessions
+
+
+async def test_a_status_call_during_an_episode_is_never_asked_or_counted(make):
+    """`spotd status` connecting (and leaving) during a spot episode is not asked, not waited for and not counted: the episode ends Completed with one trainer."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    status = h.channel.connect("spotd-cli", role="control")
+    await h.coordinator.on_ready(status)
+    await h.coordinator.on_status(status)
+    h.channel.disconnect(status)
+    h.coordinator.on_disconnect(status)
+    await h.save(trainer, 7, episode.request_id)
+    await closed(episode)
+    await h.settle()
+
+    assert h.channel.ops(status) == [], "a control session is never sent a checkpoint frame"
+    assert episode.lost() == [] and h.coordinator.phase is Phase.COMPLETED
+    assert h.metric("spotd_phase", phase="Completed") == 1
+    (record,) = h.events()
+    assert record["trainers"] == 1 and record["lost"] == []
+
+
+async def test_a_drill_counts_only_trainers(make):
+    """A drill asks the trainers only: neither the `spotd checkpoint` session nor a `spotd status` during it is asked, and the reply says 1 trainer."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    cli = h.channel.connect("spotd-cli", role="control")
+    await h.coordinator.on_ready(cli)
+    reply_task = asyncio.create_task(h.coordinator.on_drill(cli, {"op": "drill", "reason": "drill"}))
+    frame = await h.channel.next(trainer, "checkpoint")
+    status = h.channel.connect("spotd-cli", role="control")
+    await h.coordinator.on_ready(status)
+    await h.save(trainer, 3, frame["request_id"])
+    async with asyncio.timeout(WAIT_S):
+        reply = await reply_task
+    assert reply["ok"] is True and reply["trainers"] == 1 and reply["missing"] == []
+    assert h.channel.ops(cli) == [] and h.channel.ops(status) == []
