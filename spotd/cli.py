@@ -155,6 +155,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     except (ConnectionError, OSError, TimeoutError) as exc:
         print(f"spotd checkpoint: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if not reply.get("ok") and reply.get("message"):
+        # Nothing was asked (no trainer connected): the reason and its fix are the whole answer.
+        if args.json:
+            print(json.dumps(reply, indent=2, sort_keys=True))
+        print(f"spotd checkpoint: {reply['message']}", file=sys.stderr)
+        return EXIT_FAILURE
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:

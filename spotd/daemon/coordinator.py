@@ -2,8 +2,10 @@
 
 One *episode* per notice acted on (a spot interruption, a maintenance event, SIGTERM, a rebalance under
 ``on_rebalance = "checkpoint"``, or a ``spotd checkpoint`` drill). Every trainer connected when the episode
-starts is asked once (and any trainer that connects while it runs); each ``saved`` is handed to the store at
-once, without waiting for the others, and answered ``durable`` when committed. A final episode ends in
+starts is asked once, and so is any trainer that says hello while it is open: with nobody connected the
+episode stays open until its deadline rather than ending at once (right after boot the trainer may still be
+importing torch). Each ``saved`` is handed to the store at once, without waiting for the others, and
+answered ``durable`` when committed. A final episode ends in
 Completed (everything durable) or Stopped (deadline passed; the canonical log line says what was missing).
 
 The episode's books and what is read off them live in :mod:`.episode`; making one save durable (the commit
@@ -19,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from spotd import protocol
 from spotd.config import Config
@@ -49,6 +51,13 @@ __all__ = ["Coordinator", "TrainerChannel"]
 
 log = get_logger("spotd.coordinator")
 
+NO_TRAINER_FIX: Final = (
+    "start the training process with spotd.client.connect() (spotd.torch.Checkpointer does), "
+    "or use [sync] mode = 'watch'"
+)
+#: What `spotd checkpoint` prints when nobody could be asked.
+NO_TRAINER_MESSAGE: Final = f"no trainer connected; {NO_TRAINER_FIX}"
+
 
 class TrainerChannel(Protocol):
     """What the coordinator needs of the socket server (:class:`spotd.daemon.ipc.IpcServer`)."""
@@ -77,6 +86,7 @@ class Coordinator:
         "_phase",
         "_seen_notices",
         "_sinks",
+        "_sleep_until",
         "_started",
         "_store",
         "_training_seen",
@@ -95,8 +105,11 @@ class Coordinator:
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         imds_up: Callable[[], bool] = lambda: True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sleep_until: Callable[[float], Awaitable[None]] | None = None,
         sinks: Sinks | None = None,
     ) -> None:
+        """``sleep`` pauses between commit attempts; ``sleep_until(t)`` returns once ``clock()`` reaches
+        ``t`` (an episode's close). Tests inject both with the clocks, so time moves only when they say."""
         self._config = config
         # The ledger, the webhook, the job metrics: emit() never waits on them.
         self._sinks = sinks or Sinks()
@@ -107,6 +120,7 @@ class Coordinator:
         self._identity = identity
         self._clock = clock
         self._wall = wall
+        self._sleep_until = sleep_until or (lambda t: asyncio.sleep(max(0.0, t - clock())))
         self._imds_up = imds_up
         self._checkpoint_dir = Path(config.checkpoint_dir).resolve()
         self._committer = Committer(
@@ -200,13 +214,17 @@ class Coordinator:
         return await self._start_episode(notice)
 
     async def _start_episode(self, notice: Notice) -> Episode:
+        now = self._wall()
+        started = self._clock()
+        deadline = episode_deadline(notice, now=now, policy=self._config.policy)
         episode = Episode(
             request_id=uuid.uuid4().hex[:16],
             notice=notice,
             reason=episode_reason(notice),
             final=notice.final,
-            deadline=episode_deadline(notice, now=self._wall(), policy=self._config.policy),
-            started=self._clock(),
+            deadline=deadline,
+            started=started,
+            closes_at=started + (deadline - now).total_seconds(),
         )
         self.current = episode
         if episode.final:
@@ -243,22 +261,28 @@ class Coordinator:
             log.warning(
                 "checkpoint.no_trainers",
                 request_id=episode.request_id,
-                fix="start the training process with spotd.client.connect() (or use [sync] mode = 'watch')",
+                waiting_seconds=round(episode.closes_at - self._clock(), 3),
+                note="a trainer that connects before the deadline is asked then",
+                fix=NO_TRAINER_FIX,
             )
         self._spawn(self._watch_episode(episode))
         return episode
 
     async def _watch_episode(self, episode: Episode) -> None:
-        """Close the episode when everything is durable, or at its deadline with what is missing."""
-        # The deadline is wall time (it came from the notice); the loop's clock is what a timeout can wait on.
-        remaining_s = (episode.deadline - self._wall()).total_seconds() if episode.asked else 0.0
-        deadline = asyncio.get_running_loop().time() + max(0.0, remaining_s)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(deadline):
-                while episode.outstanding():
-                    episode.done.clear()
-                    await episode.done.wait()
+        """Close the episode once every asked trainer answered, or at its deadline with what is missing."""
+        expiry = asyncio.get_running_loop().create_task(self._expire(episode))
+        try:
+            while not (episode.answered() or episode.expired):
+                episode.done.clear()
+                await episode.done.wait()
+        finally:
+            expiry.cancel()
         await self._finish(episode)
+
+    async def _expire(self, episode: Episode) -> None:
+        await self._sleep_until(episode.closes_at)
+        episode.expired = True
+        episode.done.set()
 
     async def _finish(self, episode: Episode) -> None:
         if episode.finished:
@@ -388,6 +412,17 @@ class Coordinator:
         return self.status()
 
     async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
+        if not (self._ipc and self._ipc.trainers):
+            # A drill is someone at a terminal: tell them now rather than after drill_timeout.
+            log.warning("drill.no_trainers", fix=NO_TRAINER_FIX)
+            return {
+                "ok": False,
+                "message": NO_TRAINER_MESSAGE,
+                "trainers": 0,
+                "durable": [],
+                "missing": [],
+                "lost": [NO_TRAINER_MESSAGE],
+            }
         notice = drill_notice(reason=frame.get("reason") or "drill", now=self._wall())
         episode = await self.handle_notice(notice)
         if episode is None:
@@ -445,6 +480,7 @@ class Coordinator:
     async def last_chance(self, *, grace_s: float) -> None:
         """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
         if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.finished):
+            # Nobody to ask, and no trainer will come: the training unit stops before spotd does.
             log.info("shutdown.nothing_to_save")
             return
         # A second past the grace: the episode's own watcher closes it at the deadline, this only backs it up.

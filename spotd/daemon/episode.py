@@ -60,7 +60,12 @@ class Save:
 
 @dataclass(slots=True)
 class Episode:
-    """One notice acted on: who was asked, what they saved, what reached the store."""
+    """One notice acted on: who was asked, what they saved, what reached the store.
+
+    It ends at ``closes_at`` or once every asked trainer has answered. A trainer that never came, or left
+    without saving, is waited for until then: a trainer restarted by systemd, or still importing torch,
+    is asked when it says hello.
+    """
 
     request_id: str
     notice: Notice
@@ -68,6 +73,7 @@ class Episode:
     final: bool
     deadline: datetime
     started: float  # monotonic, when the notice was handed to us
+    closes_at: float = 0.0  # monotonic: started + the seconds to the deadline
     asked: dict[str, str] = field(default_factory=dict)  # session id → trainer name
     asked_at: float | None = None
     asked_wall: datetime | None = None
@@ -77,6 +83,7 @@ class Episode:
     done: asyncio.Event = field(default_factory=asyncio.Event)  # something changed: re-check outstanding()
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # the episode has ended
     finished: bool = False
+    expired: bool = False  # closes_at passed
 
     def outstanding(self) -> list[str]:
         """Trainers still owing a durable checkpoint (or a failure report)."""
@@ -91,6 +98,10 @@ class Episode:
             elif save.manifest is None and save.error is None:
                 out.append(name)
         return out
+
+    def answered(self) -> bool:
+        """Nothing left to wait for: someone answered (saved or failed) and nobody asked still owes."""
+        return bool(self.saves or self.failed) and not self.outstanding()
 
     def durable(self) -> list[Save]:
         return [s for s in self.saves.values() if s.manifest is not None]

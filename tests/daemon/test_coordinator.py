@@ -42,11 +42,16 @@ WAIT_S = 10.0
 
 
 class FakeTime:
-    """The coordinator's clocks: monotonic seconds and UTC wall time, moving together and only when told."""
+    """The coordinator's clocks: monotonic seconds and UTC wall time, moving together and only when told.
+
+    ``sleep`` (between commit attempts) moves them itself; ``sleep_until`` (an episode's close) waits for
+    whoever moves them next to get there.
+    """
 
     def __init__(self) -> None:
         self.elapsed = 0.0
         self.slept: list[float] = []
+        self._waiters: list[tuple[float, asyncio.Future[None]]] = []
 
     def monotonic(self) -> float:
         return 5000.0 + self.elapsed
@@ -56,11 +61,25 @@ class FakeTime:
 
     def advance(self, seconds: float) -> None:
         self.elapsed += seconds
+        for target, future in list(self._waiters):
+            if target <= self.monotonic() and not future.done():
+                future.set_result(None)
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.advance(seconds)
         await asyncio.sleep(0)
+
+    async def sleep_until(self, target: float) -> None:
+        if target <= self.monotonic():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (target, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        finally:
+            self._waiters.remove(entry)
 
 
 class FakeChannel:
@@ -232,6 +251,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Any]:
             clock=clock.monotonic,
             wall=clock.wall,
             sleep=clock.sleep,
+            sleep_until=clock.sleep_until,
         )
         channel = FakeChannel()
         coordinator.attach(channel)
@@ -436,13 +456,95 @@ async def test_stopped_when_the_upload_fails_until_the_deadline(make, tmp_path):
     assert (h.checkpoint_dir / "rank0/step-000005.pt").is_file(), "the local checkpoint is kept"
 
 
-async def test_no_trainer_connected_is_stopped_at_once(make):
-    """A final notice with no trainer connected ends at once in Stopped, saying so."""
+def maintenance(wall: datetime, *, in_s: float) -> Notice:
+    return Notice(
+        kind=NoticeKind.MAINTENANCE,
+        action="system-reboot",
+        key="maintenance:instance-event-1",
+        detected_at=wall,
+        final=True,
+        not_after=wall + timedelta(seconds=in_s),
+    )
+
+
+def rebalance(wall: datetime) -> Notice:
+    return Notice(
+        kind=NoticeKind.REBALANCE, action="rebalance", key="rebalance", detected_at=wall, final=False
+    )
+
+
+@pytest.mark.parametrize(
+    "notice",
+    [
+        pytest.param(lambda w: spot(w, in_s=120), id="spot"),
+        pytest.param(lambda w: maintenance(w, in_s=600), id="maintenance"),
+        pytest.param(rebalance, id="rebalance"),
+        pytest.param(shutdown, id="sigterm"),
+    ],
+)
+async def test_a_trainer_that_connects_after_the_notice_is_asked(make, notice):
+    """With no trainer connected the episode stays open: a trainer saying hello 4 s later is asked, and its durable save ends the episode with nothing lost."""
+    h = make()
+    episode = await h.coordinator.handle_notice(notice(h.time.wall()))
+    assert episode is not None
+    h.time.advance(4.0)
+    await asyncio.sleep(0)
+    assert not episode.finished, "the episode waits for a trainer until its deadline"
+    late = h.channel.connect("rank0")
+    await h.coordinator.on_ready(late)
+    frame = await h.channel.next(late, "checkpoint")
+    assert frame["request_id"] == episode.request_id and frame["final"] is episode.final
+    await h.save(late, 11, episode.request_id)
+    await closed(episode)
+    await h.settle()
+    assert episode.lost() == [] and episode.durable()[0].step == 11
+    assert h.coordinator.phase is (Phase.COMPLETED if episode.final else Phase.TRAINING)
+    (record,) = h.events()
+    assert record["trainers"] == 1 and record["lost"] == []
+
+
+async def test_no_trainer_until_the_deadline_is_stopped_saying_so(make):
+    """A final notice nobody answers stays open until its deadline, then ends Stopped with "no trainer was connected"."""
     h = make()
     episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
     assert episode is not None
+    h.time.advance(120 - MARGIN_S - 0.5)
+    await asyncio.sleep(0)
+    assert not episode.finished
+    h.time.advance(0.5)
     await closed(episode)
+    await h.settle()
     assert episode.lost() == ["no trainer was connected"] and h.coordinator.phase is Phase.STOPPED
+    assert h.events()[0]["lost"] == ["no trainer was connected"]
+
+
+async def test_a_trainer_restarted_during_the_episode_is_asked_again(make):
+    """The only trainer leaves before saving and its restart says hello: the episode waits for the restart and records both."""
+    h = make()
+    first = h.channel.connect("rank0")
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    h.channel.disconnect(first)
+    h.coordinator.on_disconnect(first)
+    await asyncio.sleep(0)
+    assert not episode.finished, "nobody answered yet: a restarted trainer may still come"
+    again = h.channel.connect("rank0")
+    await h.coordinator.on_ready(again)
+    await h.save(again, 12, (await h.channel.next(again, "checkpoint"))["request_id"])
+    await closed(episode)
+    assert [s.step for s in episode.durable()] == [12]
+    assert episode.lost() == ["rank0: disconnected before saving"]
+
+
+async def test_a_drill_with_no_trainer_answers_at_once_saying_why(make):
+    """`spotd checkpoint` with nobody connected gets ok=false at once, with the reason and the fix, and starts no episode."""
+    h = make()
+    cli = h.channel.connect("spotd-cli", role="control")
+    async with asyncio.timeout(WAIT_S):
+        reply = await h.coordinator.on_drill(cli, {"op": "drill", "reason": "drill"})
+    assert reply["ok"] is False and reply["trainers"] == 0
+    assert reply["message"].startswith("no trainer connected; start the training process with spotd.client")
+    assert h.coordinator.current is None and h.time.elapsed == 0.0
 
 
 async def test_a_trainer_connecting_mid_episode_is_asked_too(make):

@@ -185,6 +185,15 @@ def test_status_and_checkpoint_commands(imds_sim, spotd_daemon, trainer_procs):
     assert listed.returncode == 0 and "solo" in listed.stdout
 
 
+def test_checkpoint_with_no_trainer_exits_1_saying_why(imds_sim, spotd_daemon):
+    """`spotd checkpoint` with no trainer connected answers at once: exit 1, the reason and the fix on stderr."""
+    d = spotd_daemon(imds_sim.url)
+    drill = d.cli("checkpoint", timeout=20)
+    assert drill.returncode == 1, drill.stdout + drill.stderr
+    assert "no trainer connected; start the training process with spotd.client" in drill.stderr
+    assert drill.stdout == ""
+
+
 def test_second_daemon_on_the_same_socket_exits_clearly(imds_sim, spotd_daemon):
     """A second daemon on a live socket exits 1 naming the socket, and the first keeps serving."""
     d = spotd_daemon(imds_sim.url)
