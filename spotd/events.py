@@ -183,10 +183,14 @@ class InterruptionRecord:
     durable: tuple[DurableCheckpoint, ...]
     #: One sentence per trainer whose work did not reach the store, naming it and why.
     lost: tuple[str, ...]
+    #: One sentence per save that became durable only after the deadline (inside deadline_margin, before
+    #: the instance's own time): not lost, but a sign the margin or the upload needs attention.
+    late: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON values under the keys the ``events/`` files and the log line have always used."""
-        return {
+        """JSON values under the keys the ``events/`` files and the log line have always used; ``late``
+        only when something was, so every record without it keeps the bytes it always had."""
+        out = {
             "request_id": self.request_id,
             "kind": self.kind.value,
             "action": self.action,
@@ -206,6 +210,9 @@ class InterruptionRecord:
             "durable": [{"trainer": d.trainer, "name": d.name, "step": d.step} for d in self.durable],
             "lost": list(self.lost),
         }
+        if self.late:
+            out["late"] = list(self.late)
+        return out
 
     def to_json(self) -> bytes:
         """The ``events/<time>-<instance>.json`` body: sorted keys, so records diff cleanly."""

@@ -3,14 +3,15 @@
 Retry budgets have one owner each. botocore retries every S3 request (standard mode, ``AWS_MAX_ATTEMPTS``)
 and the store adds no retry of a request on top; retrying a *whole commit* is this module's alone, the only
 retry above botocore's. An emergency commit (one an episode asked for) is retried until the episode's
-deadline, a periodic or watch-mode one for :data:`PERIODIC_COMMIT_BUDGET_S`.
+``retry_until`` (for a spot or maintenance notice, the instance's own time: the deadline trainers are told
+already keeps ``deadline_margin`` back, and a save durable inside that margin is still saved), a periodic or
+watch-mode one for :data:`PERIODIC_COMMIT_BUDGET_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,7 +50,6 @@ class Committer:
         "_on_failed",
         "_sleep",
         "_store",
-        "_wall",
     )
 
     def __init__(
@@ -60,7 +60,6 @@ class Committer:
         checkpoint_dir: Path,
         on_durable: Callable[[Manifest], None],
         clock: Callable[[], float],
-        wall: Callable[[], datetime],
         sleep: Callable[[float], Awaitable[None]],
         on_failed: Callable[[CommitInfo, str], None] | None = None,
     ) -> None:
@@ -70,15 +69,25 @@ class Committer:
         self._checkpoint_dir = checkpoint_dir
         self._on_durable = on_durable
         self._clock = clock
-        self._wall = wall
         # Injected with the clocks: a test's sleep moves its clocks forward instead of waiting.
         self._sleep = sleep
 
     async def commit(
-        self, source: Path, *, info: CommitInfo, save: Save, episode: Episode | None, reply: Reply | None
+        self,
+        source: Path,
+        *,
+        info: CommitInfo,
+        save: Save,
+        episode: Episode | None,
+        reply: Reply | None,
+        priority: Priority | None = None,
     ) -> Manifest | None:
-        """Commit ``source``; records the outcome on ``save`` and wakes ``episode``; None when given up."""
-        priority = Priority.EMERGENCY if episode is not None else Priority.BACKGROUND
+        """Commit ``source``; records the outcome on ``save`` and wakes ``episode``; None when given up.
+
+        ``priority`` defaults to emergency for a save an episode asked for, background otherwise.
+        """
+        if priority is None:
+            priority = Priority.EMERGENCY if episode is not None else Priority.BACKGROUND
         try:
             manifest = await self._commit_with_retries(source, info, priority, save, episode)
         except (StoreError, OSError) as exc:
@@ -138,10 +147,11 @@ class Committer:
     ) -> Manifest:
         """Retry the whole commit while it can still matter; raises the last attempt's error when not.
 
-        An emergency commit keeps trying until its episode's deadline (a late upload still beats none);
-        a periodic one for ``PERIODIC_COMMIT_BUDGET_S``, then leaves the local checkpoint in place.
+        A commit an episode asked for keeps trying until the episode's ``retry_until``, after the episode
+        closed too (a late upload still beats none); any other for ``PERIODIC_COMMIT_BUDGET_S``, then
+        leaves the local checkpoint in place.
         """
-        give_up_at = self._clock() + PERIODIC_COMMIT_BUDGET_S
+        give_up_at = episode.retry_until if episode is not None else self._clock() + PERIODIC_COMMIT_BUDGET_S
         while True:
             save.attempts += 1
             try:
@@ -150,11 +160,7 @@ class Committer:
                 )
             except (StoreError, OSError) as exc:
                 backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (save.attempts - 1))
-                if episode is not None:
-                    left_s = (episode.deadline - self._wall()).total_seconds()
-                    if left_s <= backoff_s or episode.finished:
-                        raise
-                elif self._clock() + backoff_s > give_up_at:
+                if self._clock() + backoff_s > give_up_at:
                     raise
                 log.warning(
                     "checkpoint.upload_retry",

@@ -5,8 +5,9 @@ One *episode* per notice acted on (a spot interruption, a maintenance event, SIG
 starts is asked once, and so is any trainer that says hello while it is open: with nobody connected the
 episode stays open until its deadline rather than ending at once (right after boot the trainer may still be
 importing torch). Each ``saved`` is handed to the store at once, without waiting for the others, and
-answered ``durable`` when committed. A final episode ends in
-Completed (everything durable) or Stopped (deadline passed; the canonical log line says what was missing).
+answered ``durable`` when committed; a save still uploading at the deadline keeps trying until the
+notice's own time. A final episode ends in Completed (everything durable) or Stopped (the canonical log line
+says what was missing), once every save it got has an outcome.
 
 The episode's books and what is read off them live in :mod:`.episode`; making one save durable (the commit
 and its retries) in :mod:`.commits`.
@@ -31,8 +32,8 @@ from spotd.daemon.episode import (
     Save,
     detect_seconds,
     drill_notice,
-    episode_deadline,
     episode_reason,
+    episode_times,
     notice_summary,
     reason_label,
     shutdown_notice,
@@ -130,7 +131,6 @@ class Coordinator:
             on_durable=self._committed,
             on_failed=self._commit_failed,
             clock=clock,
-            wall=wall,
             sleep=sleep,
         )
         self._ipc: TrainerChannel | None = None
@@ -202,8 +202,9 @@ class Coordinator:
         if notice.final and notice.not_after is not None:
             self._metrics.interruption_deadline.set(notice.not_after.timestamp())
         current = self.current
-        if current is not None and not current.finished and (current.final or not notice.final):
-            # Already asked; a second signal (SIGTERM after the ITN) must not restart the trainers' saves.
+        if current is not None and not current.settled.is_set() and (current.final or not notice.final):
+            # Already asked; a second signal (SIGTERM after the ITN) must not restart the trainers' saves,
+            # nor while the saves it got are still uploading.
             log.info(
                 "notice.coalesced",
                 kind=notice.kind.value,
@@ -216,15 +217,16 @@ class Coordinator:
     async def _start_episode(self, notice: Notice) -> Episode:
         now = self._wall()
         started = self._clock()
-        deadline = episode_deadline(notice, now=now, policy=self._config.policy)
+        times = episode_times(notice, now=now, policy=self._config.policy)
         episode = Episode(
             request_id=uuid.uuid4().hex[:16],
             notice=notice,
             reason=episode_reason(notice),
             final=notice.final,
-            deadline=deadline,
+            deadline=times.deadline,
             started=started,
-            closes_at=started + (deadline - now).total_seconds(),
+            closes_at=started + times.closes_in_s,
+            retry_until=started + times.retry_for_s,
         )
         self.current = episode
         if episode.final:
@@ -269,7 +271,12 @@ class Coordinator:
         return episode
 
     async def _watch_episode(self, episode: Episode) -> None:
-        """Close the episode once every asked trainer answered, or at its deadline with what is missing."""
+        """Close the episode once every asked trainer answered or at ``closes_at``; settle it (record, phase)
+        once every save it got has an outcome.
+
+        The second wait needs no deadline of its own: each commit stops retrying at ``retry_until`` and an
+        attempt under way is bounded by the store's own timeouts.
+        """
         expiry = asyncio.get_running_loop().create_task(self._expire(episode))
         try:
             while not (episode.answered() or episode.expired):
@@ -277,18 +284,38 @@ class Coordinator:
                 await episode.done.wait()
         finally:
             expiry.cancel()
-        await self._finish(episode)
+        self._close(episode)
+        while episode.uploading():
+            episode.done.clear()
+            await episode.done.wait()
+        await self._settle(episode)
 
     async def _expire(self, episode: Episode) -> None:
         await self._sleep_until(episode.closes_at)
         episode.expired = True
         episode.done.set()
 
-    async def _finish(self, episode: Episode) -> None:
+    def _close(self, episode: Episode) -> None:
+        """Stop waiting for trainers: the drill's reply and the last-chance wait end here."""
         if episode.finished:
             return
         episode.finished = True
         episode.closed.set()
+        if episode.uploading():
+            log.warning(
+                "checkpoint.still_uploading",
+                request_id=episode.request_id,
+                trainers=episode.uploading(),
+                retry_seconds=round(max(0.0, episode.retry_until - self._clock()), 3),
+                note="the commit keeps trying until the notice's own time; the record follows its outcome",
+            )
+
+    async def _settle(self, episode: Episode) -> None:
+        """Every save of the episode has an outcome: set the phase and write the canonical record."""
+        if episode.settled.is_set():
+            return
+        self._close(episode)
+        episode.settled.set()
         lost = episode.lost()
         durable = episode.durable()
         ok = not lost
@@ -300,7 +327,7 @@ class Coordinator:
         elif self._phase in (Phase.UPLOADING, Phase.INTERRUPTED):
             self.set_phase(Phase.TRAINING)
         record = episode.record(identity=self._identity, lost=lost)
-        log_fn = log.info if ok else log.error
+        log_fn = log.error if not ok else log.warning if record.late else log.info
         log_fn("interruption.handled" if episode.final else "checkpoint.handled", **record.to_dict())
         if episode.final or episode.notice.kind is not NoticeKind.DRILL:
             self._sinks.emit(SessionEventKind.INTERRUPTION, record=record)
@@ -346,7 +373,8 @@ class Coordinator:
             )
         episode = self.current if self.current and request_id == self.current.request_id else None
         save = Save(session.id, session.name, raw_path, frame.get("step"), self._clock())
-        if episode is not None:
+        # Once the record is written a save no longer changes it; it is still committed at emergency pace.
+        if episode is not None and not episode.settled.is_set():
             episode.saves[session.id] = save
             self._metrics.checkpoint_seconds.observe(save.saved_at - (episode.asked_at or episode.started))
             if episode.final and self._phase is Phase.INTERRUPTED:
@@ -428,8 +456,9 @@ class Coordinator:
         if episode is None:
             return {"ok": False, "message": "not started"}
         if frame.get("wait", True):
-            # _watch_episode closes it under its own deadline (policy.drill_timeout).
-            await episode.closed.wait()
+            # _watch_episode settles it under its own deadline (policy.drill_timeout): the reply then says
+            # what became of every save, not what was still uploading.
+            await episode.settled.wait()
         # The reply says what is outstanding in "missing"; its record's "lost" stays empty, as it always was.
         record = episode.record(identity=self._identity, lost=())
         return {"ok": episode.all_durable(), **record.to_dict(), "missing": episode.outstanding()}
@@ -479,28 +508,33 @@ class Coordinator:
 
     async def last_chance(self, *, grace_s: float) -> None:
         """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
-        if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.finished):
+        if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.settled.is_set()):
             # Nobody to ask, and no trainer will come: the training unit stops before spotd does.
             log.info("shutdown.nothing_to_save")
             return
-        # A second past the grace: the episode's own watcher closes it at the deadline, this only backs it up.
+        # A second past the grace: the episode's own watcher settles it by then, this only backs it up.
         give_up_at = asyncio.get_running_loop().time() + grace_s + 1.0
         episode = await self.handle_notice(shutdown_notice(now=self._wall(), grace_s=grace_s))
         if episode is None:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(give_up_at):
-                await episode.closed.wait()
+                await episode.settled.wait()
 
     async def drain(self, *, grace_s: float) -> None:
-        """Give in-flight commits ``grace_s`` to finish, then cancel what is left."""
-        if not self._bg:
-            return
-        _, pending = await asyncio.wait(set(self._bg), timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        """Give in-flight commits ``grace_s`` to finish, then cancel what is left; an episode not settled by
+        then is recorded with what is true at that moment (a save still uploading is lost to this daemon)."""
+        if self._bg:
+            _, pending = await asyncio.wait(set(self._bg), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        episode = self.current
+        if episode is not None and not episode.settled.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._settle(episode)
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:

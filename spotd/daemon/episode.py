@@ -31,11 +31,12 @@ from spotd.store import Manifest
 
 __all__ = [
     "Episode",
+    "EpisodeTimes",
     "Save",
     "detect_seconds",
     "drill_notice",
-    "episode_deadline",
     "episode_reason",
+    "episode_times",
     "notice_summary",
     "reason_label",
     "shutdown_notice",
@@ -58,13 +59,29 @@ class Save:
     attempts: int = 0  # whole-commit attempts so far
 
 
+@dataclass(frozen=True, slots=True)
+class EpisodeTimes:
+    """The three times of an episode, each for its own reader.
+
+    ``deadline`` (wall time) is what trainers are told: when their save should be durable. ``closes_in_s``
+    is how long the episode waits for trainers to save; ``retry_for_s`` how long an emergency commit keeps
+    trying. Both are seconds from the episode's start, measured on the monotonic clock.
+    """
+
+    deadline: datetime
+    closes_in_s: float
+    retry_for_s: float
+
+
 @dataclass(slots=True)
 class Episode:
     """One notice acted on: who was asked, what they saved, what reached the store.
 
-    It ends at ``closes_at`` or once every asked trainer has answered. A trainer that never came, or left
-    without saving, is waited for until then: a trainer restarted by systemd, or still importing torch,
-    is asked when it says hello.
+    It *closes* at ``closes_at`` or once every asked trainer has answered (a trainer that never came, or
+    left without saving, is waited for until ``closes_at``: a trainer restarted by systemd, or still
+    importing torch, is asked when it says hello). It *settles* once every save reported has an outcome,
+    which for a save still uploading at the close may be up to ``retry_until`` (the notice's own time):
+    only then is the record written, so it says what became of each save.
     """
 
     request_id: str
@@ -73,7 +90,8 @@ class Episode:
     final: bool
     deadline: datetime
     started: float  # monotonic, when the notice was handed to us
-    closes_at: float = 0.0  # monotonic: started + the seconds to the deadline
+    closes_at: float = 0.0  # monotonic; see EpisodeTimes
+    retry_until: float = 0.0  # monotonic
     asked: dict[str, str] = field(default_factory=dict)  # session id → trainer name
     asked_at: float | None = None
     asked_wall: datetime | None = None
@@ -81,23 +99,26 @@ class Episode:
     failed: dict[str, str] = field(default_factory=dict)  # session id → message
     gone: set[str] = field(default_factory=set)  # asked, then disconnected without saving
     done: asyncio.Event = field(default_factory=asyncio.Event)  # something changed: re-check outstanding()
-    closed: asyncio.Event = field(default_factory=asyncio.Event)  # the episode has ended
-    finished: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # no longer waiting for trainers
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # every save has an outcome; recorded
+    finished: bool = False  # closed
     expired: bool = False  # closes_at passed
+
+    def waiting(self) -> list[str]:
+        """Trainers asked and still here that have neither saved nor reported a failure."""
+        return [
+            name
+            for sid, name in self.asked.items()
+            if sid not in self.saves and sid not in self.failed and sid not in self.gone
+        ]
+
+    def uploading(self) -> list[str]:
+        """Trainers whose save is reported but not yet committed or given up."""
+        return [s.trainer for s in self.saves.values() if s.manifest is None and s.error is None]
 
     def outstanding(self) -> list[str]:
         """Trainers still owing a durable checkpoint (or a failure report)."""
-        out = []
-        for sid, name in self.asked.items():
-            if sid in self.failed:
-                continue
-            save = self.saves.get(sid)
-            if save is None:
-                if sid not in self.gone:
-                    out.append(name)
-            elif save.manifest is None and save.error is None:
-                out.append(name)
-        return out
+        return self.waiting() + self.uploading()
 
     def answered(self) -> bool:
         """Nothing left to wait for: someone answered (saved or failed) and nobody asked still owes."""
@@ -106,9 +127,19 @@ class Episode:
     def durable(self) -> list[Save]:
         return [s for s in self.saves.values() if s.manifest is not None]
 
+    def late(self) -> list[str]:
+        """One sentence per save that became durable after the episode closed (but before the notice's
+        own time, or it would have been given up)."""
+        return [
+            f"{s.trainer}: durable {s.committed_at - self.closes_at:.1f} s after the deadline"
+            for s in self.durable()
+            if s.committed_at is not None and s.committed_at > self.closes_at
+        ]
+
     def lost(self) -> list[str]:
         """One sentence per trainer whose work did not reach the store, naming it and why."""
-        lost = [f"{name}: no checkpoint before the deadline" for name in self.outstanding()]
+        lost = [f"{name}: no checkpoint before the deadline" for name in self.waiting()]
+        lost += [f"{name}: saved, still uploading when the episode ended" for name in self.uploading()]
         lost += [
             f"{s.trainer}: upload failed ({s.error})" for s in self.saves.values() if s.error is not None
         ]
@@ -166,6 +197,7 @@ class Episode:
                 if s.manifest
             ),
             lost=tuple(lost),
+            late=tuple(self.late()),
         )
 
 
@@ -193,20 +225,32 @@ def shutdown_notice(*, now: datetime, grace_s: float) -> Notice:
     )
 
 
-def episode_deadline(notice: Notice, *, now: datetime, policy: PolicyConfig) -> datetime:
-    """When every trainer's save must be durable.
+def episode_times(notice: Notice, *, now: datetime, policy: PolicyConfig) -> EpisodeTimes:
+    """When every trainer's save should be durable, how long to wait for it, how long to retry its commit.
 
-    A drill or rebalance gets ``drill_timeout``; a final notice without a time ``shutdown_grace``; SIGTERM's
-    own grace is its deadline; a spot or maintenance notice keeps ``deadline_margin`` before the instance
-    goes, but never a deadline already past (asking late still beats not asking).
+    A drill or rebalance gets ``drill_timeout`` for all three; a final notice without a time
+    ``shutdown_grace``; SIGTERM's own grace is its deadline. A spot or maintenance notice keeps
+    ``deadline_margin`` before the instance goes (but never a deadline already past: asking late still
+    beats not asking), and its commits keep trying until the instance's own time, since a save durable
+    inside the margin is still saved.
     """
     if not notice.final:
-        return now + timedelta(seconds=policy.drill_timeout)
+        wait_s = policy.drill_timeout
+        return EpisodeTimes(deadline=now + timedelta(seconds=wait_s), closes_in_s=wait_s, retry_for_s=wait_s)
     if notice.not_after is None:
-        return now + timedelta(seconds=policy.shutdown_grace)
+        deadline = now + timedelta(seconds=policy.shutdown_grace)
+        return EpisodeTimes(
+            deadline=deadline, closes_in_s=policy.shutdown_grace, retry_for_s=policy.shutdown_grace
+        )
     if notice.kind is NoticeKind.SHUTDOWN:
-        return notice.not_after
-    return max(now, notice.not_after - timedelta(seconds=policy.deadline_margin))
+        left_s = max(0.0, (notice.not_after - now).total_seconds())
+        return EpisodeTimes(deadline=notice.not_after, closes_in_s=left_s, retry_for_s=left_s)
+    deadline = max(now, notice.not_after - timedelta(seconds=policy.deadline_margin))
+    return EpisodeTimes(
+        deadline=deadline,
+        closes_in_s=(deadline - now).total_seconds(),
+        retry_for_s=max(0.0, (notice.not_after - now).total_seconds()),
+    )
 
 
 def episode_reason(notice: Notice) -> str:

@@ -281,8 +281,9 @@ class Finisher:
                     job_notice(reason=reason, now=self._wall(), within_s=self._config.policy.drill_timeout)
                 )
                 if episode is not None:
-                    # Its watcher closes it at its deadline, whatever the trainers do.
-                    await episode.closed.wait()
+                    # Its watcher settles it by the notice's own time, whatever the trainers do: then every
+                    # final save has an outcome, and the newest durable one is the job's last.
+                    await episode.settled.wait()
             self._control.set_phase(Phase.UPLOADING)
             output = await self._upload_output()
             newest = self._control.last_durable

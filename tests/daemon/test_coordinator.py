@@ -435,7 +435,7 @@ async def test_stopped_when_a_trainer_disconnects_before_saving(make):
 
 
 async def test_stopped_when_the_upload_fails_until_the_deadline(make, tmp_path):
-    """An emergency commit into a store that always fails is retried until its deadline leaves no room, then given up: error to the trainer, counted once, Stopped."""
+    """An emergency commit into a store that always fails is retried until the notice's own time leaves no room, then given up: error to the trainer, counted once, Stopped."""
     block_commits(tmp_path / "store")
     h = make()
     trainer = h.channel.connect("rank0")
@@ -450,7 +450,7 @@ async def test_stopped_when_the_upload_fails_until_the_deadline(make, tmp_path):
     (lost,) = episode.lost()
     assert lost.startswith("rank0: upload failed (")
     assert h.coordinator.phase is Phase.STOPPED
-    # Saved at 1 s of a 50 s deadline: pauses of 1, 2, 4, 8, 15 leave 19 s, then 15 more would leave 4.
+    # Saved at 1 s; the instance goes at 60 s: pauses of 1, 2, 4, 8, 15, 15 reach 46 s, 15 more would pass 60.
     assert h.time.slept == [1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
     assert h.metric("spotd_upload_failures_total") == 1
     assert (h.checkpoint_dir / "rank0/step-000005.pt").is_file(), "the local checkpoint is kept"
@@ -562,6 +562,32 @@ async def test_a_trainer_connecting_mid_episode_is_asked_too(make):
     await h.save(late, 1, episode.request_id)
     await closed(episode)
     assert h.coordinator.phase is Phase.COMPLETED
+
+
+async def test_a_save_uploading_at_the_deadline_keeps_trying_until_the_notice_time(make):
+    """Saved 5 s before the deadline into a store failing three times: the commit retries past the deadline (inside the margin), the episode reports it durable 2 s late, not lost, and the phase goes Uploading to Completed, never Stopped."""
+    h = make(store_class=FlakyStore, failures=3)
+    trainer = h.channel.connect("rank0")
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+        assert episode is not None
+        await h.save(trainer, 40, episode.request_id, after_s=120 - MARGIN_S - 5)
+        durable = await h.channel.next(trainer, "durable")
+        await closed(episode)
+        await h.settle()
+
+    assert h.time.slept == [1.0, 2.0, 4.0], "retried past the deadline at 110 s, durable at 112 s"
+    assert durable["step"] == 40
+    assert episode.lost() == [] and episode.late() == ["rank0: durable 2.0 s after the deadline"]
+    phases = [e["phase"] for e in logs if e["event"] == "phase.changed"]
+    assert phases == ["Interrupted", "Uploading", "Completed"]
+    (still,) = [e for e in logs if e["event"] == "checkpoint.still_uploading"]
+    assert still["trainers"] == ["rank0"]
+    (line,) = [e for e in logs if e["event"] == "interruption.handled"]
+    assert line["log_level"] == "warning" and line["late"] == ["rank0: durable 2.0 s after the deadline"]
+    (record,) = h.events()
+    assert record["lost"] == [] and record["late"] == line["late"] and record["durable"][0]["step"] == 40
+    assert h.metric("spotd_phase", phase="Completed") == 1
 
 
 # ---------------------------------------------------------------------------------------- coalescing
