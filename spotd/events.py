@@ -127,7 +127,9 @@ class Notice:
     """Something that should make trainers checkpoint.
 
     ``key`` identifies a notice across polls: kind and action (or the maintenance event id), never
-    the time, which simulators and IMDS itself may move on every poll.
+    the time, which simulators and IMDS itself may move on every poll. ``final`` means the instance goes
+    away with its memory (terminate, stop, maintenance, SIGTERM): trainers save and stop. A spot hibernate
+    is not final (memory and processes survive it) but carries ``not_after`` = now: save at once, go on.
     """
 
     kind: NoticeKind
@@ -135,7 +137,7 @@ class Notice:
     key: str
     detected_at: datetime
     final: bool
-    #: When the instance goes away (the ITN ``time``, NotBefore, or now for hibernate); None if unknown.
+    #: When the instance goes away (the ITN ``time``, NotBefore) or hibernates (now); None if unknown.
     not_after: datetime | None = None
     #: When the source says it was issued (rebalance ``noticeTime``); None if unknown.
     issued_at: datetime | None = None

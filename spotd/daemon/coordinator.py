@@ -202,7 +202,7 @@ class Coordinator:
         if notice.final and notice.not_after is not None:
             self._metrics.interruption_deadline.set(notice.not_after.timestamp())
         current = self.current
-        if current is not None and not current.settled.is_set() and (current.final or not notice.final):
+        if current is not None and not current.settled.is_set() and self._covers(current, notice):
             # Already asked; a second signal (SIGTERM after the ITN) must not restart the trainers' saves,
             # nor while the saves it got are still uploading.
             log.info(
@@ -213,6 +213,18 @@ class Coordinator:
             )
             return current
         return await self._start_episode(notice)
+
+    def _covers(self, current: Episode, notice: Notice) -> bool:
+        """Whether the open episode already asks for what ``notice`` would: a final one covers anything; a
+        non-final one covers another non-final notice that is not more urgent (hibernate during a drill
+        asks again, due now)."""
+        if current.final:
+            return True
+        if notice.final:
+            return False
+        return (
+            current.deadline <= episode_times(notice, now=self._wall(), policy=self._config.policy).deadline
+        )
 
     async def _start_episode(self, notice: Notice) -> Episode:
         now = self._wall()

@@ -65,7 +65,8 @@ class EpisodeTimes:
 
     ``deadline`` (wall time) is what trainers are told: when their save should be durable. ``closes_in_s``
     is how long the episode waits for trainers to save; ``retry_for_s`` how long an emergency commit keeps
-    trying. Both are seconds from the episode's start, measured on the monotonic clock.
+    trying. Both are seconds from the episode's start, measured on the monotonic clock: it does not run
+    while a hibernated instance sleeps, so what was left is still left when it wakes.
     """
 
     deadline: datetime
@@ -233,9 +234,15 @@ def episode_times(notice: Notice, *, now: datetime, policy: PolicyConfig) -> Epi
     ``deadline_margin`` before the instance goes (but never a deadline already past: asking late still
     beats not asking), and its commits keep trying until the instance's own time, since a save durable
     inside the margin is still saved.
+
+    A non-final notice with a time of its own (hibernate: ``not_after`` = now) asks for the save at that
+    time and still waits ``drill_timeout`` for it: the instance keeps its memory and processes, so the save
+    and its upload carry on across the sleep, and one durable a second after "now" is neither lost nor late.
     """
     if not notice.final:
         wait_s = policy.drill_timeout
+        if notice.not_after is not None:
+            return EpisodeTimes(deadline=max(now, notice.not_after), closes_in_s=wait_s, retry_for_s=wait_s)
         return EpisodeTimes(deadline=now + timedelta(seconds=wait_s), closes_in_s=wait_s, retry_for_s=wait_s)
     if notice.not_after is None:
         deadline = now + timedelta(seconds=policy.shutdown_grace)

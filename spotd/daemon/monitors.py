@@ -41,7 +41,15 @@ class Monitor(Protocol):
 
 
 class SpotMonitor:
-    """``spot/instance-action``: terminate, stop or hibernate, two minutes ahead (hibernate: at once)."""
+    """``spot/instance-action``: terminate, stop or hibernate, two minutes ahead (hibernate: at once).
+
+    Terminate and stop are final: the instance goes away with its memory, so trainers save and stop.
+    Hibernate is not: the instance keeps its memory and processes and resumes where it was, so stopping
+    training would throw away the very thing hibernation keeps (and a unit with ``Restart=on-failure``
+    would not start again after a clean exit). It is a non-final request due *now* (``not_after`` is when
+    it was seen): trainers save at once and carry on, the commit goes at emergency priority, and the
+    upload continues across the sleep if it has to (see :func:`spotd.daemon.episode.episode_times`).
+    """
 
     __slots__ = ("_clock", "_imds", "name")
 
@@ -55,15 +63,16 @@ class SpotMonitor:
         if action is None:
             return []
         now = self._clock()
+        hibernate = action.action == "hibernate"
         # Hibernation starts right away: the ITN time is not a deadline we can use.
-        not_after = now if action.action == "hibernate" else action.time
+        not_after = now if hibernate else action.time
         return [
             Notice(
                 kind=NoticeKind.SPOT,
                 action=action.action,
                 key=f"spot:{action.action}",
                 detected_at=now,
-                final=True,
+                final=not hibernate,
                 not_after=not_after,
                 detail={"time": format_time(action.time)},
             )

@@ -305,7 +305,7 @@ async def closed(episode: Episode) -> Episode:
         pytest.param(lambda w: spot(w, in_s=-30), 0.0, id="spot already past: now"),
         pytest.param(shutdown, GRACE_S, id="shutdown: its own notice time"),
         pytest.param(
-            lambda w: Notice(kind=NoticeKind.SPOT, action="hibernate", key="k", detected_at=w, final=True),
+            lambda w: Notice(kind=NoticeKind.SPOT, action="stop", key="k", detected_at=w, final=True),
             GRACE_S,
             id="final without not_after: now + shutdown_grace",
         ),
@@ -588,6 +588,58 @@ async def test_a_save_uploading_at_the_deadline_keeps_trying_until_the_notice_ti
     (record,) = h.events()
     assert record["lost"] == [] and record["late"] == line["late"] and record["durable"][0]["step"] == 40
     assert h.metric("spotd_phase", phase="Completed") == 1
+
+
+def hibernate(wall: datetime) -> Notice:
+    """What SpotMonitor makes of a hibernate ITN: not final, its time is now."""
+    return Notice(
+        kind=NoticeKind.SPOT,
+        action="hibernate",
+        key="spot:hibernate",
+        detected_at=wall,
+        final=False,
+        not_after=wall,
+    )
+
+
+async def test_hibernate_saves_at_once_and_training_goes_on(make):
+    """Hibernate asks for a save due now, not final (the trainer keeps training); a save durable 0.1 s later is reported durable, not lost or late, and the phase never leaves Training."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(hibernate(h.time.wall()))
+        assert episode is not None
+        frame = await h.channel.next(trainer, "checkpoint")
+        await h.save(trainer, 21, episode.request_id, after_s=0.1)
+        await h.channel.next(trainer, "durable")
+        await closed(episode)
+        await h.settle()
+
+    assert frame["final"] is False and frame["reason"] == "spot-hibernate"
+    assert (
+        frame["deadline"]
+        == protocol.checkpoint(request_id="x", reason="x", deadline=T0, final=False)["deadline"]
+    ), "due now"
+    assert episode.lost() == [] and episode.late() == []
+    assert [e for e in logs if e["event"] == "phase.changed"] == []
+    assert h.coordinator.phase is Phase.TRAINING
+    (line,) = [e for e in logs if e["event"] == "checkpoint.handled"]
+    assert line["log_level"] == "info" and line["kind"] == "spot" and line["action"] == "hibernate"
+    (record,) = h.events()
+    assert record["durable"][0]["step"] == 21 and record["lost"] == []
+
+
+async def test_hibernate_during_a_drill_asks_again_now(make):
+    """A hibernate notice while a drill (deadline in 5 min) is open is more urgent: the trainer is asked again, due now."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    cli = h.channel.connect("spotd-cli", role="control")
+    drill = asyncio.create_task(h.coordinator.on_drill(cli, {"op": "drill", "wait": False}))
+    await h.channel.next(trainer, "checkpoint")
+    await drill
+    urgent = await h.coordinator.handle_notice(hibernate(h.time.wall()))
+    assert urgent is not None and urgent.reason == "spot-hibernate"
+    assert [f["reason"] for f in h.channel.frames[trainer.id]] == ["drill", "spot-hibernate"]
 
 
 # ---------------------------------------------------------------------------------------- coalescing

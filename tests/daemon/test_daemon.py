@@ -108,6 +108,24 @@ def test_rebalance_asks_for_a_non_final_checkpoint(imds_sim, spotd_daemon, train
     assert sample(d, "spotd_phase", phase="Training") == 1
 
 
+def test_hibernate_saves_at_once_and_training_goes_on(imds_sim, spotd_daemon, trainer_procs):
+    """A hibernate ITN asks for a non-final save due now: it is committed, reported with nothing lost, and the trainer keeps training."""
+    d = spotd_daemon(imds_sim.url)
+    t = trainer_procs(d.socket, "solo")
+    wait_until(lambda: sample(d, "spotd_trainers") == 1, what="trainer registered")
+    imds_sim.arm_instance_action("hibernate", after_s=0, lead_s=120)
+    wait_until(lambda: t.events("durable"), timeout_s=20, what="durable after hibernate")
+    (req,) = t.events("requested")
+    assert req["final"] is False and req["reason"] == "spot-hibernate"
+    assert datetime.fromisoformat(req["deadline"]).timestamp() - req["received"] < 2, "due now"
+    step = t.events("durable")[0]["step"]
+    wait_until(lambda: any(e["step"] > step for e in t.events("step")), what="training goes on")
+    assert t.proc.poll() is None
+    (line,) = wait_until(lambda: d.logs.events("checkpoint.handled"), what="the hibernate record")
+    assert line["action"] == "hibernate" and line["lost"] == [] and line["durable"][0]["trainer"] == "solo"
+    assert sample(d, "spotd_phase", phase="Training") == 1
+
+
 def test_token_expiry_is_renewed_and_a_later_notice_caught(imds_sim, spotd_daemon, trainer_procs):
     """With a 2 s token TTL the daemon renews its token and still catches a notice armed later."""
     d = spotd_daemon(imds_sim.url, extra={"imds": {"token_ttl": 2}})

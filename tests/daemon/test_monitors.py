@@ -79,11 +79,12 @@ async def test_spot_notice_fields(imds_sim: SimulatorThread, imds: ImdsClient) -
     assert notice.detected_at == NOW
 
 
-async def test_hibernate_deadline_is_now(imds_sim: SimulatorThread, imds: ImdsClient) -> None:
-    """Hibernation starts at once, so its notice's deadline is the moment it was seen."""
+async def test_hibernate_is_now_and_not_final(imds_sim: SimulatorThread, imds: ImdsClient) -> None:
+    """Hibernation starts at once, so its notice's time is the moment it was seen; it is not final, since a hibernated instance keeps its memory and processes."""
     imds_sim.arm_instance_action("hibernate", lead_s=120)
     (notice,) = await SpotMonitor(imds=imds, clock_wall=lambda: NOW).poll()
     assert notice.key == "spot:hibernate" and notice.not_after == NOW
+    assert notice.final is False
 
 
 async def test_rebalance_notice_fields(imds_sim: SimulatorThread, imds: ImdsClient) -> None:
