@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from spotd.errors import ConfigError
 from spotd.logs import get_logger
 
 __all__ = ["MetricsServer", "healthy"]
@@ -30,7 +32,10 @@ def healthy(
 
 
 class MetricsServer:
-    """``start()`` listens on ``listen`` (``host:port``; port 0 picks one, see :attr:`port`); ``close()``."""
+    """``start()`` listens on ``listen`` (``host:port``; port 0 picks one, see :attr:`port`); ``close()``.
+
+    A port that cannot be bound raises :class:`ConfigError` naming ``metrics.listen``.
+    """
 
     __slots__ = (
         "_clock",
@@ -75,7 +80,18 @@ class MetricsServer:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, int(port)).start()
+        try:
+            await web.TCPSite(runner, host, int(port)).start()
+        except OSError as exc:
+            await self.close()
+            # A port someone else holds does not free itself on a restart: a configuration error (78).
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise ConfigError(
+                "metrics.listen",
+                f"cannot listen on {self._listen}: {reason}",
+                f'stop what holds it (ss -ltnp "sport = :{port}"), set metrics.listen to a free port, '
+                'or set it to "" to turn the metrics endpoint off',
+            ) from exc
         addresses: list[Any] = runner.addresses
         self.port = int(addresses[0][1]) if addresses else int(port)
         log.info("metrics.listening", host=host, port=self.port)

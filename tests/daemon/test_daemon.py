@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -242,6 +243,22 @@ def test_bad_config_exits_78_naming_the_key(tmp_path):
         )
         assert out.returncode == 78, (text, out.stderr)
         assert key in out.stderr and "fix:" in out.stderr, out.stderr
+
+
+def test_a_taken_metrics_port_exits_78_in_one_line(imds_sim, spotd_daemon):
+    """A metrics port another process holds stops `spotd run` with exit 78 and one line naming metrics.listen and the fix, no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        d = spotd_daemon(imds_sim.url, extra={"metrics": {"listen": f"127.0.0.1:{port}"}}, wait_ready=False)
+        assert d.proc.wait(30) == 78
+    d.logs.join()
+    text = "\n".join(d.logs.lines)
+    assert "Traceback" not in text
+    (line,) = [x for x in d.logs.lines if "metrics.listen" in x]
+    assert line.startswith("spotd: bad configuration:") and "fix:" in line and str(port) in line
+    assert not os.path.exists(d.socket), "the socket is removed on the way out"
 
 
 def test_missing_store_uri_is_a_config_error(tmp_path):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+
 import aiohttp
+import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotd.daemon.http import MetricsServer, healthy
+from spotd.errors import ConfigError
 
 
 class FakeClock:
@@ -79,3 +83,25 @@ def test_health_limit_is_three_polls_or_three_timeouts():
     assert healthy(imds_last_ok=0.0, now=3.0, poll_interval_s=1.0, imds_timeout_s=0.5) == (True, 3.0)
     assert healthy(imds_last_ok=0.0, now=3.1, poll_interval_s=1.0, imds_timeout_s=0.5)[0] is False
     assert healthy(imds_last_ok=0.0, now=5.9, poll_interval_s=1.0, imds_timeout_s=2.0)[0] is True
+
+
+async def test_a_taken_port_is_a_config_error_naming_metrics_listen():
+    """A port another process listens on is a ConfigError naming metrics.listen and the fix, not an OSError traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = MetricsServer(
+            listen=f"127.0.0.1:{port}",
+            registry=CollectorRegistry(),
+            phase=lambda: "Training",
+            imds_last_ok=lambda: None,
+            poll_interval_s=1.0,
+            imds_timeout_s=1.0,
+        )
+        with pytest.raises(ConfigError) as info:
+            await server.start()
+        await server.close()
+    assert info.value.key == "metrics.listen"
+    assert f"127.0.0.1:{port}" in info.value.problem and "in use" in info.value.problem
+    assert "free port" in info.value.fix and '""' in info.value.fix
