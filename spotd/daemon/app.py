@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, DiskFull, 
 from spotd.events import InstanceIdentity, Notice, Phase, SessionEventKind, region_of_zone
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, Manifest, open_store
+from spotd.store import CheckpointStore, open_store
 from spotd.store.ledger import Ledger, session_name
 from spotd.store.marker import read_disk_marker
 
@@ -170,7 +171,7 @@ class Daemon:
         try:
             await boot.prepare_store(store)
             past = await job.load()
-            newest = None
+            at_boot = boot.StoreAtBoot(newest=None)
             if past.end is not None:
                 # A persistent request relaunched an instance for a job that is done: no restore, no training.
                 await finisher.ended_at_boot(past.end)
@@ -180,7 +181,7 @@ class Daemon:
                 await finisher.finish(status=Phase.STOPPED, reason=reason)
             else:
                 await asyncio.to_thread(clear_marker, cfg)
-                newest = await self._restore(store, sinks)
+                at_boot = await self._restore(store, sinks)
         except (StoreError, OSError) as exc:
             log.error(
                 "startup.store_failed",
@@ -191,7 +192,7 @@ class Daemon:
                 "systemd retries spotd, and the training unit waits for it",
             )
             return EXIT_FAILURE
-        coordinator.set_last_durable(newest)
+        coordinator.set_last_durable(at_boot.newest)
         if not finisher.ended:
             coordinator.set_phase(Phase.TRAINING)
         self._notifier.ready(f"watching IMDS; socket {cfg.socket.path}")
@@ -227,7 +228,8 @@ class Daemon:
                     tg.create_task(watchdog_loop(self._notifier, interval_s=interval), name="watchdog")
                 )
             if cfg.sync.mode == "watch":
-                tasks.append(tg.create_task(self._watch(coordinator), name="watch"))
+                watch = self._watch(coordinator, committed=at_boot.committed_on_disk)
+                tasks.append(tg.create_task(watch, name="watch"))
             await self._stop.wait()
             log.info("daemon.stopping", phase=coordinator.phase.value)
             self._notifier.stopping()
@@ -242,17 +244,18 @@ class Daemon:
         sinks.emit(SessionEventKind.END, phase=coordinator.phase.value)
         return EXIT_OK
 
-    async def _restore(self, store: CheckpointStore, sinks: Sinks) -> Manifest | None:
+    async def _restore(self, store: CheckpointStore, sinks: Sinks) -> boot.StoreAtBoot:
         """Restore on boot (:mod:`.boot`), recorded in the ledger: what, whether it downloaded, how long."""
         cfg = self._config
         on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
         restore_started = datetime.now(UTC)
-        newest = await boot.restore_on_start(
+        at_boot = await boot.restore_on_start(
             store,
             checkpoint_dir=Path(cfg.checkpoint_dir),
             enabled=cfg.policy.restore_on_start,
             notifier=self._notifier,
         )
+        newest = at_boot.newest
         now_on_disk = await asyncio.to_thread(read_disk_marker, Path(cfg.checkpoint_dir))
         sinks.emit(
             SessionEventKind.RESTORED,
@@ -262,7 +265,7 @@ class Daemon:
             downloaded=now_on_disk is not None and now_on_disk != on_disk,
             seconds=round((datetime.now(UTC) - restore_started).total_seconds(), 3),
         )
-        return newest
+        return at_boot
 
     def _job(self, store: CheckpointStore, identity: InstanceIdentity) -> tuple[Job, Sinks]:
         """The job's ledger for this session, and the sinks the coordinator tells what happens."""
@@ -312,16 +315,18 @@ class Daemon:
         assert self._coordinator is not None
         await self._coordinator.handle_notice(notice)
 
-    async def _watch(self, coordinator: Coordinator) -> None:
-        from spotd.daemon.watch import Watcher
+    async def _watch(self, coordinator: Coordinator, *, committed: Collection[str]) -> None:
+        """Watch mode; ``committed`` names what checkpoint_dir holds that the store already has."""
+        from spotd.daemon.watch import Watcher, step_from_name
 
         async def ready(path: Path) -> None:
-            await coordinator.commit_path(path, trainer="watch")
+            await coordinator.commit_path(path, trainer="watch", step=step_from_name(path.name))
 
         watcher = Watcher(
             checkpoint_dir=Path(self._config.checkpoint_dir),
             settle_s=self._config.sync.settle,
             on_ready=ready,
+            committed=committed,
         )
         await watcher.run()
 

@@ -8,7 +8,10 @@ The store measures and logs its own work (``spotd_restore_seconds``, ``store.rec
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -20,7 +23,14 @@ from spotd.logs import get_logger
 from spotd.store import CheckpointStore, Manifest
 from spotd.store.marker import read_disk_marker, write_disk_marker
 
-__all__ = ["RESTORE_ATTEMPTS", "identify", "prepare_store", "restore_on_start"]
+__all__ = [
+    "RESTORE_ATTEMPTS",
+    "StoreAtBoot",
+    "committed_on_disk",
+    "identify",
+    "prepare_store",
+    "restore_on_start",
+]
 
 log = get_logger("spotd.boot")
 
@@ -28,6 +38,64 @@ log = get_logger("spotd.boot")
 RESTORE_ATTEMPTS: Final = 3
 #: How long a restore on boot may take before systemd's start timeout would kill us.
 RESTORE_START_TIMEOUT_S: Final = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreAtBoot:
+    """What boot found: the newest committed checkpoint, and which entries of checkpoint_dir the store
+    already holds as they are on disk (watch mode need not upload those again)."""
+
+    newest: Manifest | None
+    committed_on_disk: frozenset[str] = frozenset()
+
+
+def committed_on_disk(
+    checkpoint_dir: Path, manifests: Sequence[Manifest], *, trusted: Manifest | None
+) -> frozenset[str]:
+    """Top-level entries of ``checkpoint_dir`` that are, file for file and size for size, a committed
+    checkpoint's, and unchanged since: not modified after that commit, or ``trusted`` (what boot restored,
+    or what the disk marker names, whose files a restore wrote after the commit).
+
+    Blocking (it stats the tree): run it off the loop. Without this a restart in watch mode uploaded every
+    older checkpoint again, the last of them becoming the newest commit.
+    """
+    found: set[str] = set()
+    for manifest in manifests:  # newest first: a name is decided by its newest matching commit
+        by_top: dict[str, dict[str, int]] = {}
+        for entry in manifest.files:
+            by_top.setdefault(entry.path.split("/", 1)[0], {})[entry.path] = entry.size
+        committed_ns = manifest.created_at.timestamp() * 1e9
+        for top, sizes in by_top.items():
+            if top in found:
+                continue
+            on_disk = _files_under(checkpoint_dir, top)
+            if on_disk is None or {rel: size for rel, (size, _) in on_disk.items()} != sizes:
+                continue
+            if (trusted is not None and manifest.name == trusted.name) or all(
+                mtime_ns <= committed_ns for _, mtime_ns in on_disk.values()
+            ):
+                found.add(top)
+    return frozenset(found)
+
+
+def _files_under(checkpoint_dir: Path, top: str) -> dict[str, tuple[int, int]] | None:
+    """{path relative to checkpoint_dir: (size, mtime_ns)} of a top-level entry; None if it is not there."""
+    root = checkpoint_dir / top
+    try:
+        if root.is_file():
+            st = root.stat()
+            return {top: (st.st_size, st.st_mtime_ns)}
+        if not root.is_dir():
+            return None
+        out: dict[str, tuple[int, int]] = {}
+        for dirpath, _dirs, names in os.walk(root):
+            for name in names:
+                path = Path(dirpath, name)
+                st = path.stat()
+                out[path.relative_to(checkpoint_dir).as_posix()] = (st.st_size, st.st_mtime_ns)
+        return out
+    except OSError:
+        return None
 
 
 async def identify(imds: ImdsClient, *, timeout_s: float) -> InstanceIdentity:
@@ -59,24 +127,30 @@ async def prepare_store(store: CheckpointStore) -> int:
 
 async def restore_on_start(
     store: CheckpointStore, *, checkpoint_dir: Path, enabled: bool, notifier: Notifier
-) -> Manifest | None:
-    """Restore the newest committed checkpoint unless the disk already holds it; returns that newest one.
+) -> StoreAtBoot:
+    """Restore the newest committed checkpoint unless the disk already holds it; says what the disk holds.
 
     ``enabled`` is ``policy.restore_on_start``. Raises RestoreError when the store cannot be read after
     ``RESTORE_ATTEMPTS`` or no committed checkpoint verifies.
     """
     manifests: list[Manifest] = await store.list()
     newest = manifests[0] if manifests else None
+    marker = await asyncio.to_thread(read_disk_marker, checkpoint_dir)
+    marked = next((m for m in manifests if m.name == marker), None)
+
+    async def found(trusted: Manifest | None) -> StoreAtBoot:
+        names = await asyncio.to_thread(committed_on_disk, checkpoint_dir, manifests, trusted=trusted)
+        return StoreAtBoot(newest=newest, committed_on_disk=names)
+
     if not enabled:
         log.info("restore.skipped", reason="policy.restore_on_start = false")
-        return newest
+        return await found(marked)
     if newest is None:
         log.info("restore.nothing", store=store.uri)
-        return None
-    on_disk = await asyncio.to_thread(read_disk_marker, checkpoint_dir)
-    if on_disk is not None and on_disk >= newest.name:
-        log.info("restore.up_to_date", name=on_disk)
-        return newest
+        return StoreAtBoot(newest=None)
+    if marker is not None and marker >= newest.name:
+        log.info("restore.up_to_date", name=marker)
+        return await found(marked)
     notifier.status(f"restoring {newest.name}")
     # A large checkpoint may take longer than TimeoutStartSec allows by default.
     notifier.extend_timeout(RESTORE_START_TIMEOUT_S)
@@ -89,7 +163,7 @@ async def restore_on_start(
         except NothingToRestore as exc:
             # Only steps some rank never committed: a fresh start, as with an empty store.
             log.warning("restore.nothing", store=store.uri, reason=str(exc))
-            return newest
+            return await found(marked)
         except RestoreError:
             raise
         except (StoreError, OSError) as exc:
@@ -111,4 +185,4 @@ async def restore_on_start(
         seconds=round(seconds, 3),
         skipped=list(result.skipped),
     )
-    return newest
+    return await found(result.manifest)

@@ -16,8 +16,9 @@ two files of one checkpoint must write it under a temp name and rename it when d
 
 Entries that become ready together are handed over oldest first: by the training step in the name
 (``checkpoint-500``, ``epoch=3-step=1200.ckpt``, ``step-000500``, ``global_step500``), else by modification
-time, so the last commit is the newest checkpoint. Entries the daemon itself restored at boot are known as
-committed and not uploaded again until they change.
+time, so the last commit is the newest checkpoint. Entries the store already holds as they are on disk (what
+boot restored, and older commits not modified since: :func:`spotd.daemon.boot.committed_on_disk`) are known
+as committed and not uploaded again until they change.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Watcher:
         interval_s: float = 1.0,
         committed: Collection[str] = (),
     ) -> None:
-        """``committed``: top-level names already in the store as they are on disk (what boot restored)."""
+        """``committed``: top-level names already in the store as they are on disk (boot says which)."""
         self._checkpoint_dir = checkpoint_dir
         self._settle_s = settle_s
         self._on_ready = on_ready

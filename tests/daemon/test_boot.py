@@ -7,6 +7,8 @@ logged once.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from spotd.config import Config
 from spotd.daemon.app import Daemon
+from spotd.daemon.boot import committed_on_disk
 from spotd.daemon.systemd import Notifier
 from spotd.store import CommitInfo
 from spotd.store.file import FileStore
@@ -167,3 +170,100 @@ async def test_boot_restore_onto_a_full_disk_says_disk_full_once(imds_sim, tmp_p
     assert "free space" in failed["fix"] and "credentials" not in failed["fix"]
     assert not [e for e in logs if e["event"] in ("restore.retry", "restore.fallback")]
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def hf_checkpoint(root: Path, step: int) -> Path:
+    """A Hugging Face Trainer checkpoint directory, trainer_state.json written last."""
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"w" * 2048)
+    (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    return path
+
+
+def manifests(store_root: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(store_root.glob(f"{JOB}/checkpoints/*/MANIFEST.json"))]
+
+
+async def test_watch_mode_does_not_upload_what_boot_restored(imds_sim, tmp_path, short_tmp):
+    """In watch mode the checkpoint boot restored is known as committed: only the next one the trainer writes is uploaded, with the step its name carries."""
+    store_root = tmp_path / "store"
+    source = tmp_path / "elsewhere"
+    seed = FileStore(uri=store_root.as_uri(), job_id=JOB)
+    info = CommitInfo(
+        job_id=JOB,
+        step=500,
+        trainer="watch",
+        rank=None,
+        world_size=None,
+        request_id=None,
+        reason="watch",
+        instance_id="i-old",
+        final=False,
+    )
+    await seed.commit(hf_checkpoint(source, 500), checkpoint_dir=source, info=info)
+    await seed.close()
+    cfg = config(
+        tmp_path,
+        short_tmp,
+        imds_sim.url,
+        **{"store.uri": store_root.as_uri(), "sync.mode": "watch", "sync.settle": 0.2},
+    )
+    registry = CollectorRegistry()
+    daemon = Daemon(config=cfg, registry=registry, notifier=Notifier(socket_path=""))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await async_wait_until(
+            lambda: task.done() or registry.get_sample_value("spotd_phase", {"phase": "Training"}) == 1,
+            timeout_s=30,
+            what="the daemon ready",
+        )
+        assert (tmp_path / "ckpt" / "checkpoint-500" / "trainer_state.json").is_file()
+        hf_checkpoint(tmp_path / "ckpt", 600)
+        # The commit is done (not just its MANIFEST.json written) once it is the newest durable step.
+        await async_wait_until(
+            lambda: registry.get_sample_value("spotd_last_durable_step") == 600,
+            timeout_s=30,
+            what="checkpoint-600 committed",
+        )
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 30) == 0
+    found = manifests(store_root)
+    # (A stop while checkpoint-600's handover finishes may commit it once more: not what this is about.)
+    tops = [{f["path"].split("/")[0] for f in m["files"]} for m in found]
+    assert tops.count({"checkpoint-500"}) == 1, "checkpoint-500 is not uploaded again"
+    assert tops[-1] == {"checkpoint-600"} and found[-1]["step"] == 600
+
+
+async def test_entries_unchanged_since_their_commit_are_known_committed(tmp_path):
+    """committed_on_disk finds every entry that is file for file a commit's and not modified since; a file written after its commit (or one file more) is news, unless it is the restored (trusted) one."""
+    ckpt = tmp_path / "ckpt"
+    store = FileStore(uri=(tmp_path / "store").as_uri(), job_id=JOB, keep=10)
+    for step in (100, 200, 300, 400):
+        info = CommitInfo(
+            job_id=JOB,
+            step=step,
+            trainer="watch",
+            rank=None,
+            world_size=None,
+            request_id=None,
+            reason="watch",
+            instance_id="i-old",
+            final=False,
+        )
+        await store.commit(hf_checkpoint(ckpt, step), checkpoint_dir=ckpt, info=info)
+    manifests = await store.list()
+    await store.close()
+    later = manifests[0].created_at.timestamp() + 60
+    os.utime(ckpt / "checkpoint-300" / "model.safetensors", (later, later))  # rewritten after its commit
+    (ckpt / "checkpoint-200" / "optimizer.pt").write_bytes(b"o")  # one file more than was committed
+    (ckpt / "checkpoint-700").mkdir()
+
+    assert committed_on_disk(ckpt, manifests, trusted=None) == {"checkpoint-100", "checkpoint-400"}
+    restored = next(m for m in manifests if m.step == 300)
+    assert committed_on_disk(ckpt, manifests, trusted=restored) == {
+        "checkpoint-100",
+        "checkpoint-300",
+        "checkpoint-400",
+    }
