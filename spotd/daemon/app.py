@@ -34,6 +34,7 @@ from spotd.daemon.sinks import Sinks
 from spotd.daemon.sinks.ledger import LedgerSink
 from spotd.daemon.sinks.webhook import WebhookSink
 from spotd.daemon.systemd import Notifier, watchdog_loop
+from spotd.daemon.watch import Watcher, step_from_name
 from spotd.errors import EXIT_FAILURE, EXIT_OK, DaemonAlreadyRunning, DiskFull, StoreError
 from spotd.events import InstanceIdentity, Notice, Phase, SessionEventKind, region_of_zone
 from spotd.logs import get_logger
@@ -228,8 +229,10 @@ class Daemon:
                     tg.create_task(watchdog_loop(self._notifier, interval_s=interval), name="watchdog")
                 )
             if cfg.sync.mode == "watch":
-                watch = self._watch(coordinator, committed=at_boot.committed_on_disk)
-                tasks.append(tg.create_task(watch, name="watch"))
+                watcher = self._watcher(coordinator, committed=at_boot.committed_on_disk)
+                # The watcher answers notices in the trainer's place: attached before it first scans.
+                coordinator.attach_watcher(watcher)
+                tasks.append(tg.create_task(watcher.run(), name="watch"))
             await self._stop.wait()
             log.info("daemon.stopping", phase=coordinator.phase.value)
             self._notifier.stopping()
@@ -315,20 +318,18 @@ class Daemon:
         assert self._coordinator is not None
         await self._coordinator.handle_notice(notice)
 
-    async def _watch(self, coordinator: Coordinator, *, committed: Collection[str]) -> None:
+    def _watcher(self, coordinator: Coordinator, *, committed: Collection[str]) -> Watcher:
         """Watch mode; ``committed`` names what checkpoint_dir holds that the store already has."""
-        from spotd.daemon.watch import Watcher, step_from_name
 
         async def ready(path: Path) -> None:
             await coordinator.commit_path(path, trainer="watch", step=step_from_name(path.name))
 
-        watcher = Watcher(
+        return Watcher(
             checkpoint_dir=Path(self._config.checkpoint_dir),
             settle_s=self._config.sync.settle,
             on_ready=ready,
             committed=committed,
         )
-        await watcher.run()
 
     async def _close(self) -> None:
         if self._sinks is not None:

@@ -42,13 +42,14 @@ from spotd.daemon.episode import (
 from spotd.daemon.ipc import Session
 from spotd.daemon.job import Finisher
 from spotd.daemon.sinks import Sinks
+from spotd.daemon.watch import Flushed, Handover, step_from_name
 from spotd.errors import PathEscape, ProtocolError, StoreError
 from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, SessionEventKind, format_time
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, CommitInfo, Manifest, resolve_inside
+from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority, resolve_inside
 
-__all__ = ["Coordinator", "TrainerChannel"]
+__all__ = ["WATCHER", "Coordinator", "TrainerChannel", "Watching"]
 
 log = get_logger("spotd.coordinator")
 
@@ -58,6 +59,8 @@ NO_TRAINER_FIX: Final = (
 )
 #: What `spotd checkpoint` prints when nobody could be asked.
 NO_TRAINER_MESSAGE: Final = f"no trainer connected; {NO_TRAINER_FIX}"
+#: The episode's name for the watcher, which stands in for a trainer in watch mode.
+WATCHER: Final = "watch"
 
 
 class TrainerChannel(Protocol):
@@ -69,8 +72,18 @@ class TrainerChannel(Protocol):
     async def broadcast(self, message: dict[str, Any]) -> int: ...
 
 
+class Watching(Protocol):
+    """What the coordinator needs of the watch-mode watcher (:class:`spotd.daemon.watch.Watcher`)."""
+
+    async def flush(self, handover: Handover) -> Flushed: ...
+
+
 class Coordinator:
-    """Implements :class:`spotd.daemon.ipc.Handler`; the monitor loop calls :meth:`handle_notice`."""
+    """Implements :class:`spotd.daemon.ipc.Handler`; the monitor loop calls :meth:`handle_notice`.
+
+    In watch mode (:meth:`attach_watcher`) the watcher answers every episode as a trainer would: it commits
+    what is settled in checkpoint_dir at once, at emergency priority, and the record says what it did.
+    """
 
     __slots__ = (
         "_bg",
@@ -92,6 +105,7 @@ class Coordinator:
         "_store",
         "_training_seen",
         "_wall",
+        "_watcher",
         "current",
     )
 
@@ -134,6 +148,7 @@ class Coordinator:
             sleep=sleep,
         )
         self._ipc: TrainerChannel | None = None
+        self._watcher: Watching | None = None
         self._phase = Phase.STARTING
         self._bg: set[asyncio.Task[Any]] = set()
         self._seen_notices: list[dict[str, Any]] = []
@@ -155,6 +170,10 @@ class Coordinator:
 
     def trainer_count(self) -> int:
         return len(self._ipc.trainers) if self._ipc else 0
+
+    def attach_watcher(self, watcher: Watching) -> None:
+        """Watch mode: the watcher answers every episode (see :meth:`_answer_for_the_watcher`)."""
+        self._watcher = watcher
 
     @property
     def phase(self) -> Phase:
@@ -246,6 +265,8 @@ class Coordinator:
         trainers = self._ipc.trainers if self._ipc else []
         for session in trainers:
             episode.asked[session.id] = session.name
+        if self._watcher is not None:
+            episode.asked[WATCHER] = WATCHER
         self._metrics.checkpoint_requests.labels(reason=reason_label(notice)).inc()
         if notice.kind is not NoticeKind.DRILL:
             self._sinks.emit(
@@ -271,7 +292,9 @@ class Coordinator:
             trainers=sent,
             seconds_left=round((episode.deadline - self._wall()).total_seconds(), 3),
         )
-        if not trainers:
+        if self._watcher is not None:
+            self._spawn(self._answer_for_the_watcher(episode))
+        elif not trainers:
             log.warning(
                 "checkpoint.no_trainers",
                 request_id=episode.request_id,
@@ -419,20 +442,101 @@ class Coordinator:
         self._spawn(self._committer.commit(source, info=info, save=save, episode=episode, reply=reply))
 
     async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
-        """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer."""
+        """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer.
+
+        While a final episode is open it goes at emergency priority: it is the newest work there is.
+        Raises StoreError when the commit is given up, so the watcher offers the entry again.
+        """
+        episode = self.current if self.current and not self.current.settled.is_set() else None
+        priority = Priority.EMERGENCY if episode is not None and episode.final else Priority.BACKGROUND
+        save, manifest = await self._commit_watched(source, trainer=trainer, step=step, priority=priority)
+        if manifest is None:
+            raise StoreError(f"{source.name} was not committed: {save.error}")
+        return manifest
+
+    async def _commit_watched(
+        self,
+        source: Path,
+        *,
+        trainer: str,
+        step: int | None,
+        priority: Priority,
+        episode: Episode | None = None,
+    ) -> tuple[Save, Manifest | None]:
         info = CommitInfo(
             job_id=self._config.job_id,
             step=step,
             trainer=trainer,
             rank=None,
             world_size=None,
-            request_id=None,
-            reason="watch",
+            request_id=None if episode is None else episode.request_id,
+            reason="watch" if episode is None else episode.reason,
             instance_id=self._identity.instance_id,
-            final=False,
+            final=episode is not None and episode.final,
         )
-        save = Save("watch", trainer, str(source), step, self._clock())
-        return await self._committer.commit(source, info=info, save=save, episode=None, reply=None)
+        save = Save(WATCHER, trainer, source.name, step, self._clock())
+        manifest = await self._committer.commit(
+            source, info=info, save=save, episode=episode, reply=None, priority=priority
+        )
+        return save, manifest
+
+    async def _answer_for_the_watcher(self, episode: Episode) -> None:
+        """Watch mode's answer to a notice: commit what is settled now, emergency priority, and say so.
+
+        The watcher's part of the episode is its last commit; with nothing new to commit it is the newest
+        commit already in the store (the disk holds nothing newer that is complete and settled).
+        """
+        assert self._watcher is not None
+        saves: list[Save] = []
+
+        async def handover(path: Path) -> None:
+            save, manifest = await self._commit_watched(
+                path,
+                trainer=WATCHER,
+                step=step_from_name(path.name),
+                priority=Priority.EMERGENCY,
+                episode=episode,
+            )
+            saves.append(save)
+            if manifest is None:
+                raise StoreError(f"{path.name} was not committed: {save.error}")
+
+        flushed = await self._watcher.flush(handover)
+        newest = self._last_durable  # after the flush: its last commit, if it made one
+        if saves:
+            episode.saves[WATCHER] = saves[-1]
+        elif newest is not None:
+            now = self._clock()
+            episode.saves[WATCHER] = Save(
+                WATCHER,
+                WATCHER,
+                newest.name,
+                newest.step,
+                now,
+                manifest=newest,
+                committed_at=now,
+                reused=True,
+            )
+        else:
+            episode.failed[WATCHER] = "nothing complete in checkpoint_dir to commit"
+        episode.done.set()
+        failed = [s.path for s in saves if s.error]
+        if failed or newest is None:
+            log_fn = log.error
+        elif flushed.settling:
+            # Being written right now: committed once it settles, which may be after the instance is gone.
+            log_fn = log.warning
+        else:
+            log_fn = log.info
+        log_fn(
+            "watch.notice_handled",
+            request_id=episode.request_id,
+            committed=[s.manifest.name for s in saves if s.manifest],
+            failed=failed,
+            settling=list(flushed.settling),
+            newest=None if newest is None else newest.name,
+            priority=Priority.EMERGENCY.value,
+        )
 
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
         message = frame.get("message") or "trainer reported a failed checkpoint"
@@ -452,7 +556,7 @@ class Coordinator:
         return self.status()
 
     async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
-        if not (self._ipc and self._ipc.trainers):
+        if self._watcher is None and not (self._ipc and self._ipc.trainers):
             # A drill is someone at a terminal: tell them now rather than after drill_timeout.
             log.warning("drill.no_trainers", fix=NO_TRAINER_FIX)
             return {
@@ -520,7 +624,8 @@ class Coordinator:
 
     async def last_chance(self, *, grace_s: float) -> None:
         """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
-        if not (self._ipc and self._ipc.trainers) and (self.current is None or self.current.settled.is_set()):
+        nobody = self._watcher is None and not (self._ipc and self._ipc.trainers)
+        if nobody and (self.current is None or self.current.settled.is_set()):
             # Nobody to ask, and no trainer will come: the training unit stops before spotd does.
             log.info("shutdown.nothing_to_save")
             return

@@ -57,6 +57,8 @@ class Save:
     error: str | None = None
     committed_at: float | None = None  # monotonic
     attempts: int = 0  # whole-commit attempts so far
+    #: Nothing new to upload: ``manifest`` is the commit the disk already matched (watch mode on a notice).
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,7 @@ class Episode:
         """The canonical record of this episode; ``lost`` as :meth:`lost` gave it when the episode ended."""
         notice = self.notice
         durable = self.durable()
+        uploaded = [s for s in durable if not s.reused]
         saved_at = [s.saved_at for s in self.saves.values()]
         committed = [s.committed_at for s in durable if s.committed_at is not None]
         asked_at = self.asked_at or self.started
@@ -188,9 +191,9 @@ class Episode:
             deadline=self.deadline,
             detect_seconds=detect_seconds(notice, self.asked_wall or notice.detected_at),
             checkpoint_seconds=max(saved_at) - asked_at if saved_at else None,
-            upload_seconds=max((s.committed_at or 0) - s.saved_at for s in durable) if durable else None,
+            upload_seconds=max((s.committed_at or 0) - s.saved_at for s in uploaded) if uploaded else None,
             notice_to_durable_seconds=max(committed) - self.started if committed else None,
-            total_bytes=sum(s.manifest.total_bytes for s in durable if s.manifest),
+            total_bytes=sum(s.manifest.total_bytes for s in uploaded if s.manifest),
             trainers=len(self.asked),
             durable=tuple(
                 DurableCheckpoint(trainer=s.trainer, name=s.manifest.name, step=s.step)

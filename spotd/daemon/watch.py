@@ -14,6 +14,10 @@ Complete means, for the writers we know, that the file they write last is there:
 For any other directory only the settle time says so: a writer that pauses longer than ``settle`` between
 two files of one checkpoint must write it under a temp name and rename it when done.
 
+On a notice the coordinator calls :meth:`Watcher.flush`: a scan at once whose settled entries go to the
+episode's own handover (an emergency commit) instead of waiting for the next poll; it says which entries were
+still settling.
+
 Entries that become ready together are handed over oldest first: by the training step in the name
 (``checkpoint-500``, ``epoch=3-step=1200.ckpt``, ``step-000500``, ``global_step500``), else by modification
 time, so the last commit is the newest checkpoint. Entries the store already holds as they are on disk (what
@@ -28,16 +32,28 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from spotd.logs import get_logger
 
-__all__ = ["Watcher", "is_temp_name", "step_from_name"]
+__all__ = ["Flushed", "Handover", "Watcher", "is_temp_name", "step_from_name"]
 
 log = get_logger("spotd.watch")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
+#: Takes one ready entry to the store; raising means "not committed", so the entry is offered again.
+Handover = Callable[[Path], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """What one :meth:`Watcher.flush` did."""
+
+    handed: tuple[Path, ...]  # committed now, oldest first
+    settling: tuple[str, ...]  # complete but changed within settle_s: committed once they settle
+
 
 #: The last match wins: ``epoch=3-step=1200`` is step 1200.
 _STEP_RE: Final = re.compile(r"(?:checkpoint|step|global_step)[-_=]?(\d+)", re.IGNORECASE)
@@ -94,6 +110,7 @@ class Watcher:
         "_committed",
         "_handed",
         "_interval_s",
+        "_lock",
         "_on_ready",
         "_seen",
         "_settle_s",
@@ -104,7 +121,7 @@ class Watcher:
         *,
         checkpoint_dir: Path,
         settle_s: float,
-        on_ready: Callable[[Path], Awaitable[None]],
+        on_ready: Handover,
         clock: Callable[[], float] = time.monotonic,
         interval_s: float = 1.0,
         committed: Collection[str] = (),
@@ -118,6 +135,8 @@ class Watcher:
         self._seen: dict[str, tuple[Fingerprint, float]] = {}  # name → (fingerprint, unchanged since)
         self._handed: dict[str, Fingerprint] = {}
         self._committed = set(committed)  # fingerprinted into _handed on the first scan that sees them
+        # One scan-and-handover at a time: a flush on a notice must not hand over what the loop is handing.
+        self._lock = asyncio.Lock()
 
     def _scan(self) -> dict[str, Fingerprint]:
         out: dict[str, Fingerprint] = {}
@@ -135,6 +154,18 @@ class Watcher:
 
     async def poll_once(self) -> list[Path]:
         """One scan; hands over and returns the entries that became ready."""
+        async with self._lock:
+            handed, _ = await self._poll(self._on_ready)
+        return handed
+
+    async def flush(self, handover: Handover) -> Flushed:
+        """A scan now (a notice came): every settled entry not yet committed goes to ``handover``, oldest
+        first. An entry still changing is not committed half-written; it is named in ``settling``."""
+        async with self._lock:
+            handed, settling = await self._poll(handover)
+        return Flushed(handed=tuple(handed), settling=tuple(settling))
+
+    async def _poll(self, handover: Handover) -> tuple[list[Path], list[str]]:
         current = await asyncio.get_running_loop().run_in_executor(None, self._scan)
         now = self._clock()
         for name in list(self._seen):
@@ -146,26 +177,31 @@ class Watcher:
             self._handed[name] = current[name]
             self._committed.discard(name)
         due: list[str] = []
+        settling: list[str] = []
         for name, fp in current.items():
             previous = self._seen.get(name)
             if previous is None or previous[0] != fp:
                 self._seen[name] = (fp, now)
+                previous = self._seen[name]
+            if self._handed.get(name) == fp:
                 continue
-            if now - previous[1] >= self._settle_s and self._handed.get(name) != fp:
+            if now - previous[1] >= self._settle_s:
                 due.append(name)
+            else:
+                settling.append(name)
         ready: list[Path] = []
         for name in sorted(due, key=lambda n: self._age_key(n, current[n])):
             fp = current[name]
             path = self._checkpoint_dir / name
             try:
-                await self._on_ready(path)
+                await handover(path)
             except Exception as exc:  # a failed upload is retried once the entry settles again
                 log.warning("watch.handover_failed", path=str(path), error=str(exc))
                 self._seen[name] = (fp, now)
                 continue
             self._handed[name] = fp
             ready.append(path)
-        return ready
+        return ready, sorted(settling)
 
     @staticmethod
     def _age_key(name: str, fp: Fingerprint) -> tuple[int, int, int]:

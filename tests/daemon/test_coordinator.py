@@ -26,6 +26,7 @@ from spotd.daemon.commits import COMMIT_BACKOFF_S, PERIODIC_COMMIT_BUDGET_S
 from spotd.daemon.coordinator import Coordinator
 from spotd.daemon.episode import Episode
 from spotd.daemon.ipc import Session
+from spotd.daemon.watch import Watcher, step_from_name
 from spotd.errors import UploadError
 from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase
 from spotd.metrics import Metrics
@@ -764,3 +765,90 @@ async def test_a_drill_counts_only_trainers(make):
         reply = await reply_task
     assert reply["ok"] is True and reply["trainers"] == 1 and reply["missing"] == []
     assert h.channel.ops(cli) == [] and h.channel.ops(status) == []
+
+
+# ---------------------------------------------------------------------------------------- watch mode
+
+
+class WatchClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def attach_watcher(h: Harness) -> tuple[Watcher, WatchClock]:
+    """Watch mode as app.py wires it: the watcher's entries go to commit_path, and it answers notices."""
+    clock = WatchClock()
+
+    async def ready(path: Path) -> None:
+        await h.coordinator.commit_path(path, trainer="watch", step=step_from_name(path.name))
+
+    watcher = Watcher(checkpoint_dir=h.checkpoint_dir, settle_s=5.0, on_ready=ready, clock=clock)
+    h.coordinator.attach_watcher(watcher)
+    return watcher, clock
+
+
+async def test_watch_mode_notice_commits_what_is_settled_at_emergency_priority(make):
+    """In watch mode a spot notice makes the watcher commit the settled checkpoint at once, at emergency priority; no trainer is missed, nothing logged as an error, and the episode ends Completed."""
+    h = make()
+    watcher, clock = attach_watcher(h)
+    (h.checkpoint_dir / "step-000300.pt").write_bytes(b"w" * 1000)
+    await watcher.flush(lambda path: asyncio.sleep(0))  # first seen: not settled yet, nothing handed
+    clock.now += 6.0
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+        assert episode is not None
+        await closed(episode)
+        await h.settle()
+
+    assert [e for e in logs if e["log_level"] == "error" or e["event"] == "checkpoint.no_trainers"] == []
+    (committed,) = [e for e in logs if e["event"] == "store.committed"]
+    assert committed["priority"] == "emergency" and committed["step"] == 300
+    (handled,) = [e for e in logs if e["event"] == "watch.notice_handled"]
+    assert handled["log_level"] == "info" and handled["committed"] == [committed["name"]]
+    assert h.coordinator.phase is Phase.COMPLETED and episode.lost() == []
+    (record,) = h.events()
+    assert record["durable"] == [{"trainer": "watch", "name": committed["name"], "step": 300}]
+    assert record["bytes"] == 1000
+
+
+async def test_watch_mode_notice_with_nothing_new_says_the_newest_is_durable(make):
+    """A notice when the watcher has already committed everything uploads nothing and reports the newest commit durable, 0 bytes, at info."""
+    h = make()
+    watcher, clock = attach_watcher(h)
+    (h.checkpoint_dir / "step-000300.pt").write_bytes(b"w" * 1000)
+    await watcher.poll_once()
+    clock.now += 6.0
+    (committed,) = await watcher.poll_once()
+    newest = (await h.store.list())[0]
+    (h.checkpoint_dir / "step-000400.pt").write_bytes(b"w" * 10)  # being written: too fresh to commit
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+        assert episode is not None
+        await closed(episode)
+        await h.settle()
+
+    (handled,) = [e for e in logs if e["event"] == "watch.notice_handled"]
+    assert handled["committed"] == [] and handled["newest"] == newest.name
+    assert handled["settling"] == ["step-000400.pt"] and handled["log_level"] == "warning"
+    (record,) = h.events()
+    assert record["lost"] == [] and record["bytes"] == 0
+    assert record["durable"] == [{"trainer": "watch", "name": newest.name, "step": 300}]
+    assert committed.name == "step-000300.pt"
+
+
+async def test_a_watched_entry_whose_commit_was_given_up_is_offered_again(make, tmp_path):
+    """A watch-mode commit given up after its retry budget is not taken as committed: once the store works, the next settled poll commits it."""
+    block_commits(tmp_path / "store")
+    h = make()
+    watcher, clock = attach_watcher(h)
+    (h.checkpoint_dir / "step-000300.pt").write_bytes(b"w" * 1000)
+    await watcher.poll_once()
+    clock.now += 6.0
+    assert await watcher.poll_once() == [], "given up: not handed over"
+    (tmp_path / "store" / JOB / "checkpoints").unlink()
+    clock.now += 6.0
+    assert [p.name for p in await watcher.poll_once()] == ["step-000300.pt"]
+    assert [m.step for m in await h.store.list()] == [300]

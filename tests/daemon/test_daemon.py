@@ -313,3 +313,18 @@ def test_watch_mode_commits_what_appears_in_checkpoint_dir(imds_sim, spotd_daemo
     # Once the later file is committed the watcher has run past the deletion.
     wait_until(lambda: len(manifests(store)) == 2, timeout_s=20, what="the second watch-mode commit")
     assert first in {m["name"] for m in manifests(store)}, "a local deletion is never mirrored into the store"
+
+
+def test_a_notice_in_watch_mode_commits_what_is_settled_without_an_error(imds_sim, spotd_daemon, tmp_path):
+    """In watch mode a spot notice is answered by the watcher (what is settled, at emergency priority): logged at info, never as an error or as a missing trainer."""
+    d = spotd_daemon(imds_sim.url, extra={"sync": {"mode": "watch", "settle": 0.3}})
+    (d.checkpoint_dir / "model-000100.pt").write_bytes(b"w" * 100)
+    wait_until(lambda: manifests(tmp_path / "store"), timeout_s=20, what="the watch-mode commit")
+    imds_sim.arm_instance_action("terminate", after_s=0, lead_s=120)
+    (line,) = wait_until(lambda: d.logs.events("interruption.handled"), timeout_s=20, what="the record")
+    assert line["lost"] == [] and line["durable"][0]["trainer"] == "watch"
+    (handled,) = d.logs.events("watch.notice_handled")
+    assert handled["newest"] == line["durable"][0]["name"]
+    assert [e["event"] for e in d.logs.json() if e.get("level") == "error"] == []
+    assert not d.logs.events("checkpoint.no_trainers")
+    assert sample(d, "spotd_phase", phase="Completed") == 1
