@@ -104,6 +104,7 @@ class Metrics:
         "imds_malformed",
         "imds_requests",
         "imds_up",
+        "info",
         "interruption_deadline",
         "job_figures",
         "last_durable_step",
@@ -237,6 +238,13 @@ class Metrics:
             "spotd_last_durable_step", "Training step of the newest committed checkpoint.", registry=r
         )
         self.imds_up = Gauge("spotd_imds_up", "1 while IMDS answers, 0 when it does not.", registry=r)
+        # Alerts need the mode: in watch mode no trainer ever registers, by design (SpotdNoTrainer).
+        self.info = Gauge(
+            "spotd_info",
+            "Always 1; the labels say which spotd runs and how (sync_mode: client | watch).",
+            ["version", "sync_mode"],
+            registry=r,
+        )
         self.maintenance_events = Gauge(
             "spotd_maintenance_events",
             "Active scheduled maintenance events that stop or reboot the instance.",

@@ -74,6 +74,7 @@ class Daemon:
     ) -> None:
         self._config = config
         self._metrics = Metrics(registry=registry)
+        self._metrics.info.labels(version=__version__, sync_mode=config.sync.mode).set(1)
         self._notifier = notifier or Notifier()
         self._executor = ThreadPoolExecutor(
             max_workers=config.store.concurrency + 4, thread_name_prefix="spotd-io"

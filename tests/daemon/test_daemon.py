@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from spotd import __version__
 from tests.util import wait_until
 
 DESIGN_METRICS = {
@@ -92,6 +93,7 @@ def test_metrics_exposition_has_the_design_names(imds_sim, spotd_daemon):
     names = set(metrics(d))
     assert names >= DESIGN_METRICS, DESIGN_METRICS - names
     assert d.get("/healthz")[0] == 200
+    assert sample(d, "spotd_info", version=__version__, sync_mode="client") == 1
 
 
 def test_rebalance_asks_for_a_non_final_checkpoint(imds_sim, spotd_daemon, trainer_procs):

@@ -61,7 +61,7 @@ def test_scrape_config_passes_promtool() -> None:
 
 
 def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
-    """promtool test rules: upload failures, a stale checkpoint while training and a missing trainer fire."""
+    """promtool test rules: upload failures, a stale checkpoint while training and a missing trainer fire; a missing trainer in watch mode (spotd_info{sync_mode="watch"}) does not."""
     promtool = require_tool("promtool", "prometheus")
     # promtool compares annotations too; the expressions, labels and `for:` are what this test is about.
     rules = re.sub(
@@ -70,6 +70,7 @@ def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
     assert "annotations" not in rules
     (tmp_path / "rules.yml").write_text(rules)
     labels = 'instance="i-1", job="spotd"'
+    watch = 'instance="i-2", job="spotd"'
     tests = textwrap.dedent(f"""\
         rule_files: [{tmp_path / "rules.yml"}]
         evaluation_interval: 1m
@@ -85,6 +86,15 @@ def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
               - series: 'spotd_trainers{{{labels}}}'
                 values: '1 1 0x20'
               - series: 'spotd_imds_up{{{labels}}}'
+                values: '1x80'
+              - series: 'spotd_info{{{labels}, version="1.0.0", sync_mode="client"}}'
+                values: '1x80'
+              # Watch mode: no trainer ever registers, and that is how it is meant to run.
+              - series: 'spotd_trainers{{{watch}}}'
+                values: '0x80'
+              - series: 'spotd_phase{{{watch}, phase="Training"}}'
+                values: '1x80'
+              - series: 'spotd_info{{{watch}, version="1.0.0", sync_mode="watch"}}'
                 values: '1x80'
             alert_rule_test:
               - eval_time: 4m
