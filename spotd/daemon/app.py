@@ -215,6 +215,7 @@ class Daemon:
             monitors=monitors,
             interval_s=cfg.imds.poll_interval,
             on_notice=self._on_notice,
+            on_withdrawn=coordinator.handle_withdrawn,
             metrics=self._metrics,
         )
         async with asyncio.TaskGroup() as tg:

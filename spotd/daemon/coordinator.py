@@ -245,6 +245,28 @@ class Coordinator:
             current.deadline <= episode_times(notice, now=self._wall(), policy=self._config.policy).deadline
         )
 
+    async def handle_withdrawn(self, notice: Notice) -> None:
+        """The notice is gone (a maintenance event cancelled, an ITN taken back): the instance stays.
+
+        Its episode, if still open, runs to its end and writes its record, but ends in Training; one that
+        already ended Completed or Stopped gives the phase back to Training, since the job goes on.
+        """
+        episode = self.current
+        if episode is None or episode.notice.key != notice.key:
+            return
+        episode.withdrawn = True
+        if episode.final:
+            self._metrics.interruption_deadline.set(0)
+        log.info("notice.withdrawn_acted", request_id=episode.request_id, key=notice.key)
+        if episode.settled.is_set():
+            self._training_goes_on(because="notice withdrawn")
+
+    def _training_goes_on(self, *, because: str) -> None:
+        """After a final episode ended, a sign that the job did not: the phase is Training again."""
+        if self._phase in (Phase.COMPLETED, Phase.STOPPED):
+            log.info("phase.resumed", reason=because)
+            self.set_phase(Phase.TRAINING)
+
     async def _start_episode(self, notice: Notice) -> Episode:
         now = self._wall()
         started = self._clock()
@@ -357,7 +379,7 @@ class Coordinator:
         if ok and durable:
             last = max(s.committed_at or 0.0 for s in durable)
             self._metrics.notice_to_durable_seconds.observe(last - episode.started)
-        if episode.final:
+        if episode.final and not episode.withdrawn:
             self.set_phase(Phase.COMPLETED if ok else Phase.STOPPED)
         elif self._phase in (Phase.UPLOADING, Phase.INTERRUPTED):
             self.set_phase(Phase.TRAINING)
@@ -414,6 +436,13 @@ class Coordinator:
             self._metrics.checkpoint_seconds.observe(save.saved_at - (episode.asked_at or episode.started))
             if episode.final and self._phase is Phase.INTERRUPTED:
                 self.set_phase(Phase.UPLOADING)
+        if (
+            request_id is None
+            and not frame.get("final")
+            and (self.current is None or self.current.settled.is_set())
+        ):
+            # A periodic save: whatever the last final episode said, this trainer is still training.
+            self._training_goes_on(because=f"{session.name} saved step {save.step} on its own schedule")
         log.info(
             "checkpoint.saved",
             trainer=session.name,

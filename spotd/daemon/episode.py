@@ -106,6 +106,7 @@ class Episode:
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # every save has an outcome; recorded
     finished: bool = False  # closed
     expired: bool = False  # closes_at passed
+    withdrawn: bool = False  # the notice went away: the instance stays, training goes on
 
     def waiting(self) -> list[str]:
         """Trainers asked and still here that have neither saved nor reported a failure."""

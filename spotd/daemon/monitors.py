@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from spotd.aws.imds import ImdsClient
 from spotd.errors import ImdsError, ImdsMalformed
@@ -153,9 +153,10 @@ _IMPORTANCE: Final = {"spot": 0, "maintenance": 1, "rebalance": 2}
 
 
 class MonitorLoop:
-    """Polls every monitor concurrently on a fixed cadence and hands each new notice to ``on_notice`` once.
+    """Polls every monitor concurrently on a fixed cadence and hands each new notice to ``on_notice`` once,
+    and to ``on_withdrawn`` once it is no longer there (a maintenance event cancelled, an ITN taken back).
 
-    ``on_notice`` runs as its own task so a slow handler never delays the next poll."""
+    Both run as their own tasks so a slow handler never delays the next poll."""
 
     __slots__ = (
         "_cap_s",
@@ -166,6 +167,7 @@ class MonitorLoop:
         "_metrics",
         "_monitors",
         "_on_notice",
+        "_on_withdrawn",
         "_seen",
         "_wall",
     )
@@ -176,6 +178,7 @@ class MonitorLoop:
         monitors: Sequence[Monitor],
         interval_s: float,
         on_notice: Callable[[Notice], Awaitable[None]],
+        on_withdrawn: Callable[[Notice], Awaitable[None]] | None = None,
         metrics: Metrics | None = None,
         wall_clock: WallClock = _now,
     ) -> None:
@@ -188,6 +191,7 @@ class MonitorLoop:
         self._monitors = sorted(monitors, key=lambda m: _IMPORTANCE.get(m.name, 99))
         self._interval = interval_s
         self._on_notice = on_notice
+        self._on_withdrawn = on_withdrawn
         self._metrics = metrics
         self._wall = wall_clock
         #: While IMDS is down, never wait longer than this between attempts.
@@ -262,6 +266,8 @@ class MonitorLoop:
             if key not in current:
                 del seen[key]
                 log.info("notice.withdrawn", kind=old.kind.value, action=old.action, key=key)
+                if self._on_withdrawn is not None:
+                    self._start(self._deliver(old, self._on_withdrawn), name=f"withdrawn:{key}")
         for key, notice in current.items():
             if key in seen:
                 continue
@@ -277,13 +283,16 @@ class MonitorLoop:
             )
             if self._metrics is not None:
                 self._metrics.notices.labels(kind=notice.kind.value, action=notice.action).inc()
-            task = asyncio.get_running_loop().create_task(self._deliver(notice), name=f"notice:{key}")
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            self._start(self._deliver(notice, self._on_notice), name=f"notice:{key}")
 
-    async def _deliver(self, notice: Notice) -> None:
+    def _start(self, coro: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _deliver(self, notice: Notice, handler: Callable[[Notice], Awaitable[None]]) -> None:
         try:
-            await self._on_notice(notice)
+            await handler(notice)
         except asyncio.CancelledError:
             raise
         except Exception:

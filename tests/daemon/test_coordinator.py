@@ -643,6 +643,51 @@ async def test_hibernate_during_a_drill_asks_again_now(make):
     assert [f["reason"] for f in h.channel.frames[trainer.id]] == ["drill", "spot-hibernate"]
 
 
+async def completed_spot_episode(h: Harness, trainer: Session) -> Episode:
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    await h.save(trainer, 10, episode.request_id)
+    await closed(episode)
+    await h.settle()
+    assert h.coordinator.phase is Phase.COMPLETED
+    return episode
+
+
+async def test_a_periodic_save_after_a_final_episode_means_training_goes_on(make):
+    """After a Completed spot episode the trainer reports a periodic save: the phase goes back to Training."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    await completed_spot_episode(h, trainer)
+    await h.save(trainer, 20, None)
+    assert h.coordinator.phase is Phase.TRAINING
+    assert h.metric("spotd_phase", phase="Training") == 1
+
+
+async def test_a_withdrawn_notice_puts_the_phase_back_to_training(make):
+    """A spot notice withdrawn after its episode ended Completed puts the phase back to Training and the interruption deadline to 0."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    episode = await completed_spot_episode(h, trainer)
+    assert h.metric("spotd_interruption_deadline_timestamp_seconds") > 0
+    await h.coordinator.handle_withdrawn(episode.notice)
+    assert h.coordinator.phase is Phase.TRAINING
+    assert h.metric("spotd_interruption_deadline_timestamp_seconds") == 0
+
+
+async def test_a_notice_withdrawn_while_its_episode_runs_ends_in_training(make):
+    """A maintenance event cancelled while its episode is open: the episode still ends with its record, in Training rather than Completed."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    episode = await h.coordinator.handle_notice(maintenance(h.time.wall(), in_s=600))
+    assert episode is not None
+    await h.coordinator.handle_withdrawn(episode.notice)
+    await h.save(trainer, 10, episode.request_id)
+    await closed(episode)
+    await h.settle()
+    assert h.coordinator.phase is Phase.TRAINING
+    assert h.events()[0]["lost"] == []
+
+
 # ---------------------------------------------------------------------------------------- coalescing
 
 

@@ -129,6 +129,19 @@ def test_hibernate_saves_at_once_and_training_goes_on(imds_sim, spotd_daemon, tr
     assert sample(d, "spotd_phase", phase="Training") == 1
 
 
+def test_a_withdrawn_notice_gives_the_phase_back_to_training(imds_sim, spotd_daemon, trainer_procs):
+    """`spotd status` no longer says Completed once the spot notice it completed is withdrawn: the instance stays, so does the job."""
+    d = spotd_daemon(imds_sim.url)
+    t = trainer_procs(d.socket, "solo")
+    wait_until(lambda: sample(d, "spotd_trainers") == 1, what="trainer registered")
+    imds_sim.arm_instance_action("stop", after_s=0, lead_s=120)
+    assert t.proc.wait(30) == 0
+    wait_until(lambda: sample(d, "spotd_phase", phase="Completed") == 1, what="Completed")
+    imds_sim.clear()
+    wait_until(lambda: sample(d, "spotd_phase", phase="Training") == 1, what="Training again")
+    assert json.loads(d.cli("status", "--json").stdout)["phase"] == "Training"
+
+
 def test_token_expiry_is_renewed_and_a_later_notice_caught(imds_sim, spotd_daemon, trainer_procs):
     """With a 2 s token TTL the daemon renews its token and still catches a notice armed later."""
     d = spotd_daemon(imds_sim.url, extra={"imds": {"token_ttl": 2}})

@@ -39,13 +39,23 @@ class Running:
         on_notice: Callable[[Notice], Any] | None = None,
     ) -> None:
         self.notices: list[Notice] = []
+        self.withdrawn: list[Notice] = []
 
         async def collect(notice: Notice) -> None:
             self.notices.append(notice)
             if on_notice is not None:
                 await on_notice(notice)
 
-        self.loop = MonitorLoop(monitors=monitors, interval_s=interval_s, on_notice=collect, metrics=metrics)
+        async def withdrawn(notice: Notice) -> None:
+            self.withdrawn.append(notice)
+
+        self.loop = MonitorLoop(
+            monitors=monitors,
+            interval_s=interval_s,
+            on_notice=collect,
+            on_withdrawn=withdrawn,
+            metrics=metrics,
+        )
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Running:
@@ -150,7 +160,7 @@ async def test_notice_handed_on_once_though_time_moves(imds_sim: SimulatorThread
 async def test_withdrawn_notice_logged_and_acted_on_again(
     imds_sim: SimulatorThread, imds: ImdsClient
 ) -> None:
-    """A notice that disappears is logged as withdrawn, and handed on again if it comes back."""
+    """A notice that disappears is logged as withdrawn and handed to on_withdrawn, and handed on again if it comes back."""
     with capture_logs() as logs:
         async with Running([SpotMonitor(imds=imds), RebalanceMonitor(imds=imds)]) as running:
             imds_sim.arm_rebalance()
@@ -161,6 +171,7 @@ async def test_withdrawn_notice_logged_and_acted_on_again(
             await async_wait_until(lambda: len(running.notices) == 2, what="rebalance again")
     assert [n.key for n in running.notices] == ["rebalance", "rebalance"]
     assert events(logs, "notice.withdrawn")[0]["key"] == "rebalance"
+    assert [n.key for n in running.withdrawn] == ["rebalance"]
 
 
 async def test_loop_survives_outage_and_catches_notice_after(
