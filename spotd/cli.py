@@ -127,9 +127,7 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(("", f"{t.get('name')} (pid {t.get('pid')}{rank})"))
     req = s.get("request")
     if req:
-        state = (
-            "done" if req.get("finished") else f"waiting on {', '.join(req.get('outstanding') or []) or '-'}"
-        )
+        state = _request_state(req)
         final = "final, " if req.get("final") else ""
         rows.append(
             ("request", f"{req.get('reason')} ({final}deadline {_until(req.get('deadline'))}): {state}")
@@ -143,6 +141,21 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(("last durable", "none yet"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _request_state(req: dict[str, Any]) -> str:
+    """What became of a request: still waiting, still uploading, or done and whether anything was lost."""
+    outstanding = ", ".join(req.get("outstanding") or []) or "-"
+    if not req.get("finished"):
+        return f"waiting on {outstanding}"
+    if req.get("settled") is False:
+        return f"closed, still uploading: {outstanding}"
+    if req.get("ok") is None:
+        return "done"  # a daemon from before requests said what became of them
+    if not req["ok"]:
+        return f"done, lost: {'; '.join(req.get('lost') or [])}"
+    late = req.get("late") or []
+    return f"done: all durable ({'; '.join(late)})" if late else "done: all durable"
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

@@ -40,3 +40,27 @@ def test_until_says_ago_for_a_passed_deadline():
     assert _until(format_time(now - timedelta(seconds=20)), now=now) == "20s ago"
     assert _until(format_time(now + timedelta(hours=2, minutes=5)), now=now) == "in 2h05m"
     assert _until("not a time", now=now) == "not a time"
+
+
+def test_a_finished_request_says_whether_anything_was_lost():
+    """A finished request reads "done: all durable" or "done, lost: ..." with the reasons, never a bare "(done)"; one still uploading says so."""
+    deadline = format_time(datetime.now(UTC))
+    common = {"reason": "spot-terminate", "final": True, "deadline": deadline, "finished": True}
+    ok = render_status(status(**common, settled=True, ok=True, lost=[], outstanding=[]))
+    assert "done: all durable" in ok
+    lost = render_status(
+        status(
+            **common,
+            settled=True,
+            ok=False,
+            lost=["rank0: no checkpoint before the deadline", "rank1: disk full"],
+            outstanding=[],
+        )
+    )
+    assert "done, lost: rank0: no checkpoint before the deadline; rank1: disk full" in lost
+    late = render_status(
+        status(**common, settled=True, ok=True, lost=[], late=["rank0: durable 2.0 s after the deadline"])
+    )
+    assert "done: all durable (rank0: durable 2.0 s after the deadline)" in late
+    uploading = render_status(status(**common, settled=False, ok=None, lost=[], outstanding=["rank0"]))
+    assert "closed, still uploading: rank0" in uploading

@@ -337,6 +337,11 @@ def status_view(
             "deadline": format_time(episode.deadline),
             "finished": episode.finished,
             "outstanding": episode.outstanding(),
+            # Once settled, what became of it: ok, and one sentence per trainer whose work was lost.
+            "settled": episode.settled.is_set(),
+            "ok": not episode.lost() if episode.settled.is_set() else None,
+            "lost": episode.lost() if episode.settled.is_set() else [],
+            "late": episode.late(),
         },
         "notices": list(notices),
         "last_durable": None

@@ -417,6 +417,9 @@ async def test_stopped_when_a_trainer_reports_failure(make):
     await h.settle()
     assert episode.lost() == ["rank1: disk full"]
     assert h.coordinator.phase is Phase.STOPPED
+    request = h.coordinator.status()["request"]
+    assert request["finished"] is True and request["settled"] is True
+    assert request["ok"] is False and request["lost"] == ["rank1: disk full"]
     assert [d["trainer"] for d in h.events()[0]["durable"]] == ["rank0"]
     assert h.metric("spotd_checkpoint_failures_total") == 1
 
