@@ -5,7 +5,9 @@ and the store adds no retry of a request on top; retrying a *whole commit* is th
 retry above botocore's. An emergency commit (one an episode asked for) is retried until the episode's
 ``retry_until`` (for a spot or maintenance notice, the instance's own time: the deadline trainers are told
 already keeps ``deadline_margin`` back, and a save durable inside that margin is still saved), a periodic or
-watch-mode one for :data:`PERIODIC_COMMIT_BUDGET_S`.
+watch-mode one for :data:`PERIODIC_COMMIT_BUDGET_S`. A final save of the trainer's own (it got SIGTERM) goes
+at emergency priority within that same budget, which is also how long the trainer waits for it by default
+(``spotd.client.signals.DEFAULT_GRACE_S``).
 """
 
 from __future__ import annotations

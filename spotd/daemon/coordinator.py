@@ -436,20 +436,28 @@ class Coordinator:
             self._metrics.checkpoint_seconds.observe(save.saved_at - (episode.asked_at or episode.started))
             if episode.final and self._phase is Phase.INTERRUPTED:
                 self.set_phase(Phase.UPLOADING)
-        if (
-            request_id is None
-            and not frame.get("final")
-            and (self.current is None or self.current.settled.is_set())
-        ):
-            # A periodic save: whatever the last final episode said, this trainer is still training.
-            self._training_goes_on(because=f"{session.name} saved step {save.step} on its own schedule")
+        # A save nobody asked for that must still go out at once: the trainer got SIGTERM (reason "sigterm").
+        own_final = bool(frame.get("final")) and episode is None
+        final = own_final or bool(episode and episode.final)
+        if episode is not None:
+            reason = episode.reason
+        elif own_final:
+            reason = frame.get("reason") or "final"
+        else:
+            reason = "periodic"
+            if self.current is None or self.current.settled.is_set():
+                # Whatever the last final episode said, this trainer is still training.
+                self._training_goes_on(because=f"{session.name} saved step {save.step} on its own schedule")
+        emergency = episode is not None or own_final
         log.info(
             "checkpoint.saved",
             trainer=session.name,
             path=raw_path,
             step=save.step,
             request_id=request_id,
-            emergency=episode is not None,
+            emergency=emergency,
+            final=final,
+            reason=reason,
         )
         info = CommitInfo(
             job_id=self._config.job_id,
@@ -459,16 +467,21 @@ class Coordinator:
             rank=None if frame.get("shared") else session.rank,
             world_size=None if frame.get("shared") else session.world_size,
             request_id=request_id,
-            reason=episode.reason if episode else "periodic",
+            reason=reason,
             instance_id=self._identity.instance_id,
-            final=bool(episode and episode.final),
+            final=final,
         )
         ipc = self._ipc
 
         async def reply(frame: dict[str, Any]) -> bool:
             return ipc is not None and await ipc.send(session, frame)
 
-        self._spawn(self._committer.commit(source, info=info, save=save, episode=episode, reply=reply))
+        priority = Priority.EMERGENCY if emergency else Priority.BACKGROUND
+        self._spawn(
+            self._committer.commit(
+                source, info=info, save=save, episode=episode, reply=reply, priority=priority
+            )
+        )
 
     async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
         """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer.

@@ -900,3 +900,28 @@ async def test_a_watched_entry_whose_commit_was_given_up_is_offered_again(make, 
     clock.now += 6.0
     assert [p.name for p in await watcher.poll_once()] == ["step-000300.pt"]
     assert [m.step for m in await h.store.list()] == [300]
+
+
+async def test_a_final_save_of_the_trainers_own_is_committed_at_emergency_priority(make):
+    """A `saved` with final: true and reason "sigterm" (the trainer got SIGTERM, nobody asked) is committed at emergency priority with that reason, and logged as final."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    (h.checkpoint_dir / "rank0").mkdir()
+    (h.checkpoint_dir / "rank0" / "last.pt").write_bytes(b"w" * 100)
+    frame = {
+        "op": "saved",
+        "request_id": None,
+        "path": "rank0/last.pt",
+        "step": 77,
+        "final": True,
+        "reason": "sigterm",
+    }
+    with structlog.testing.capture_logs() as logs:
+        await h.coordinator.on_saved(trainer, protocol.validate_client_frame(frame))
+        await h.channel.next(trainer, "durable")
+    (saved,) = [e for e in logs if e["event"] == "checkpoint.saved"]
+    assert saved["final"] is True and saved["reason"] == "sigterm"
+    (stored,) = [e for e in logs if e["event"] == "store.committed"]
+    assert stored["priority"] == "emergency"
+    (manifest,) = await h.store.list()
+    assert manifest.reason == "sigterm" and manifest.step == 77

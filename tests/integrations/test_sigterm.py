@@ -77,7 +77,7 @@ def manifests(store: Path) -> list[dict]:
 
 
 def test_sigterm_saves_at_the_next_step_and_the_daemon_commits_it(imds_sim, spotd_daemon, tmp_path):
-    """SIGTERM to a Checkpointer trainer makes its next step save, spotd commit that save, and the process exit 0 at that step, after the handler installed before it ran too."""
+    """SIGTERM to a Checkpointer trainer makes its next step save, spotd commit that save as a final one (emergency priority, reason sigterm), and the process exit 0 at that step, after the handler installed before it ran too."""
     d = spotd_daemon(imds_sim.url)
     proc, out = start_trainer("", {"SPOTD_SOCKET": d.socket, "EARLIER_HANDLER": "1"})
     wait_until(lambda: d.logs.events("session.connected"), timeout_s=20, what="the trainer registered")
@@ -88,6 +88,11 @@ def test_sigterm_saves_at_the_next_step_and_the_daemon_commits_it(imds_sim, spot
     assert out.events("earlier_handler") == [{"event": "earlier_handler", "signum": signal.SIGTERM}]
     committed = manifests(tmp_path / "store")
     assert [m["step"] for m in committed] == [stopped["step"]]
+    assert committed[0]["reason"] == "sigterm"
+    (saved,) = d.logs.events("checkpoint.saved")
+    assert saved["final"] is True and saved["reason"] == "sigterm" and saved["step"] == stopped["step"]
+    (stored,) = d.logs.events("store.committed")
+    assert stored["priority"] == "emergency"
 
 
 def test_sigterm_without_a_daemon_still_saves_locally(tmp_path):
