@@ -29,6 +29,7 @@ __all__ = [
     "DAEMON_OPS",
     "DEFAULT_SOCKET",
     "MAX_LINE",
+    "OMIT",
     "PROTOCOL_VERSION",
     "checkpoint",
     "decode",

@@ -1,27 +1,23 @@
-"""The daemon's Unix socket: trainers and control clients speak NDJSON (:mod:`spotd.protocol`) to it.
+"""The daemon's Unix socket server: trainers and control clients speak NDJSON (:mod:`spotd.protocol`) to it.
 
 One task per connection reads frames in order and awaits the :class:`Handler`; connections never wait on
 each other. Every write is bounded by ``write_timeout_s``: a peer that stops reading is dropped rather
-than allowed to stall a broadcast.
+than allowed to stall a broadcast. The socket file itself (its path, a stale one, mode and group, peer
+credentials) is :mod:`.sockfile`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
-import os
-import socket
-import stat
-import struct
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 from spotd import protocol
-from spotd.errors import ConfigError, DaemonAlreadyRunning, ProtocolError
+from spotd.daemon.sockfile import SocketFile, peer_credentials
+from spotd.errors import ConfigError, ProtocolError
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
 
@@ -33,9 +29,6 @@ log = get_logger("spotd.ipc")
 E_INTERNAL: Final = "internal"
 E_BUSY: Final = "busy"
 ROLES: Final = frozenset({"trainer", "control"})
-#: How long a probe waits on an existing socket before calling its owner alive but hung.
-_PROBE_TIMEOUT_S: Final = 1.0
-_CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
 @dataclass(slots=True)
@@ -81,52 +74,17 @@ class _Conn:
         self.closed = False
 
 
-def _resolve_group(group: str) -> int | None:
-    if not group:
-        return None
-    try:
-        if group.isdigit():
-            return grp.getgrgid(int(group)).gr_gid
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(
-            "socket.group",
-            f"group {group!r} does not exist",
-            "create it (groupadd spotd) and add the training user, or set socket.group to an existing group "
-            'or "" to keep the daemon\'s own group',
-        ) from None
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | None, int | None]:
-    sock = writer.get_extra_info("socket")
-    try:
-        pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    except (OSError, AttributeError, struct.error):
-        return None, None, None  # not Linux, or the peer is already gone
-    return pid, uid, gid
-
-
 class IpcServer:
     """The Unix socket server. ``start()``, then ``send``/``broadcast``; ``close()`` when done."""
 
     __slots__ = (
         "_conns",
-        "_gid",
+        "_file",
         "_group",
         "_handler",
         "_hello_timeout_s",
-        "_inode",
         "_max_connections",
         "_metrics",
-        "_mode",
-        "_path",
         "_server",
         "_tasks",
         "_write_timeout_s",
@@ -144,17 +102,14 @@ class IpcServer:
         write_timeout_s: float = 5.0,
         max_connections: int = 1024,
     ) -> None:
-        self._path = path
+        self._file = SocketFile(path=path, group=group, mode=mode)
         self._handler = handler
         self._metrics = metrics
         self._group = group
-        self._gid: int | None = None
-        self._mode = mode
         self._hello_timeout_s = hello_timeout_s
         self._write_timeout_s = write_timeout_s
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._inode: int | None = None
         # Every connection task, handshake done or not, with its writer, so close() can reach them all.
         self._tasks: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         # Handshake done, welcome written: these receive send()/broadcast().
@@ -162,7 +117,7 @@ class IpcServer:
 
     @property
     def path(self) -> str:
-        return self._path
+        return self._file.path
 
     @property
     def trainers(self) -> list[Session]:
@@ -177,12 +132,11 @@ class IpcServer:
 
     async def start(self) -> None:
         """Listen on the socket; raises DaemonAlreadyRunning or ConfigError with the fix in the message."""
-        self._gid = _resolve_group(self._group)
-        await self._prepare_path()
+        await self._file.prepare()
         try:
             self._server = await asyncio.start_unix_server(
                 self._on_connect,
-                path=self._path,
+                path=self.path,
                 limit=protocol.MAX_LINE,
                 # A burst of trainers connecting at once must not hit a full backlog.
                 backlog=max(128, min(self._max_connections, 4096)),
@@ -190,77 +144,16 @@ class IpcServer:
         except OSError as exc:
             raise ConfigError(
                 "socket.path",
-                f"cannot listen on {self._path}: {exc.strerror or exc}",
+                f"cannot listen on {self.path}: {exc.strerror or exc}",
                 "run spotd as root (the systemd unit does) or point socket.path at a writable directory",
             ) from exc
         try:
-            # chmod after bind: the mode must not depend on the daemon's umask.
-            os.chmod(self._path, self._mode)
-            # The socket is born with the daemon's group (Group=spotd in spotd.service): then there is
-            # nothing to change, and chown must not even be tried, since the unit's
-            # SystemCallFilter=~@privileged answers it with EPERM.
-            if self._gid is not None and os.stat(self._path).st_gid != self._gid:
-                os.chown(self._path, -1, self._gid)
-        except OSError as exc:
+            self._file.secure()
+        except ConfigError:
             await self._stop_listener()
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)
-            raise ConfigError(
-                "socket.group",
-                f"cannot give {self._path} mode {self._mode:o} group {self._group!r}: {exc.strerror or exc}",
-                f"set socket.group to the daemon's own group ({_group_name(os.getegid())}, Group= in "
-                'spotd.service) or to "", and add the trainers to that group: spotd.service forbids '
-                "chown (SystemCallFilter=~@privileged); outside systemd, run spotd as a member of "
-                f"{self._group!r}",
-            ) from exc
-        self._inode = os.stat(self._path).st_ino
+            raise
         self._set_gauge()
-        log.info("socket.listening", path=self._path, mode=f"{self._mode:o}", group=self._group or None)
-
-    async def _prepare_path(self) -> None:
-        path = Path(self._path)
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(path.parent, 0o755)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(
-                "socket.path",
-                f"{path} exists and is not a socket",
-                "spotd never deletes it: move it away, or set socket.path to another path",
-            )
-        try:
-            async with asyncio.timeout(_PROBE_TIMEOUT_S):
-                _, writer = await asyncio.open_unix_connection(str(path))
-        except ConnectionRefusedError:
-            # Nobody listens: a previous spotd died without cleaning up.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            log.info("socket.stale_removed", path=str(path))
-            return
-        except FileNotFoundError:
-            return
-        except TimeoutError:
-            raise DaemonAlreadyRunning(
-                f"something holds {path} but does not accept connections (a hung spotd?); stop it first "
-                "(systemctl stop spotd) or set socket.path to another path"
-            ) from None
-        except OSError as exc:
-            raise ConfigError(
-                "socket.path",
-                f"cannot check whether another spotd owns {path}: {exc.strerror or exc}",
-                "run spotd as root, or set socket.path to a path this user owns",
-            ) from exc
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        raise DaemonAlreadyRunning(
-            f"another spotd is already listening on {path}; stop it first (systemctl stop spotd) "
-            "or give this one another socket.path"
-        )
+        log.info("socket.listening", path=self.path, mode=f"{self._file.mode:o}", group=self._group or None)
 
     async def _stop_listener(self) -> None:
         if self._server is not None:
@@ -290,20 +183,9 @@ class IpcServer:
         if server is not None:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-        self._remove_socket_file()
+        self._file.remove()
         self._set_gauge()
-        log.info("socket.closed", path=self._path)
-
-    def _remove_socket_file(self) -> None:
-        if self._inode is None:
-            return
-        try:
-            # Only our own socket: a newer spotd may already have replaced it.
-            if os.stat(self._path).st_ino == self._inode:
-                os.unlink(self._path)
-        except FileNotFoundError:
-            pass
-        self._inode = None
+        log.info("socket.closed", path=self.path)
 
     # -- sending -----------------------------------------------------------------------------------
 
@@ -450,7 +332,7 @@ class IpcServer:
         role = frame.get("role", "trainer")
         if role not in ROLES:
             raise ProtocolError(protocol.E_BAD_FRAME, f"role {role!r} is not one of {sorted(ROLES)}")
-        peer_pid, peer_uid, peer_gid = _peer_credentials(conn.writer)
+        peer_pid, peer_uid, peer_gid = peer_credentials(conn.writer)
         session = Session(
             id=uuid.uuid4().hex[:12],
             role=role,
@@ -473,8 +355,7 @@ class IpcServer:
             )
             conn.session = None
             return None
-        welcome = {"op": "welcome", "v": protocol.PROTOCOL_VERSION, "session": session.id, **extra}
-        if not await self._write(conn, protocol.encode(welcome)):
+        if not await self._write(conn, protocol.encode(protocol.welcome(session=session.id, extra=extra))):
             conn.session = None
             return None
         self._conns[session.id] = conn
@@ -498,16 +379,16 @@ class IpcServer:
             elif op == "failed":
                 await handler.on_failed(session, frame)
             elif op == "status":
-                await self._write(conn, protocol.encode({"op": "status", **await handler.on_status(session)}))
+                body = await handler.on_status(session)
+                await self._write(conn, protocol.encode(protocol.reply("status", body)))
             elif op == "drill":
                 if session.role != "control":
                     raise ProtocolError(
                         protocol.E_FORBIDDEN,
                         "drill is for control clients (hello with role 'control'); run `spotd checkpoint`",
                     )
-                await self._write(
-                    conn, protocol.encode({"op": "drill", **await handler.on_drill(session, frame)})
-                )
+                body = await handler.on_drill(session, frame)
+                await self._write(conn, protocol.encode(protocol.reply("drill", body)))
             elif op == "finished":
                 # The job is done (a trainer's finished(), or `spotd complete`): answered once it is marked.
                 answer = await handler.on_finished(session, frame)
@@ -529,17 +410,15 @@ class IpcServer:
     async def _write_error(
         self, conn: _Conn, code: str, message: str, frame: dict[str, Any] | None = None
     ) -> None:
-        error: dict[str, Any] = {"op": "error", "code": code, "message": message}
-        if frame is not None:
-            # Let the client match the error to what it sent.
-            if "request_id" in frame:
-                error["request_id"] = frame["request_id"]
-            if frame.get("op") == "saved":
-                error["path"] = frame.get("path")
+        # Let the client match the error to what it sent: its request_id, and for a save its path.
+        request_id = frame["request_id"] if frame is not None and "request_id" in frame else protocol.OMIT
+        path = frame.get("path") if frame is not None and frame.get("op") == "saved" else protocol.OMIT
         try:
-            data = protocol.encode(error)
+            data = protocol.encode(
+                protocol.error(code=code, message=message, request_id=request_id, path=path)
+            )
         except ProtocolError:
-            data = protocol.encode({"op": "error", "code": code, "message": message[:1000]})
+            data = protocol.encode(protocol.error(code=code, message=message[:1000]))
         await self._write(conn, data)
 
     # -- observability -----------------------------------------------------------------------------
