@@ -8,7 +8,7 @@ Completed and answers ``finished`` with the outcome).
 A control client (``spotd status``/``spotd checkpoint``/``spotd complete``) says ``hello`` with
 ``"role": "control"`` and may then send ``status``, ``drill`` or ``finished``; it never counts as a trainer.
 
-The daemon builds its frames with the functions below rather than literal dicts, so each frame's keys are
+Both sides build their frames with the functions below rather than literal dicts, so each frame's keys are
 written once; the key order of each is kept as it always was, so the bytes on the wire do not change.
 """
 
@@ -30,14 +30,21 @@ __all__ = [
     "DEFAULT_SOCKET",
     "MAX_LINE",
     "OMIT",
+    "PLACEMENT",
     "PROTOCOL_VERSION",
     "checkpoint",
     "decode",
+    "drill",
     "durable",
     "encode",
     "error",
+    "failed",
+    "finished",
+    "hello",
     "reply",
+    "saved",
     "socket_path",
+    "status",
     "store_failed",
     "validate_client_frame",
     "welcome",
@@ -224,3 +231,101 @@ def reply(op: str, body: Mapping[str, Any]) -> dict[str, Any]:
     if op not in CLIENT_OPS:
         raise ValueError(f"{op!r} is not a request a client sends; only requests get a reply")
     return _daemon_frame(op, body)
+
+
+# ------------------------------------------------------------------------------ client → daemon frames
+
+
+def _client_frame(op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    if op not in CLIENT_OPS:
+        raise ValueError(f"{op!r} is not a client → daemon op; add it to CLIENT_OPS or use one of them")
+    return {"op": op, **fields}
+
+
+#: What a trainer may add to its hello about where it runs (torchrun's env) and which run it belongs to.
+PLACEMENT: Final = ("local_rank", "local_world_size", "node_rank", "run_id")
+
+
+def hello(
+    *,
+    name: str,
+    pid: int,
+    role: str,
+    rank: int | _Omit | None = OMIT,
+    world_size: int | _Omit | None = OMIT,
+    placement: Mapping[str, int | str | None] | None = None,
+) -> dict[str, Any]:
+    """The first frame of every connection. A trainer sends its rank and world size (null when unknown)
+    and, after them, whatever of ``placement`` (:data:`PLACEMENT`) it knows; a value of None is left out.
+    A control client (``role="control"``) sends none of these."""
+    unknown = set(placement or {}) - set(PLACEMENT)
+    if unknown:
+        raise ValueError(f"hello has no field {sorted(unknown)}; placement is {', '.join(PLACEMENT)}")
+    fields: dict[str, Any] = {"v": PROTOCOL_VERSION, "name": name, "pid": pid}
+    if rank is not OMIT:
+        fields["rank"] = rank
+    if world_size is not OMIT:
+        fields["world_size"] = world_size
+    fields["role"] = role
+    fields.update({k: v for k, v in (placement or {}).items() if v is not None})
+    return _client_frame("hello", fields)
+
+
+def saved(
+    *,
+    request_id: str | None,
+    path: str,
+    step: int | None,
+    final: bool | _Omit = OMIT,
+    reason: str | _Omit = OMIT,
+    shared: bool | _Omit = OMIT,
+) -> dict[str, Any]:
+    """A checkpoint was written at ``path`` (relative to checkpoint_dir); ``request_id`` null for a save of
+    the trainer's own. ``final`` and ``reason``, sent only when given, say the trainer is stopping
+    (SIGTERM, or a peer rank was asked); ``shared`` that the path holds every rank's part."""
+    fields: dict[str, Any] = {"request_id": request_id, "path": path, "step": step}
+    if final is not OMIT:
+        fields["final"] = final
+    if reason is not OMIT:
+        fields["reason"] = reason
+    if shared is not OMIT:
+        fields["shared"] = shared
+    return _client_frame("saved", fields)
+
+
+def failed(*, request_id: str | None, message: str) -> dict[str, Any]:
+    """The requested checkpoint (or, with ``request_id`` null, a save of the trainer's own) failed."""
+    return _client_frame("failed", {"request_id": request_id, "message": message})
+
+
+def status() -> dict[str, Any]:
+    """Ask for the daemon's status; the reply is a ``status`` frame."""
+    return _client_frame("status", {})
+
+
+def drill(*, reason: str | _Omit = OMIT, wait: bool | _Omit = OMIT) -> dict[str, Any]:
+    """``spotd checkpoint``: ask every trainer now (control clients only); ``wait`` for the outcome."""
+    fields: dict[str, Any] = {}
+    if reason is not OMIT:
+        fields["reason"] = reason
+    if wait is not OMIT:
+        fields["wait"] = wait
+    return _client_frame("drill", fields)
+
+
+def finished(
+    *,
+    step: int | _Omit | None = OMIT,
+    reason: str | _Omit = OMIT,
+    checkpoint: bool | _Omit = OMIT,
+) -> dict[str, Any]:
+    """The job is done: a trainer's ``finished(step)``, or ``spotd complete`` (``reason``, and whether to
+    ask every trainer for a final ``checkpoint`` first); the reply is a ``finished`` frame."""
+    fields: dict[str, Any] = {}
+    if step is not OMIT:
+        fields["step"] = step
+    if reason is not OMIT:
+        fields["reason"] = reason
+    if checkpoint is not OMIT:
+        fields["checkpoint"] = checkpoint
+    return _client_frame("finished", fields)

@@ -120,3 +120,127 @@ def test_ops_come_from_daemon_ops_and_client_ops():
             protocol.reply(op, {})
     assert set(protocol._FIELDS) == protocol.CLIENT_OPS
     assert {"welcome", "checkpoint", "durable", "error"} <= protocol.DAEMON_OPS
+
+
+def test_client_frame_builders_write_the_bytes_of_before():
+    """Each client → daemon builder encodes to the bytes spotd.client sent as a literal dict before it existed: a trainer's and a control client's hello, saved with and without final, failed, status, finished, drill."""
+    pairs = [
+        (
+            protocol.hello(name="train", pid=42, rank=1, world_size=4, role="trainer"),
+            {
+                "op": "hello",
+                "v": 1,
+                "name": "train",
+                "pid": 42,
+                "rank": 1,
+                "world_size": 4,
+                "role": "trainer",
+            },
+        ),
+        (
+            protocol.hello(name="train", pid=42, rank=None, world_size=None, role="trainer"),
+            {
+                "op": "hello",
+                "v": 1,
+                "name": "train",
+                "pid": 42,
+                "rank": None,
+                "world_size": None,
+                "role": "trainer",
+            },
+        ),
+        (
+            protocol.hello(
+                name="r0",
+                pid=42,
+                rank=0,
+                world_size=4,
+                role="trainer",
+                placement={"local_rank": 0, "local_world_size": 2, "node_rank": None, "run_id": "run-1"},
+            ),
+            {
+                "op": "hello",
+                "v": 1,
+                "name": "r0",
+                "pid": 42,
+                "rank": 0,
+                "world_size": 4,
+                "role": "trainer",
+                "local_rank": 0,
+                "local_world_size": 2,
+                "run_id": "run-1",
+            },
+        ),
+        (
+            protocol.hello(name="spotd-cli", pid=42, role="control"),
+            {"op": "hello", "v": 1, "name": "spotd-cli", "pid": 42, "role": "control"},
+        ),
+        (
+            protocol.saved(request_id="r1", path="a.pt", step=3),
+            {"op": "saved", "request_id": "r1", "path": "a.pt", "step": 3},
+        ),
+        (
+            protocol.saved(request_id=None, path="a.pt", step=None, final=True, reason="sigterm"),
+            {
+                "op": "saved",
+                "request_id": None,
+                "path": "a.pt",
+                "step": None,
+                "final": True,
+                "reason": "sigterm",
+            },
+        ),
+        (
+            protocol.saved(request_id=None, path="a.pt", step=9, final=True, reason="peer"),
+            {"op": "saved", "request_id": None, "path": "a.pt", "step": 9, "final": True, "reason": "peer"},
+        ),
+        (
+            protocol.saved(request_id="r2", path="dcp/", step=9, shared=True),
+            {"op": "saved", "request_id": "r2", "path": "dcp/", "step": 9, "shared": True},
+        ),
+        (
+            protocol.saved(request_id=None, path="dcp/", step=9, final=True, reason="peer", shared=True),
+            {
+                "op": "saved",
+                "request_id": None,
+                "path": "dcp/",
+                "step": 9,
+                "final": True,
+                "reason": "peer",
+                "shared": True,
+            },
+        ),
+        (
+            protocol.failed(request_id=None, message="disk full"),
+            {"op": "failed", "request_id": None, "message": "disk full"},
+        ),
+        (protocol.status(), {"op": "status"}),
+        (protocol.finished(step=1200), {"op": "finished", "step": 1200}),
+        (
+            protocol.finished(reason="complete", checkpoint=True),
+            {"op": "finished", "reason": "complete", "checkpoint": True},
+        ),
+        (protocol.drill(reason="drill", wait=True), {"op": "drill", "reason": "drill", "wait": True}),
+        (protocol.drill(reason="test"), {"op": "drill", "reason": "test"}),
+    ]
+    for built, literal in pairs:
+        assert protocol.encode(built) == protocol.encode(literal)
+        assert protocol.validate_client_frame(built) is built
+
+
+def test_frames_are_built_by_the_builders_only():
+    """No module but protocol.py writes a frame as a literal dict, so each frame's keys are written once."""
+    import re
+    from pathlib import Path
+
+    root = Path(protocol.__file__).parent
+    # As the formatter writes a dict: a compact '{"op":"hello"}' inside a message string is text, not a frame.
+    literal = re.compile(r"""\{\s*["']op["']: """)
+    offenders = [
+        f"{path.relative_to(root.parent)}:{n}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "protocol.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert offenders == []

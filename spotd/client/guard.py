@@ -79,16 +79,14 @@ class Guard:
     ) -> None:
         """``placement``: local_rank, local_world_size, node_rank, run_id, said in hello when known."""
         self._path = socket_path
-        self._hello: dict[str, Any] = {
-            "op": "hello",
-            "v": protocol.PROTOCOL_VERSION,
-            "name": name,
-            "pid": os.getpid(),
-            "rank": rank,
-            "world_size": world_size,
-            "role": "trainer",
-        }
-        self._hello.update({k: v for k, v in (placement or {}).items() if v is not None})
+        self._hello = protocol.hello(
+            name=name,
+            pid=os.getpid(),
+            rank=rank,
+            world_size=world_size,
+            role="trainer",
+            placement=placement,
+        )
         self._interval_s = reconnect_interval_s
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
@@ -177,19 +175,16 @@ class Guard:
             return
         with self._cond:
             request_id, last_chance = self._take_request()
-            frame: dict[str, Any] = {
-                "op": "saved",
-                "request_id": request_id,
-                "path": os.fspath(path),
-                "step": step,
-            }
-            if last_chance:
-                # The daemon did not ask: say why, so it uploads this at emergency priority.
-                frame.update(final=True, reason="sigterm")
-            elif final and request_id is None:
-                frame.update(final=True, reason="peer")
-            if shared:
-                frame["shared"] = True
+            # Not asked (SIGTERM, or a peer rank was): say why, so the daemon uploads it at once.
+            why = "sigterm" if last_chance else "peer" if final and request_id is None else None
+            frame = protocol.saved(
+                request_id=request_id,
+                path=os.fspath(path),
+                step=step,
+                final=True if why else protocol.OMIT,
+                reason=why or protocol.OMIT,
+                shared=True if shared else protocol.OMIT,
+            )
             self._last_save = frame
             self._save_state = "pending"
         self._send(frame)
@@ -203,7 +198,7 @@ class Guard:
         if not periodic:
             with self._cond:
                 request_id, _ = self._take_request()
-        self._send({"op": "failed", "request_id": request_id, "message": str(message)})
+        self._send(protocol.failed(request_id=request_id, message=str(message)))
 
     def wait_durable(self, timeout: float | None = None) -> bool:
         """True once spotd says the last saved checkpoint is in the store.
@@ -236,7 +231,7 @@ class Guard:
                     self._status_q.get_nowait()
                 except queue.Empty:
                     break
-            if not self._send({"op": "status"}):
+            if not self._send(protocol.status()):
                 return None
             try:
                 return self._status_q.get(timeout=timeout)
@@ -263,7 +258,7 @@ class Guard:
                 self._finished_q.get_nowait()
             except queue.Empty:
                 break
-        if not self._send({"op": "finished", "step": step}):
+        if not self._send(protocol.finished(step=step)):
             return None
         try:
             return self._finished_q.get(timeout=max(0.0, deadline - time.monotonic()))
