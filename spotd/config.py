@@ -71,6 +71,9 @@ class PolicyConfig:
     maintenance_lead: float = 600.0
     shutdown_grace: float = 30.0
     drill_timeout: float = 300.0
+    # Seconds a store failure at boot (check, crash recovery, list, restore) is retried before exiting 1:
+    # first-boot S3/IAM trouble is waited out in one start instead of using up StartLimitBurst.
+    boot_store_wait: float = 300.0
     #: What to do with the instance (and its spot request) once the job is Completed or Stopped.
     on_complete: str = "none"  # none | stop | terminate | cancel-request
     #: Seconds of training summed over every instance of the job (SageMaker's MaxRuntimeInSeconds); 0: none.
@@ -374,7 +377,7 @@ def _validate(cfg: Config) -> None:
         f"{cfg.policy.on_rebalance!r} is not an option",
         "use checkpoint, notify or ignore",
     )
-    for key in ("deadline_margin", "maintenance_lead", "shutdown_grace", "drill_timeout"):
+    for key in ("deadline_margin", "maintenance_lead", "shutdown_grace", "drill_timeout", "boot_store_wait"):
         value = getattr(cfg.policy, key)
         need(value >= 0, f"policy.{key}", f"{value} is negative", "use a number of seconds >= 0")
     # A spot notice comes two minutes ahead: a margin that large makes every deadline "now".

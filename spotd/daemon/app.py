@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -170,28 +171,19 @@ class Daemon:
             await self._http.start()
         coordinator.set_phase(Phase.DOWNLOADING)
         self._notifier.status("checking the checkpoint store")
+        boot_started = time.monotonic()
         try:
-            await boot.prepare_store(store)
-            past = await job.load()
-            at_boot = boot.StoreAtBoot(newest=None)
-            if past.end is not None:
-                # A persistent request relaunched an instance for a job that is done: no restore, no training.
-                await finisher.ended_at_boot(past.end)
-            elif (reason := exceeded(job, cfg, now=datetime.now(UTC))) is not None:
-                # Past a stopping condition already (max_wait while no capacity): stop before training starts.
-                log.warning("job.budget_exceeded", reason=reason, at="boot")
-                await finisher.finish(status=Phase.STOPPED, reason=reason)
-            else:
-                await asyncio.to_thread(clear_marker, cfg)
-                at_boot = await self._restore(store, sinks)
+            at_boot = await boot.retry_at_boot(
+                lambda: self._from_the_store(store, job=job, finisher=finisher, sinks=sinks),
+                notifier=self._notifier,
+                wait_s=cfg.policy.boot_store_wait,
+            )
         except (StoreError, OSError) as exc:
             log.error(
                 "startup.store_failed",
                 error=str(exc),
-                fix=exc.fix
-                if isinstance(exc, DiskFull)
-                else "check store.uri, credentials and the IAM policy (docs/iam-policy.json); "
-                "systemd retries spotd, and the training unit waits for it",
+                fix=exc.fix if isinstance(exc, DiskFull) else boot.BOOT_STORE_FIX,
+                waited_seconds=round(time.monotonic() - boot_started, 1),
             )
             return EXIT_FAILURE
         coordinator.set_last_durable(at_boot.newest)
@@ -248,6 +240,25 @@ class Daemon:
         await finisher.wait(timeout_s=15.0)
         sinks.emit(SessionEventKind.END, phase=coordinator.phase.value)
         return EXIT_OK
+
+    async def _from_the_store(
+        self, store: CheckpointStore, *, job: Job, finisher: Finisher, sinks: Sinks
+    ) -> boot.StoreAtBoot:
+        """What boot asks of the store, in order; :func:`boot.retry_at_boot` runs it again on trouble."""
+        cfg = self._config
+        await boot.prepare_store(store)
+        past = await job.load()
+        if past.end is not None:
+            # A persistent request relaunched an instance for a job that is done: no restore, no training.
+            await finisher.ended_at_boot(past.end)
+        elif (reason := exceeded(job, cfg, now=datetime.now(UTC))) is not None:
+            # Past a stopping condition already (max_wait while no capacity): stop before training starts.
+            log.warning("job.budget_exceeded", reason=reason, at="boot")
+            await finisher.finish(status=Phase.STOPPED, reason=reason)
+        else:
+            await asyncio.to_thread(clear_marker, cfg)
+            return await self._restore(store, sinks)
+        return boot.StoreAtBoot(newest=None)
 
     async def _restore(self, store: CheckpointStore, sinks: Sinks) -> boot.StoreAtBoot:
         """Restore on boot (:mod:`.boot`), recorded in the ledger: what, whether it downloaded, how long."""

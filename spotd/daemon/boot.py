@@ -10,32 +10,42 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from spotd.aws.imds import ImdsClient
 from spotd.daemon.systemd import Notifier
-from spotd.errors import ImdsError, NothingToRestore, RestoreError, StoreError
+from spotd.errors import DiskFull, ImdsError, NothingToRestore, StoreError
 from spotd.events import InstanceIdentity
 from spotd.logs import get_logger
 from spotd.store import CheckpointStore, Manifest
 from spotd.store.marker import read_disk_marker, write_disk_marker
 
 __all__ = [
-    "RESTORE_ATTEMPTS",
+    "BOOT_BACKOFF_MAX_S",
+    "BOOT_STORE_FIX",
     "StoreAtBoot",
     "committed_on_disk",
     "identify",
     "prepare_store",
     "restore_on_start",
+    "retry_at_boot",
 ]
 
 log = get_logger("spotd.boot")
 
-#: Restores boot tries against an unreachable store before giving up (systemd then restarts spotd).
-RESTORE_ATTEMPTS: Final = 3
+T = TypeVar("T")
+
+#: Longest pause between two boot attempts against a store that does not answer (1, 2, 4, ... s).
+BOOT_BACKOFF_MAX_S: Final = 16.0
+#: Time allowed to the attempt after a pause, on top of the pause, when asking systemd for more start time.
+_ATTEMPT_ALLOWANCE_S: Final = 60.0
+BOOT_STORE_FIX: Final = (
+    "check store.uri, credentials and the IAM policy (docs/iam-policy.json); spotd retries for "
+    "policy.boot_store_wait seconds, and the training unit waits for it"
+)
 #: How long a restore on boot may take before systemd's start timeout would kill us.
 RESTORE_START_TIMEOUT_S: Final = 600.0
 
@@ -118,7 +128,7 @@ async def identify(imds: ImdsClient, *, timeout_s: float) -> InstanceIdentity:
 async def prepare_store(store: CheckpointStore) -> int:
     """Check the store is usable and clear what a crash left; returns how many leftovers were removed.
 
-    Raises StoreError (or OSError) naming the problem; the caller exits so systemd retries.
+    Raises StoreError (or OSError) naming the problem; :func:`retry_at_boot` retries.
     """
     await store.check_access()
     # The store logs store.recovered for what it removed; a second line here counted every crash twice.
@@ -130,8 +140,8 @@ async def restore_on_start(
 ) -> StoreAtBoot:
     """Restore the newest committed checkpoint unless the disk already holds it; says what the disk holds.
 
-    ``enabled`` is ``policy.restore_on_start``. Raises RestoreError when the store cannot be read after
-    ``RESTORE_ATTEMPTS`` or no committed checkpoint verifies.
+    ``enabled`` is ``policy.restore_on_start``. Raises StoreError (RestoreError when no committed
+    checkpoint verifies); :func:`retry_at_boot` retries.
     """
     manifests: list[Manifest] = await store.list()
     newest = manifests[0] if manifests else None
@@ -155,24 +165,13 @@ async def restore_on_start(
     # A large checkpoint may take longer than TimeoutStartSec allows by default.
     notifier.extend_timeout(RESTORE_START_TIMEOUT_S)
     started = time.monotonic()
-    last_error: Exception | None = None
-    for attempt in range(1, RESTORE_ATTEMPTS + 1):
-        try:
-            result = await store.restore(checkpoint_dir)
-            break
-        except NothingToRestore as exc:
-            # Only steps some rank never committed: a fresh start, as with an empty store.
-            log.warning("restore.nothing", store=store.uri, reason=str(exc))
-            return await found(marked)
-        except RestoreError:
-            raise
-        except (StoreError, OSError) as exc:
-            last_error = exc
-            log.warning("restore.retry", attempt=attempt, error=str(exc))
-            await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
-    else:
-        raise RestoreError(f"restore failed after {RESTORE_ATTEMPTS} attempts: {last_error}")
-    # Wall time of the whole restore, retries included, for the log; spotd_restore_seconds is the store's
+    try:
+        result = await store.restore(checkpoint_dir)
+    except NothingToRestore as exc:
+        # Only steps some rank never committed: a fresh start, as with an empty store.
+        log.warning("restore.nothing", store=store.uri, reason=str(exc))
+        return await found(marked)
+    # Wall time of the whole restore, for the log; spotd_restore_seconds is the store's
     # (observed once per restore in store.restore(): observing it here too made every boot count twice).
     seconds = time.monotonic() - started
     await asyncio.to_thread(write_disk_marker, checkpoint_dir, result.manifest)
@@ -186,3 +185,53 @@ async def restore_on_start(
         skipped=list(result.skipped),
     )
     return await found(result.manifest)
+
+
+async def retry_at_boot(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    notifier: Notifier,
+    wait_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Run ``attempt`` (what boot asks of the store: the check, crash recovery, the job's ledger, the
+    restore) until it succeeds; store trouble is retried with backoff for ``wait_s``.
+
+    ``wait_s`` is ``policy.boot_store_wait``. Each failure is logged (``startup.store_retry``, the error and
+    the fix), shown in ``systemctl status`` (STATUS=) and covered by more start time
+    (EXTEND_TIMEOUT_USEC=); then the last error is raised for the caller to exit 1.
+
+    Every store error is retried, a missing bucket and AccessDenied included: on a first boot the bucket,
+    the role and its policy are often created moments before (IAM is eventually consistent), and telling
+    those apart from a typo is not possible from here. One long start costs one start of StartLimitBurst;
+    exiting at once cost one per try, and ten of them left neither spotd nor the trainer running. A full
+    checkpoint_dir (:class:`DiskFull`) is not the store's trouble and is raised at once.
+    """
+    started = clock()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return await attempt()
+        except DiskFull:
+            # checkpoint_dir's own disk, not the store: nothing frees it while spotd waits.
+            raise
+        except (StoreError, OSError) as exc:
+            backoff_s = min(BOOT_BACKOFF_MAX_S, 2.0 ** (tries - 1))
+            left_s = wait_s - (clock() - started)
+            if backoff_s > left_s:
+                raise
+            log.warning(
+                "startup.store_retry",
+                attempt=tries,
+                error=str(exc),
+                fix=BOOT_STORE_FIX,
+                retry_in_seconds=backoff_s,
+                gives_up_in_seconds=round(left_s, 1),
+            )
+            notifier.notify(
+                STATUS=f"store not ready ({exc}); retrying in {backoff_s:.0f} s, giving up in {left_s:.0f} s",
+                EXTEND_TIMEOUT_USEC=int((backoff_s + _ATTEMPT_ALLOWANCE_S) * 1_000_000),
+            )
+            await sleep(backoff_s)

@@ -9,18 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
 from spotd.config import Config
+from spotd.daemon import boot
 from spotd.daemon.app import Daemon
 from spotd.daemon.boot import committed_on_disk
 from spotd.daemon.systemd import Notifier
-from spotd.store import CommitInfo
+from spotd.errors import StoreAccessError
+from spotd.store import CommitInfo, Manifest
 from spotd.store.file import FileStore
+from tests.daemon.test_daemon_systemd import NotifyListener
 from tests.fixtures.s3 import S3Bucket
 from tests.util import async_wait_until
 
@@ -267,3 +272,101 @@ async def test_entries_unchanged_since_their_commit_are_known_committed(tmp_path
         "checkpoint-300",
         "checkpoint-400",
     }
+
+
+class FlakyStartStore(FileStore):
+    """A real file store whose first ``failures`` calls at boot (check_access, then list) fail, as S3 or IAM
+    trouble in the first seconds of an instance would."""
+
+    def __init__(self, *, failures: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failures = failures
+        self.calls = 0
+
+    def _trouble(self, what: str) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreAccessError(
+                f"{what}: AccessDenied (simulated, call {self.calls}); fix: the IAM policy"
+            )
+
+    async def check_access(self) -> None:
+        self._trouble("check_access")
+        await super().check_access()
+
+    async def list(self) -> list[Manifest]:
+        self._trouble("list")
+        return await super().list()
+
+
+def at_boot_of(store: FileStore, checkpoint_dir: Path) -> Callable[[], Awaitable[boot.StoreAtBoot]]:
+    """What boot asks of the store, as app.py does it (without the job's ledger)."""
+
+    async def attempt() -> boot.StoreAtBoot:
+        await boot.prepare_store(store)
+        return await boot.restore_on_start(
+            store, checkpoint_dir=checkpoint_dir, enabled=True, notifier=Notifier(socket_path="")
+        )
+
+    return attempt
+
+
+class BootTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_boot_waits_out_store_trouble_saying_why(tmp_path, short_tmp):
+    """Store trouble at boot is retried with backoff, each time with a log line naming the error and the fix, STATUS= and EXTEND_TIMEOUT_USEC= to systemd; once the store answers, boot goes on."""
+    store = FlakyStartStore(failures=3, uri=(tmp_path / "store").as_uri(), job_id=JOB)
+    listener = NotifyListener(str(short_tmp / "notify"))
+    time_ = BootTime()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            at_boot = await boot.retry_at_boot(
+                at_boot_of(store, tmp_path / "ckpt"),
+                notifier=Notifier(socket_path=listener.path),
+                wait_s=300.0,
+                clock=time_.clock,
+                sleep=time_.sleep,
+            )
+        await async_wait_until(lambda: len(listener.messages) >= 3, what="three notifications")
+    finally:
+        listener.close()
+        await store.close()
+    assert at_boot.newest is None
+    assert time_.slept == [1.0, 2.0, 4.0]
+    retries = [e for e in logs if e["event"] == "startup.store_retry"]
+    assert [r["attempt"] for r in retries] == [1, 2, 3]
+    assert "AccessDenied" in retries[0]["error"] and "IAM policy" in retries[0]["fix"]
+    assert retries[0]["gives_up_in_seconds"] == 300.0
+    statuses = [f["STATUS"] for _, f in listener.messages if "STATUS" in f]
+    assert statuses and "AccessDenied" in statuses[0] and "retrying in 1 s" in statuses[0]
+    assert all("EXTEND_TIMEOUT_USEC" in f for _, f in listener.messages if "STATUS" in f)
+
+
+async def test_boot_gives_up_after_boot_store_wait(tmp_path):
+    """A store that never answers is retried for boot_store_wait seconds, never longer, then the last error is raised for the caller to exit 1."""
+    store = FlakyStartStore(failures=10**6, uri=(tmp_path / "store").as_uri(), job_id=JOB)
+    time_ = BootTime()
+    try:
+        with pytest.raises(StoreAccessError, match="AccessDenied"):
+            await boot.retry_at_boot(
+                at_boot_of(store, tmp_path / "ckpt"),
+                notifier=Notifier(socket_path=""),
+                wait_s=60.0,
+                clock=time_.clock,
+                sleep=time_.sleep,
+            )
+    finally:
+        await store.close()
+    assert time_.slept == [1.0, 2.0, 4.0, 8.0, 16.0, 16.0]
+    assert sum(time_.slept) <= 60.0

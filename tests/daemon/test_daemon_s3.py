@@ -83,15 +83,33 @@ def test_cli_list_and_restore_against_s3(
 def test_missing_bucket_exits_1_naming_bucket_and_fix(
     imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket
 ) -> None:
-    """With a bucket that does not exist the daemon exits 1 at start with a message naming the bucket and the fix."""
+    """With a bucket that does not exist the daemon retries for policy.boot_store_wait, saying why each time, then exits 1 with a message naming the bucket and the fix."""
     d = spotd_daemon(
         imds_sim.url,
         store_uri="s3://spotd-no-such-bucket/pfx",
         endpoint_url=s3_bucket.endpoint_url,
+        policy={"boot_store_wait": 2.0},
         wait_ready=False,
     )
     assert d.proc.wait(30) == 1
     d.logs.join()
+    retries = d.logs.events("startup.store_retry")
+    assert retries and all("spotd-no-such-bucket" in r["error"] for r in retries)
     (failed,) = d.logs.events("startup.store_failed")
     assert "spotd-no-such-bucket" in failed["error"] and "fix: create it" in failed["error"]
+    assert failed["waited_seconds"] <= 2.0 + 1.0
     assert not d.logs.events("daemon.ready")
+
+
+def test_store_trouble_at_boot_is_waited_out(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """S3 answering 500 to the first requests at boot costs a few retries inside one start, not an exit per try (which would use up StartLimitBurst): the daemon gets ready."""
+    outage = s3_proxy.add("500", times=3)
+    d = spotd_daemon(
+        imds_sim.url, store_uri=s3_bucket.uri(), endpoint_url=s3_proxy.endpoint_url, env=FAST_FAIL
+    )
+    assert outage.fired == 3
+    retries = d.logs.events("startup.store_retry")
+    assert retries and all(r["error"] and r["fix"] for r in retries)
+    assert d.proc.poll() is None and d.logs.events("daemon.ready")
