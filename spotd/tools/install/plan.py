@@ -153,6 +153,7 @@ def render_config(opts: Options) -> str:
         "\n[policy]\n"
         '# on_rebalance = "checkpoint"   # checkpoint | notify | ignore\n'
         "# shutdown_grace = 30.0         # keep below TimeoutStopSec=90s of spotd.service\n"
+        "# boot_store_wait = 300.0       # store trouble at boot retried this long; below TimeoutStartSec\n"
     )
 
 
