@@ -353,7 +353,8 @@ class Coordinator:
         episode.done.set()
 
     def _close(self, episode: Episode) -> None:
-        """Stop waiting for trainers: the drill's reply and the last-chance wait end here."""
+        """Stop waiting for trainers: from here a trainer saying hello is not asked, and one that never
+        saved is lost; saves still uploading go on until ``retry_until`` and decide the record."""
         if episode.finished:
             return
         episode.finished = True
