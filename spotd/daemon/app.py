@@ -222,11 +222,12 @@ class Daemon:
                 tasks.append(
                     tg.create_task(watchdog_loop(self._notifier, interval_s=interval), name="watchdog")
                 )
+            watching: asyncio.Task[None] | None = None
             if cfg.sync.mode == "watch":
                 watcher = self._watcher(coordinator, committed=at_boot.committed_on_disk)
                 # The watcher answers notices in the trainer's place: attached before it first scans.
                 coordinator.attach_watcher(watcher)
-                tasks.append(tg.create_task(watcher.run(), name="watch"))
+                watching = tg.create_task(watcher.run(), name="watch")
             await self._stop.wait()
             log.info("daemon.stopping", phase=coordinator.phase.value)
             self._notifier.stopping()
@@ -234,7 +235,11 @@ class Daemon:
             # Stop watching IMDS first: the shutdown notice below is the last one we act on.
             for task in tasks:
                 task.cancel()
-        await coordinator.last_chance(grace_s=cfg.policy.shutdown_grace)
+            # The watcher goes on through the last chance: a commit it has under way finishes (the
+            # last-chance flush waits for it) rather than being cut off and uploaded again.
+            await coordinator.last_chance(grace_s=cfg.policy.shutdown_grace)
+            if watching is not None:
+                watching.cancel()
         await coordinator.drain(grace_s=max(1.0, cfg.policy.shutdown_grace / 2))
         # on_complete (cancel, terminate) may still be on its way to EC2: it is why the job ended this way.
         await finisher.wait(timeout_s=15.0)
