@@ -261,9 +261,14 @@ class Coordinator:
         if episode.settled.is_set():
             self._training_goes_on(because="notice withdrawn")
 
+    def _job_ended(self) -> bool:
+        """The job itself has ended (``finished``, ``spotd complete``, a stopping condition): its phase is
+        the job's, and no episode moves it any more."""
+        return self._finisher is not None and self._finisher.ended
+
     def _training_goes_on(self, *, because: str) -> None:
         """After a final episode ended, a sign that the job did not: the phase is Training again."""
-        if self._phase in (Phase.COMPLETED, Phase.STOPPED):
+        if self._phase in (Phase.COMPLETED, Phase.STOPPED) and not self._job_ended():
             log.info("phase.resumed", reason=because)
             self.set_phase(Phase.TRAINING)
 
@@ -282,7 +287,7 @@ class Coordinator:
             retry_until=started + times.retry_for_s,
         )
         self.current = episode
-        if episode.final:
+        if episode.final and not self._job_ended():
             self.set_phase(Phase.INTERRUPTED)
         trainers = self._ipc.trainers if self._ipc else []
         for session in trainers:
@@ -380,7 +385,10 @@ class Coordinator:
         if ok and durable:
             last = max(s.committed_at or 0.0 for s in durable)
             self._metrics.notice_to_durable_seconds.observe(last - episode.started)
-        if episode.final and not episode.withdrawn:
+        if self._job_ended():
+            # The job's own end (Completed, Stopped) stands; this episode's record says what it lost.
+            log.info("phase.kept", phase=self._phase.value, reason="the job has ended")
+        elif episode.final and not episode.withdrawn:
             self.set_phase(Phase.COMPLETED if ok else Phase.STOPPED)
         elif self._phase in (Phase.UPLOADING, Phase.INTERRUPTED):
             self.set_phase(Phase.TRAINING)

@@ -925,3 +925,31 @@ async def test_a_final_save_of_the_trainers_own_is_committed_at_emergency_priori
     assert stored["priority"] == "emergency"
     (manifest,) = await h.store.list()
     assert manifest.reason == "sigterm" and manifest.step == 77
+
+
+class EndedJob:
+    """What the coordinator reads of a Finisher whose job has ended (Completed by `spotd complete`)."""
+
+    ended = True
+
+
+async def test_a_job_that_ended_keeps_its_phase(make):
+    """Once the job itself has ended (issue 14's Completed), neither a late periodic save, nor a withdrawn notice, nor a spot episode with nobody left to ask moves the phase."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    episode = await completed_spot_episode(h, trainer)
+    h.coordinator.attach_finisher(EndedJob())
+    await h.save(trainer, 20, None)
+    await h.coordinator.handle_withdrawn(episode.notice)
+    assert h.coordinator.phase is Phase.COMPLETED
+    h.channel.disconnect(trainer)
+    h.coordinator.on_disconnect(trainer)
+    later = await h.coordinator.handle_notice(maintenance(h.time.wall(), in_s=600))
+    assert later is not None
+    h.time.advance(600)
+    await closed(later)
+    await h.settle()
+    assert later.lost() == ["no trainer was connected"]
+    assert h.coordinator.phase is Phase.COMPLETED, (
+        "the job's end stands; the episode's record says what it lost"
+    )
