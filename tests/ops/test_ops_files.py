@@ -61,7 +61,7 @@ def test_scrape_config_passes_promtool() -> None:
 
 
 def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
-    """promtool test rules: upload failures, a stale checkpoint while training and a missing trainer fire; a missing trainer in watch mode (spotd_info{sync_mode="watch"}) does not."""
+    """promtool test rules: upload failures, a stale checkpoint while training and a missing trainer fire; a missing trainer in watch mode (spotd_info{sync_mode="watch"}) or after the job ended (Completed) does not."""
     promtool = require_tool("promtool", "prometheus")
     # promtool compares annotations too; the expressions, labels and `for:` are what this test is about.
     rules = re.sub(
@@ -71,6 +71,7 @@ def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
     (tmp_path / "rules.yml").write_text(rules)
     labels = 'instance="i-1", job="spotd"'
     watch = 'instance="i-2", job="spotd"'
+    ended = 'instance="i-3", job="spotd"'
     tests = textwrap.dedent(f"""\
         rule_files: [{tmp_path / "rules.yml"}]
         evaluation_interval: 1m
@@ -95,6 +96,13 @@ def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
               - series: 'spotd_phase{{{watch}, phase="Training"}}'
                 values: '1x80'
               - series: 'spotd_info{{{watch}, version="1.0.0", sync_mode="watch"}}'
+                values: '1x80'
+              # The job has ended (Completed): the trainer is gone on purpose.
+              - series: 'spotd_trainers{{{ended}}}'
+                values: '1 0x80'
+              - series: 'spotd_phase{{{ended}, phase="Completed"}}'
+                values: '0 1x80'
+              - series: 'spotd_info{{{ended}, version="1.0.0", sync_mode="client"}}'
                 values: '1x80'
             alert_rule_test:
               - eval_time: 4m
