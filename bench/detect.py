@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import spotd.client  # noqa: E402
 from spotd.tools.simulator import SimulatorThread  # noqa: E402
-from spotd.tools.testing import free_port, wait_until  # noqa: E402
+from spotd.tools.testing import free_port, start_moto, wait_until  # noqa: E402
 from tests.fixtures.daemon import write_config  # noqa: E402
 
 SPOT_PATH = "spot/instance-action"
@@ -274,24 +274,8 @@ def idle(
 
 @contextmanager
 def moto(tmp: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **AWS_ENV},
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/moto-api/", timeout=0.5):
-                return True
-        except OSError:
-            return False
-
+    proc, url = start_moto(env={**os.environ, **AWS_ENV})
     try:
-        wait_until(lambda: proc.poll() is not None or answers(), timeout_s=30, what="moto server")
         req = urllib.request.Request(url + "/bench", method="PUT")
         with urllib.request.urlopen(req, timeout=10):
             pass

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.argv[1:2] != ["_trainer"]:  # a trainer imports the snapshot on its PYTHONPATH instead
     sys.path.insert(0, str(ROOT))
 
-from spotd.tools.testing import LineReader, free_port, wait_until  # noqa: E402
+from spotd.tools.testing import LineReader, free_port, start_moto, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MB = 1024 * 1024
@@ -207,23 +207,7 @@ class Bench:
 
         self.args = args
         self.work = work
-        port = free_port()
-        self.endpoint = f"http://127.0.0.1:{port}"
-        self.moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env(),
-        )
-
-        def answers() -> bool:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(answers, timeout_s=30, interval_s=0.01, what="the moto server")
+        self.moto, self.endpoint = start_moto(env=env())
         self.s3 = boto3.session.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         ).client("s3", endpoint_url=self.endpoint)

@@ -17,13 +17,11 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import boto3
 
 from spotd.store import CommitInfo, Priority
 from spotd.store.s3 import S3Store
+from spotd.tools.testing import start_moto
 
 MB = 1024 * 1024
 
@@ -98,28 +97,6 @@ async def spotd_second(
         return sent[0], time.perf_counter() - t0, m.total_bytes
     finally:
         await store.close()
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
-            return server, endpoint
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise SystemExit("moto server did not start") from None
-            time.sleep(0.1)
 
 
 def main() -> None:

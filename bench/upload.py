@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import boto3
 from spotd.store import CommitInfo, Priority
 from spotd.store.checksums import choose_checksum, hash_file
 from spotd.store.s3 import S3Store
+from spotd.tools.testing import start_moto
 
 BIN = Path(sys.executable).parent
 MB = 1024 * 1024
@@ -98,26 +98,7 @@ def main() -> None:
     server = None
     endpoint = args.endpoint_url
     if not endpoint:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("moto server did not start") from None
-                time.sleep(0.1)
+        server, endpoint = start_moto()
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="bench")
     work = Path(tempfile.mkdtemp(prefix="spotd-bench-"))

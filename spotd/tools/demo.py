@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spotd.errors import EXIT_FAILURE, EXIT_OK
-from spotd.tools.testing import LineReader, free_port
+from spotd.tools.testing import LineReader, start_moto
 
 __all__ = ["add_arguments", "main"]
 
@@ -62,26 +62,6 @@ def _env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def _start_s3(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
-    import urllib.request
-
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the local S3 server (moto) did not start") from None
-            time.sleep(0.1)
 
 
 def _write_config(path: Path, *, imds: str, sock: str, ckpt: Path, s3: str) -> None:
@@ -217,9 +197,7 @@ def _demo(args: argparse.Namespace, work: Path) -> int:
             args, sock="/nonexistent", ckpt=work / "reference", out=work / "ref.pt", no_daemon=True
         )
         procs.append(ref_proc)
-        s3_port = free_port()
-        s3_url = f"http://127.0.0.1:{s3_port}"
-        s3 = _start_s3(s3_port)
+        s3, s3_url = start_moto(env=_env())
         procs.append(s3)
         boto3.client(
             "s3",

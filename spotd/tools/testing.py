@@ -1,5 +1,6 @@
 """Helpers the demo, the test suite and the benchmarks share: a subprocess's JSON log lines read on a thread,
-a free loopback port, and waiting on a condition under a deadline (never a fixed sleep).
+a free loopback port, waiting on a condition under a deadline (never a fixed sleep), and moto's S3/EC2
+server on loopback.
 
 Standard library only, so a benchmark that snapshots spotd/ can import it from the snapshot.
 """
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from typing import IO, Any, TypeVar
 
-__all__ = ["LineReader", "free_port", "wait_until"]
+__all__ = ["LineReader", "free_port", "start_moto", "wait_until"]
 
 T = TypeVar("T")
 
@@ -38,6 +42,34 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what or predicate}")
         time.sleep(interval_s)
+
+
+def start_moto(
+    *, env: Mapping[str, str] | None = None, timeout_s: float = 30.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's server mode (S3, EC2, …) on a free loopback port, answering; returns it and its endpoint URL.
+    The caller stops it (``kill()``, ``wait()``). RuntimeError when it exits or stays silent."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=None if env is None else dict(env),
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(endpoint + "/moto-api/", timeout=1):
+                return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(10)
+                raise RuntimeError(
+                    f"moto server on port {port} did not start (exit {proc.returncode})"
+                ) from None
+            time.sleep(0.05)
 
 
 class LineReader:
