@@ -82,7 +82,8 @@ def main() -> int:
     else:
         emit("done", step=args.steps, digest=weights_digest(net))
     ckpt.close()
-    dist.destroy_process_group()
+    # No dist.destroy_process_group(): under torch 2.13 with gloo it sometimes waits forever for a peer
+    # that has already left (seen with sharded saves, and by the HF examples); exiting frees it all.
     return 0
 
 
