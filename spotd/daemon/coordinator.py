@@ -41,6 +41,7 @@ from spotd.daemon.episode import (
 )
 from spotd.daemon.ipc import Session
 from spotd.daemon.job import Finisher
+from spotd.daemon.parts import Member, Placement, StepParts, placement_of
 from spotd.daemon.sinks import Sinks
 from spotd.daemon.watch import Flushed, Handover, step_from_name
 from spotd.errors import PathEscape, ProtocolError, StoreError
@@ -97,7 +98,9 @@ class Coordinator:
         "_ipc",
         "_last_durable",
         "_metrics",
+        "_parts",
         "_phase",
+        "_placements",
         "_seen_notices",
         "_sinks",
         "_sleep_until",
@@ -147,6 +150,17 @@ class Coordinator:
             clock=clock,
             sleep=sleep,
         )
+        # Multi-rank runs: a step's saves are committed together, as this node's part of one checkpoint.
+        self._parts = StepParts(
+            store=store,
+            metrics=metrics,
+            checkpoint_dir=self._checkpoint_dir,
+            on_durable=self._committed,
+            clock=clock,
+            sleep_until=self._sleep_until,
+            spawn=self._spawn,
+        )
+        self._placements: dict[str, Placement] = {}  # trainer session id → its place in a multi-rank run
         self._ipc: TrainerChannel | None = None
         self._watcher: Watching | None = None
         self._phase = Phase.STARTING
@@ -292,6 +306,10 @@ class Coordinator:
         trainers = self._ipc.trainers if self._ipc else []
         for session in trainers:
             episode.asked[session.id] = session.name
+            self._placement(session)
+        live = {session.id for session in trainers}
+        for sid in [sid for sid in self._placements if sid not in live]:
+            del self._placements[sid]  # gone before this episode: no save can answer for it any more
         if self._watcher is not None:
             episode.asked[WATCHER] = WATCHER
         self._metrics.checkpoint_requests.labels(reason=reason_label(notice)).inc()
@@ -410,6 +428,8 @@ class Coordinator:
         }
 
     async def on_ready(self, session: Session) -> None:
+        if session.role == "trainer":
+            self._placement(session)
         if session.role == "trainer" and not self._training_seen:
             self._training_seen = True
             self._sinks.emit(SessionEventKind.TRAINING, trainer=session.name)
@@ -437,7 +457,7 @@ class Coordinator:
                 f"{raw_path!r} does not exist under {self._checkpoint_dir}; "
                 "report the path after the file is written",
             )
-        episode = self.current if self.current and request_id == self.current.request_id else None
+        episode = self._episode_of(session, request_id, final=bool(frame.get("final")))
         save = Save(session.id, session.name, raw_path, frame.get("step"), self._clock())
         # Once the record is written a save no longer changes it; it is still committed at emergency pace.
         if episode is not None and not episode.settled.is_set():
@@ -485,12 +505,55 @@ class Coordinator:
         async def reply(frame: dict[str, Any]) -> bool:
             return ipc is not None and await ipc.send(session, frame)
 
+        placement = self._placement(session) if save.step is not None else None
+        if placement is not None:
+            member = Member(placement, save, source, info, reply, episode, emergency)
+            shared = bool(frame.get("shared"))
+            covers = self._covered_by(session, placement, save, episode) if shared else []
+            self._parts.offer(member, shared=shared, covers=covers)
+            return
         priority = Priority.EMERGENCY if emergency else Priority.BACKGROUND
         self._spawn(
             self._committer.commit(
                 source, info=info, save=save, episode=episode, reply=reply, priority=priority
             )
         )
+
+    def _placement(self, session: Session) -> Placement | None:
+        """The trainer's place in a multi-rank run (None for a single process), read once from its hello."""
+        if session.id not in self._placements and (placement := placement_of(session)) is not None:
+            self._placements[session.id] = placement
+        return self._placements.get(session.id)
+
+    def _episode_of(self, session: Session, request_id: str | None, *, final: bool) -> Episode | None:
+        """The open episode a save answers: the one its request id names, or, for a final save of a trainer
+        it asked that has not answered yet, that one too (a rank stopped by the agreement when another rank
+        was asked first, before its own request arrived, saves with no request id)."""
+        current = self.current
+        if current is None:
+            return None
+        if request_id is not None:
+            return current if request_id == current.request_id else None
+        open_ = not current.settled.is_set() and session.id in current.asked
+        return current if final and open_ and session.id not in current.saves else None
+
+    def _covered_by(
+        self, session: Session, placement: Placement, save: Save, episode: Episode | None
+    ) -> list[Save]:
+        """A shared save (local rank 0's sharded directory) answers for this node's other ranks of the run
+        that were asked: each gets a save in the episode, durable when the shared one is."""
+        if episode is None or episode.settled.is_set():
+            return []
+        covered: list[Save] = []
+        for sid, name in episode.asked.items():
+            other = self._placements.get(sid)
+            if sid == session.id or sid in episode.saves or other is None:
+                continue
+            if other.run_id == placement.run_id and other.node_rank == placement.node_rank:
+                covered.append(Save(sid, name, save.path, save.step, save.saved_at))
+                episode.saves[sid] = covered[-1]
+                episode.gone.discard(sid)
+        return covered
 
     async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
         """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer.
@@ -644,6 +707,9 @@ class Coordinator:
 
     def on_disconnect(self, session: Session) -> None:
         episode = self.current
+        if episode is None or session.id not in episode.asked:
+            # Kept while an episode asked it: a shared save of its node may still answer for it.
+            self._placements.pop(session.id, None)
         if episode is not None and not episode.finished and session.id in episode.asked:
             if session.id not in episode.saves:
                 episode.gone.add(session.id)
@@ -692,6 +758,7 @@ class Coordinator:
     async def drain(self, *, grace_s: float) -> None:
         """Give in-flight commits ``grace_s`` to finish, then cancel what is left; an episode not settled by
         then is recorded with what is true at that moment (a save still uploading is lost to this daemon)."""
+        self._parts.close()
         if self._bg:
             _, pending = await asyncio.wait(set(self._bg), timeout=grace_s)
             for task in pending:

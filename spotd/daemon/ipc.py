@@ -45,6 +45,11 @@ class Session:
     peer_uid: int | None
     peer_gid: int | None
     connected_at: float  # wall time
+    # torchrun's placement and the run's identity, as hello said them (None when not said).
+    local_rank: int | None = None
+    local_world_size: int | None = None
+    node_rank: int | None = None
+    run_id: str | None = None
 
 
 class Handler(Protocol):
@@ -344,6 +349,10 @@ class IpcServer:
             peer_uid=peer_uid,
             peer_gid=peer_gid,
             connected_at=time.time(),
+            local_rank=frame.get("local_rank"),
+            local_world_size=frame.get("local_world_size"),
+            node_rank=frame.get("node_rank"),
+            run_id=frame.get("run_id"),
         )
         conn.session = session
         try:

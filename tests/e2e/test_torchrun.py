@@ -96,13 +96,16 @@ def test_a_notice_stops_every_rank_at_the_same_step(imds_sim, spotd_daemon, tmp_
         wait_until(
             lambda d=d: d.logs.events("interruption.handled"), timeout_s=30, what="interruption handled"
         )
-        committed = {
-            (p.parent.name.rsplit("-r", 2)[-1][:1], p.read_text().count(f'"step": {step},'))
-            for p in (tmp_path / "store").glob("test-job/checkpoints/*/MANIFEST.json")
-            if f'"step": {step},' in p.read_text()
-        }
-        assert {rank for rank, _ in committed} == {"0", "1"}, f"step {step} not committed for both ranks"
+        (checkpoint,) = at_step(tmp_path / "store", step)
+        assert checkpoint["world_size"] == 2 and checkpoint["nodes"] == 1, checkpoint
+        assert len(checkpoint["files"]) == 2, f"step {step} not committed as one for both ranks"
         d.stop()
+
+
+def at_step(store: Path, step: int) -> list[dict[str, object]]:
+    """The committed checkpoints (global MANIFEST.json) of ``step`` in a file:// store."""
+    manifests = [json.loads(p.read_text()) for p in store.glob("test-job/checkpoints/*/MANIFEST.json")]
+    return [m for m in manifests if m["step"] == step]
 
 
 @pytest.mark.parametrize("layout", ["per-rank-files", "sharded-dcp"])
@@ -188,20 +191,16 @@ def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemo
         # Node 2 heard nothing from its IMDS: its ranks' saves still went out at once.
         peer_saves = [e for e in d2.logs.events("checkpoint.saved") if e.get("step") == step]
         assert len(peer_saves) == 2
-        wait_until(
-            lambda: (
-                len(
-                    {
-                        p.parent.name
-                        for p in (tmp_path / "store").glob("test-job/checkpoints/*/MANIFEST.json")
-                        if f'"step": {step},' in p.read_text()
-                    }
-                )
-                >= 4
-            ),
-            timeout_s=60,
-            what="all 4 ranks of the stop step committed",
-        )
+        wait_until(lambda: at_step(tmp_path / "store", step), timeout_s=60, what="the stop step committed")
+        # Exactly one global commit, of both nodes' parts, and both daemons told their ranks durable.
+        (checkpoint,) = at_step(tmp_path / "store", step)
+        assert checkpoint["nodes"] == 2 and checkpoint["world_size"] == 4 and len(checkpoint["files"]) == 4
+        for d in (d1, d2):
+            wait_until(
+                lambda d=d: [e for e in d.logs.events("checkpoint.durable") if e.get("step") == step],
+                timeout_s=30,
+                what="durable on both nodes",
+            )
         d1.stop()
         d2.stop()
         shutil.rmtree(tmp_path / "n1")
@@ -244,10 +243,9 @@ def test_sigterm_through_torchrun_is_a_last_chance_checkpoint(imds_sim, spotd_da
     stopped = out.events("stopped")
     assert sorted(e["rank"] for e in stopped) == [0, 1], "\n".join(out.lines + err.lines[-40:])
     (step,) = {e["step"] for e in stopped}
-    committed = [
-        json.loads(p.read_text()) for p in (tmp_path / "store").glob("test-job/checkpoints/*/MANIFEST.json")
-    ]
-    assert sorted(m["rank"] for m in committed if m["step"] == step) == [0, 1]
+    (checkpoint,) = at_step(tmp_path / "store", step)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["files"]) == 2, checkpoint
+    assert checkpoint["reason"] == "sigterm"
     assert not [line for line in err.lines if "exitcode  : -" in line], "a worker was killed"
 
 
