@@ -25,7 +25,7 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/spotd/spotd.toml")
 MAX_SOCKET_PATH: Final = 107
 #: SPOTD_* variables that are not config keys (read by the client and the CLI).
 NON_CONFIG_ENV: Final = frozenset(
-    {"SPOTD_SOCKET", "SPOTD_CONFIG", "SPOTD_HANDLE_SIGTERM", "SPOTD_SIGTERM_GRACE"}
+    {"SPOTD_SOCKET", "SPOTD_CONFIG", "SPOTD_HANDLE_SIGTERM", "SPOTD_SIGTERM_GRACE", "SPOTD_PEER_GRACE"}
 )
 #: How far ahead EC2 announces a spot interruption.
 SPOT_NOTICE_S: Final = 120.0

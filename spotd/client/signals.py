@@ -58,13 +58,26 @@ def sigterm_grace_s(argument: float | None) -> float:
     """``argument``, else ``$SPOTD_SIGTERM_GRACE`` (seconds), else :data:`DEFAULT_GRACE_S`."""
     if argument is not None:
         return float(argument)
-    raw = os.environ.get("SPOTD_SIGTERM_GRACE", "").strip()
+    return env_seconds("SPOTD_SIGTERM_GRACE", DEFAULT_GRACE_S)
+
+
+def peer_grace_s() -> float:
+    """How long a rank that was not asked itself (a peer rank, or another node, was) waits for its final
+    save to be durable: ``$SPOTD_PEER_GRACE`` (seconds), else :data:`DEFAULT_GRACE_S`. A node whose spotd
+    died rides out the disconnect this long (systemd restarts spotd, the save is sent again)."""
+    return env_seconds("SPOTD_PEER_GRACE", DEFAULT_GRACE_S)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name``, else ``default`` (a value
+    that is not one is named in a warning)."""
+    raw = os.environ.get(name, "").strip()
     try:
-        value = float(raw) if raw else DEFAULT_GRACE_S
+        value = float(raw) if raw else default
     except ValueError:
-        log.warning("SPOTD_SIGTERM_GRACE=%r is not a number of seconds; using %.0f", raw, DEFAULT_GRACE_S)
-        return DEFAULT_GRACE_S
-    return value if value > 0 else DEFAULT_GRACE_S
+        log.warning("%s=%r is not a number of seconds; using %.0f", name, raw, default)
+        return default
+    return value if value > 0 else default
 
 
 def installed() -> bool:

@@ -21,8 +21,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
+from spotd.client import signals
 from spotd.integrations.torch import ranks
 from spotd.integrations.torch.link import (
     AUTO,
@@ -36,12 +37,9 @@ from spotd.integrations.torch.link import (
 )
 from spotd.integrations.torch.ranks import NONE, PERIODIC, SAVE, STOP, Topology
 
-__all__ = ["NONE", "PEER_GRACE_S", "PERIODIC", "SAVE", "STOP", "NodeLink", "Verdict"]
+__all__ = ["NONE", "PERIODIC", "SAVE", "STOP", "NodeLink", "Verdict"]
 
 log = logging.getLogger("spotd.integrations")
-
-#: How long a speaker that was not asked itself (another node was) waits for its part to be durable.
-PEER_GRACE_S: Final = 60.0
 
 
 class _SigtermFlag:
@@ -211,7 +209,9 @@ class NodeLink:
         durable = True
         if self.speaker and self.link.expected():
             request = verdict.request
-            timeout_s = max(0.0, float(request.seconds_left())) if request is not None else PEER_GRACE_S
+            timeout_s = (
+                max(0.0, float(request.seconds_left())) if request is not None else signals.peer_grace_s()
+            )
             started = time.monotonic()
             durable = self.link.wait_durable(timeout_s)
             if not durable:

@@ -136,7 +136,7 @@ def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spo
 
 
 def two_nodes(
-    socks: list[str], env: dict[str, str] | None = None
+    socks: list[str], env: dict[str, str] | None = None, *args: str
 ) -> list[tuple[subprocess.Popen[str], Lines, Lines]]:
     """Two torchrun agents of one job on loopback, 2 workers each: 4 ranks, each node with its own spotd."""
     port = free_port()
@@ -151,7 +151,10 @@ def two_nodes(
         "j",
     ]
     # 4 ranks: DDP's bucket regrouping after a restart changes the gradient sum order (see ddp_trainer.py).
-    return [torchrun({"SPOTD_SOCKET": sock, **(env or {})}, "--plain-allreduce", rdzv=rdzv) for sock in socks]
+    return [
+        torchrun({"SPOTD_SOCKET": sock, **(env or {})}, "--plain-allreduce", *args, rdzv=rdzv)
+        for sock in socks
+    ]
 
 
 def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemon, tmp_path):
@@ -216,6 +219,77 @@ def test_two_nodes_stop_together_when_only_one_is_notified(imds_sim, spotd_daemo
         assert [e["step"] for e in started] == [step] * 4
         assert {e["digest"] for e in started} == {e["digest"] for e in stopped}, (started, stopped)
         assert {e["digest"] for _, out, _ in nodes for e in out.events("done")} == digests
+    finally:
+        quiet.close()
+
+
+def test_a_node_whose_spotd_dies_mid_upload_leaves_that_step_uncommitted(
+    imds_sim, spotd_daemon, tmp_path, s3_bucket, s3_proxy
+):
+    """2 nodes x 2 ranks on moto S3, node 2's spotd behind a proxy that stalls its uploads once the first global checkpoint is in: a notice on node 1, node 2's spotd SIGKILLed while its part uploads. The stop step is never committed (node 1's part alone is not a checkpoint, LATEST stays), and two fresh nodes resume every rank from the previous global checkpoint."""
+    store = {"store_uri": s3_bucket.uri(), "policy": {"deadline_margin": 5.0}}
+    quiet = SimulatorThread(host="127.0.0.1", port=0)
+    quiet.start()
+    try:
+        d1 = spotd_daemon(
+            imds_sim.url, endpoint_url=s3_bucket.endpoint_url, checkpoint_dir=tmp_path / "n1", **store
+        )
+        d2 = spotd_daemon(
+            quiet.url, endpoint_url=s3_proxy.endpoint_url, checkpoint_dir=tmp_path / "n2", **store
+        )
+        nodes = two_nodes([d1.socket, d2.socket], {"SPOTD_PEER_GRACE": "5"}, "--every", "25")
+        wait_until(
+            lambda: (
+                any(e.get("nodes") == 2 for e in d1.logs.events("checkpoint.durable"))
+                or any(p.poll() is not None for p, _, _ in nodes)
+            ),
+            timeout_s=120,
+            what="the first global checkpoint",
+        )
+        stall = s3_proxy.add("delay", method="PUT", path_has="/checkpoints/", delay_s=60.0, times=10**6)
+        imds_sim.arm_instance_action("terminate", after_s=0, lead_s=20)
+        wait_until(lambda: stall.fired > 0, timeout_s=30, what="node 2's part upload under way")
+        d2.proc.kill()
+        for proc, out, err in nodes:
+            finish(proc, out, err, timeout_s=90)
+        stopped = [e for _, out, _ in nodes for e in out.events("stopped")]
+        assert sorted(e["rank"] for e in stopped) == [0, 1, 2, 3]
+        (step,) = {e["step"] for e in stopped}
+        wait_until(
+            lambda: d1.logs.events("interruption.handled"), timeout_s=60, what="node 1's episode recorded"
+        )
+        (record,) = d1.logs.events("interruption.handled")
+        assert any("did not commit theirs" in line for line in record["lost"]), record
+
+        keys = s3_bucket.keys("pfx/")
+        manifests = [
+            json.loads(s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=k)["Body"].read())
+            for k in keys
+            if k.endswith("/MANIFEST.json")
+        ]
+        committed = sorted(m["step"] for m in manifests)
+        assert committed and step not in committed, (step, committed)
+        assert all(m["nodes"] == 2 and len(m["files"]) == 4 for m in manifests), manifests
+        parts = [k for k in keys if k.endswith("parts/node-0.json") and f"-s{step:09d}/" in k]
+        assert parts, "node 1's part of the stop step should be there, and mean nothing alone"
+        latest = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="pfx/test-job/LATEST")["Body"].read()
+        assert latest.decode().strip().endswith(f"-s{committed[-1]:09d}")
+        d1.stop()
+
+        imds_sim.clear()
+        d3 = spotd_daemon(
+            imds_sim.url, endpoint_url=s3_bucket.endpoint_url, checkpoint_dir=tmp_path / "n3", **store
+        )
+        d4 = spotd_daemon(
+            quiet.url, endpoint_url=s3_bucket.endpoint_url, checkpoint_dir=tmp_path / "n4", **store
+        )
+        nodes = two_nodes([d3.socket, d4.socket])
+        for proc, out, err in nodes:
+            finish(proc, out, err, timeout_s=300)
+        started = [e for _, out, _ in nodes for e in out.events("started")]
+        assert [e["step"] for e in started] == [committed[-1]] * 4, started
+        assert len({e["digest"] for e in started}) == 1
+        assert len({e["digest"] for _, out, _ in nodes for e in out.events("done")}) == 1
     finally:
         quiet.close()
 

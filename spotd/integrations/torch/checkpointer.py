@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import torch
 
+from spotd.client import signals
 from spotd.integrations.torch import files, ranks, sharded
 from spotd.integrations.torch.files import CheckpointError, LocalCheckpoint
 from spotd.integrations.torch.link import (
@@ -62,8 +63,6 @@ __all__ = ["Checkpointer", "SaveInfo"]
 log = logging.getLogger("spotd.torch")
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-#: How long a rank that was not asked itself (a peer rank or node was) waits for its save to be durable.
-PEER_GRACE_S: Final = 60.0
 #: How long finish() waits for the final checkpoint to be durable, and then for spotd's answer.
 FINISH_TIMEOUT_S: Final = 300.0
 
@@ -327,7 +326,7 @@ class Checkpointer:
             return False
         if not final:
             return False
-        timeout_s = max(0.0, float(request.seconds_left())) if request is not None else PEER_GRACE_S
+        timeout_s = max(0.0, float(request.seconds_left())) if request is not None else signals.peer_grace_s()
         # With no daemon configured there is nothing to wait for: the local save is all there is.
         if not self.wait_durable(timeout=timeout_s):
             log.warning(
