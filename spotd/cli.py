@@ -132,6 +132,8 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(
             ("request", f"{req.get('reason')} ({final}deadline {_until(req.get('deadline'))}): {state}")
         )
+    for w in s.get("waiting_for_ranks") or []:
+        rows.append(("multi-rank", f"{w.get('name')}: waiting for rank(s) {w.get('missing_ranks')} to save"))
     notices = s.get("notices") or []
     rows.append(("notices", ", ".join(f"{n['kind']}:{n['action']}" for n in notices) if notices else "none"))
     last = s.get("last_durable")

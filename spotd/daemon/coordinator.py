@@ -718,7 +718,7 @@ class Coordinator:
 
     # -- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return status_view(
+        view = status_view(
             phase=self._phase,
             job_id=self._config.job_id,
             identity=self._identity,
@@ -731,6 +731,9 @@ class Coordinator:
             notices=self._seen_notices,
             last_durable=self._last_durable,
         )
+        # Multi-rank steps some local rank has not reported yet (their ranks and nodes commit them as one).
+        view["waiting_for_ranks"] = self._parts.pending()
+        return view
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:

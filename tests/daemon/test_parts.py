@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from spotd import protocol
+from spotd.cli import render_status
 from spotd.daemon.ipc import Session
 from spotd.events import Phase
 from spotd.store.selection import run_checkpoint_name
@@ -162,6 +163,9 @@ async def test_a_local_rank_that_never_saves_gives_the_step_up_and_tells_the_oth
     r0, r1 = rank(h, 0), rank(h, 1)
     with structlog.testing.capture_logs() as logs:
         await save(h, r0, 50, None)
+        (waiting,) = h.coordinator.status()["waiting_for_ranks"]
+        assert waiting == {"name": run_checkpoint_name(RUN, 50), "step": 50, "missing_ranks": [1]}
+        assert "waiting for rank(s) [1] to save" in render_status(h.coordinator.status())
         error = await _advance_for(h, r0, "error")
     assert "rank(s) [1] of this node never reported step 50" in error["message"]
     assert committed(h) == []
