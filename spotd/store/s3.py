@@ -66,10 +66,13 @@ class S3Store(BaseStore):
         body_read_attempts: int = 3,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
+        background_rate: int | None = None,
     ) -> None:
         """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
         retry there is). ``body_read_attempts``: GETs of one object or range whose answer broke off
-        mid-body (see :mod:`spotd.store.s3_transfer`)."""
+        mid-body (see :mod:`spotd.store.s3_transfer`). ``background_rate``: bytes/s all BACKGROUND
+        transfers together may send (``store.background_rate``; None: no cap); EMERGENCY ones are never
+        capped."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -88,7 +91,7 @@ class S3Store(BaseStore):
         prefix = parts.path.strip("/")
         self._key_prefix = f"{prefix}/" if prefix else ""
         limit = max(1, min(concurrency, BUFFER_CAP // part_size))
-        self._pool = TransferPool(limit=limit, thread_name="spotd-s3")
+        self._pool = TransferPool(limit=limit, thread_name="spotd-s3", background_rate=background_rate)
         self._request_attempts = request_attempts
         self._client: Any = s3_client(
             ClientSettings(
@@ -132,10 +135,20 @@ class S3Store(BaseStore):
             executor=executor,
             metrics=metrics,
             request_attempts=request_attempts_from_env(),
+            background_rate=s.background_bytes_per_second,
         )
 
     def _full(self, key: str) -> str:
         return self._key_prefix + key
+
+    @property
+    def background_rate(self) -> int | None:
+        return None if self._pool.pace is None else self._pool.pace.bytes_per_second
+
+    @property
+    def background_bytes_paced(self) -> int:
+        """Bytes background transfers sent through the ``background_rate`` cap so far (0 without one)."""
+        return 0 if self._pool.pace is None else self._pool.pace.granted
 
     @property
     def pauses(self) -> int:
