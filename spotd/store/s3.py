@@ -32,6 +32,7 @@ from spotd.logs import get_logger
 from spotd.store.api import Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.localfs import LocalFile
+from spotd.store.pacing import BACKGROUND_NICE
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
 from spotd.store.transfer_pool import TransferPool
 
@@ -67,12 +68,14 @@ class S3Store(BaseStore):
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
         background_rate: int | None = None,
+        background_nice: int = BACKGROUND_NICE,
     ) -> None:
         """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
         retry there is). ``body_read_attempts``: GETs of one object or range whose answer broke off
         mid-body (see :mod:`spotd.store.s3_transfer`). ``background_rate``: bytes/s all BACKGROUND
         transfers together may send (``store.background_rate``; None: no cap); EMERGENCY ones are never
-        capped."""
+        capped. ``background_nice``: how much nicer than the daemon background transfer threads run
+        (0: as nice as the daemon; benchmarks compare)."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -91,7 +94,12 @@ class S3Store(BaseStore):
         prefix = parts.path.strip("/")
         self._key_prefix = f"{prefix}/" if prefix else ""
         limit = max(1, min(concurrency, BUFFER_CAP // part_size))
-        self._pool = TransferPool(limit=limit, thread_name="spotd-s3", background_rate=background_rate)
+        self._pool = TransferPool(
+            limit=limit,
+            thread_name="spotd-s3",
+            background_rate=background_rate,
+            background_nice=background_nice,
+        )
         self._request_attempts = request_attempts
         self._client: Any = s3_client(
             ClientSettings(
