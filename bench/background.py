@@ -6,9 +6,10 @@ A real torch training loop (CPU, an MLP whose batch is sized to --step-ms per st
 uploader subprocess (spotd's S3Store, as the daemon runs it: Nice=-5 when permitted, like spotd.service)
 commits a --size-mb checkpoint at BACKGROUND priority to moto's S3 server on loopback each time it is told
 to. For every configuration and repetition the loop's step times are taken while one upload runs, and the
-median step is compared with the median step of the loop alone in the same repetition:
+median step is compared with the median step of the loop alone just before it (the machine's other load
+moves both alike):
 
-* ``alone``: no upload (measured in every repetition, before the others);
+* ``alone``: no upload (measured right before every upload);
 * ``plain``: background threads as nice as the daemon, no cap (what spotd did before item 5);
 * ``nice``: background threads reniced (spotd's default now), no cap;
 * ``nice+cap``: reniced and ``store.background_rate = --rate``.
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=float, default=50.0, help="target training step, milliseconds")
     parser.add_argument("--rate", default="50MB", help="store.background_rate of the nice+cap runs")
     parser.add_argument("--batch", type=int, default=0, help="fixed batch size (default: sized to --step-ms)")
-    parser.add_argument("--alone-steps", type=int, default=60, help="steps of the loop alone per repetition")
+    parser.add_argument("--alone-steps", type=int, default=40, help="steps of the loop alone per repetition")
     parser.add_argument("--json", action="store_true", help="also print every repetition as JSON")
     args = parser.parse_args(argv)
     if args.size_mb < 16 or args.reps < 1 or args.step_ms <= 0:
@@ -242,19 +243,23 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(args.step_ms, args.batch)
         done = 0
         for rep in range(args.reps):
-            rows["alone"].append({"step": statistics.median(trainer.steps_for(args.alone_steps))})
             # Rotate the order so moto's growing bucket and the page cache favour no configuration.
             order = CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]
             for config in order:
+                # The loop alone right before each upload: the machine's other load moves both alike.
+                alone = statistics.median(trainer.steps_for(args.alone_steps))
+                rows["alone"].append({"step": alone})
                 moto_cpu = cpu_of(moto.pid)
                 up.stdin.write(f"go {config}\n")
                 up.stdin.flush()
                 done += 1
                 times = trainer.steps_while(lines, done)
                 result = lines.events("done")[done - 1]
+                step = statistics.median(times) if times else float("nan")
                 rows[config].append(
                     {
-                        "step": statistics.median(times) if times else float("nan"),
+                        "step": step,
+                        "ratio": step / alone,
                         "steps": len(times),
                         "upload_s": result["seconds"],
                         "upload_cpu": result["cpu"],
@@ -291,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     for config in CONFIGS:
         step, upload_s = med(config, "step"), med(config, "upload_s")
         print(
-            f"{config:>9} {step * 1000:>8.1f} {step / alone:>6.3f} {med(config, 'steps'):>6.0f} "
+            f"{config:>9} {step * 1000:>8.1f} {med(config, 'ratio'):>6.3f} {med(config, 'steps'):>6.0f} "
             f"{upload_s:>9.2f} {args.size_mb / upload_s:>6.0f} {med(config, 'upload_cpu'):>6.2f} "
             f"{med(config, 'moto_cpu'):>8.2f}"
         )
     print(
-        "step ms: median training step while one upload runs; ratio: to the loop alone in the same run; "
+        "step ms: median training step while one upload runs; ratio: median over repetitions of that step "
+        "against the loop alone just before it; "
         "cpu s: the uploader's CPU seconds for one upload; moto cpu: the S3 server's."
     )
     return 0
