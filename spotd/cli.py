@@ -132,6 +132,16 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(
             ("request", f"{req.get('reason')} ({final}deadline {_until(req.get('deadline'))}): {state}")
         )
+        upload = req.get("upload")
+        if upload and upload.get("estimate_seconds") is not None:
+            verdict = "fits" if upload.get("fits") else "AT RISK: will not fit"
+            rows.append(
+                (
+                    "upload",
+                    f"~{upload['estimate_seconds']:.1f} s for {upload.get('bytes', 0) / 1e6:.0f} MB at the "
+                    f"measured rate, {upload.get('seconds_left', 0):.1f} s left: {verdict}",
+                )
+            )
     for w in s.get("waiting_for_ranks") or []:
         rows.append(("multi-rank", f"{w.get('name')}: waiting for rank(s) {w.get('missing_ranks')} to save"))
     notices = s.get("notices") or []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 from spotd.errors import ConfigError
 from spotd.protocol import DEFAULT_SOCKET
 
-__all__ = ["DEFAULT_CONFIG_PATH", "NOTIFY_FIELDS", "ON_COMPLETE", "Config", "load_config"]
+__all__ = ["DEFAULT_CONFIG_PATH", "NOTIFY_FIELDS", "ON_COMPLETE", "Config", "load_config", "parse_rate"]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/spotd/spotd.toml")
 #: sun_path is 108 bytes including the terminating NUL.
@@ -29,6 +30,41 @@ NON_CONFIG_ENV: Final = frozenset(
 )
 #: How far ahead EC2 announces a spot interruption.
 SPOT_NOTICE_S: Final = 120.0
+
+
+_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_RATE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/\s*s)?\s*$", re.IGNORECASE)
+
+
+def parse_rate(value: int | str) -> int | None:
+    """Bytes per second from ``50000000``, ``"50MB"``, ``"50 MiB/s"``, ``"1.5GB"``; None for 0 or "" (no
+    cap). ValueError, saying what is accepted, for anything else (negative, an unknown unit)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a rate")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative")
+        return value or None
+    if not value.strip():
+        return None
+    m = _RATE_RE.match(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{value!r} is not a rate such as 50MB, 400MiB or 1GB (per second)")
+    rate = int(float(m.group(1)) * _UNITS[unit])
+    return rate or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +92,14 @@ class StoreConfig:
     part_size: int = 16 * 1024 * 1024
     concurrency: int = 16
     checksum: str = "auto"  # auto | crc64nvme | crc32c | crc32 | sha256
+    #: Bytes/s every BACKGROUND (periodic) transfer together may send: 50000000, "50MB", "400MiB"; 0 or ""
+    #: is no cap. Emergency uploads are never capped. s3:// only (a file:// store is a local copy).
+    background_rate: int | str = 0
+
+    @property
+    def background_bytes_per_second(self) -> int | None:
+        """``background_rate`` in bytes/s, or None for no cap (validated when the config was built)."""
+        return parse_rate(self.background_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +220,14 @@ def _a(kind: str) -> str:
 
 def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
     """Check (or, for environment strings, convert) a value against its declared type."""
+    if kind == "int | str":  # a number, or a number with a unit ("50MB"): the field parses it
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(
+            key,
+            f"expected a number or a string, got {type(value).__name__} {value!r}",
+            f'write e.g. {key} = "50MB"',
+        )
     if from_text and isinstance(value, str):
         try:
             if kind == "bool":
@@ -337,6 +389,14 @@ def _validate(cfg: Config) -> None:
         "use 16777216 (16 MiB)",
     )
     need(cfg.store.concurrency >= 1, "store.concurrency", "must be >= 1", "use 16")
+    try:
+        parse_rate(cfg.store.background_rate)
+    except ValueError as exc:
+        raise ConfigError(
+            "store.background_rate",
+            str(exc),
+            'use bytes per second such as "50MB" (10^6), "400MiB" (2^20) or 50000000; 0 or "" for no cap',
+        ) from None
     need(
         cfg.store.checksum in {"auto", "crc64nvme", "crc32c", "crc32", "sha256"},
         "store.checksum",

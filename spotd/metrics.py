@@ -100,7 +100,9 @@ class Metrics:
         "checkpoint_failures",
         "checkpoint_requests",
         "checkpoint_seconds",
+        "deadline_at_risk",
         "detect_seconds",
+        "emergency_upload_estimate",
         "imds_malformed",
         "imds_requests",
         "imds_up",
@@ -115,6 +117,7 @@ class Metrics:
         "notices",
         "phase",
         "registry",
+        "request_upload_estimate",
         "restore_seconds",
         "socket_errors",
         "trainers",
@@ -223,6 +226,23 @@ class Metrics:
             "Moving median of the bytes/s background uploads sent (0 until one was measured).",
             registry=r,
         )
+        self.emergency_upload_estimate = Gauge(
+            "spotd_emergency_upload_estimate_seconds",
+            "Seconds an emergency upload of every trainer's newest durable checkpoint would take at the "
+            "measured rate (0 until a periodic upload was measured).",
+            registry=r,
+        )
+        self.request_upload_estimate = Gauge(
+            "spotd_request_upload_estimate_seconds",
+            "The upload estimate of the newest checkpoint request (0 before one had an estimate).",
+            registry=r,
+        )
+        self.deadline_at_risk = Counter(
+            "spotd_deadline_at_risk",
+            "Checkpoint requests whose upload estimate did not fit the seconds left to their deadline.",
+            ["reason"],
+            registry=r,
+        )
         self.trainers = Gauge("spotd_trainers", "Training processes connected.", registry=r)
         self.interruption_deadline = Gauge(
             "spotd_interruption_deadline_timestamp_seconds",
@@ -284,6 +304,7 @@ class Metrics:
         # would never fire SpotdInterruptionNotice. Every spot action starts at 0.
         for action in ("terminate", "stop", "hibernate"):
             self.notices.labels(kind="spot", action=action).inc(0)
+            self.deadline_at_risk.labels(reason=f"spot-{action}").inc(0)
 
     def set_phase(self, phase: Phase) -> None:
         for p in Phase:

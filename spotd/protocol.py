@@ -188,12 +188,31 @@ def welcome(*, session: str, extra: Mapping[str, Any]) -> dict[str, Any]:
     return _daemon_frame("welcome", {"v": PROTOCOL_VERSION, "session": session, **extra})
 
 
-def checkpoint(*, request_id: str, reason: str, deadline: datetime, final: bool) -> dict[str, Any]:
-    """Ask a trainer to save now; ``final`` says the instance is going away after ``deadline``."""
-    return _daemon_frame(
-        "checkpoint",
-        {"request_id": request_id, "reason": reason, "deadline": format_time(deadline), "final": final},
-    )
+def checkpoint(
+    *,
+    request_id: str,
+    reason: str,
+    deadline: datetime,
+    final: bool,
+    estimate_seconds: float | _Omit = OMIT,
+    fits: bool | _Omit = OMIT,
+) -> dict[str, Any]:
+    """Ask a trainer to save now; ``final`` says the instance is going away after ``deadline``.
+
+    ``estimate_seconds`` and ``fits``, sent only when the daemon has measured its upload rate: how long the
+    upload of a save the size of the last one should take, and whether it should be durable by
+    ``deadline`` (a trainer may then save less, if its user said what may be left out)."""
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "reason": reason,
+        "deadline": format_time(deadline),
+        "final": final,
+    }
+    if estimate_seconds is not OMIT:
+        fields["estimate_seconds"] = estimate_seconds
+    if fits is not OMIT:
+        fields["fits"] = fits
+    return _daemon_frame("checkpoint", fields)
 
 
 def durable(*, request_id: str | None, path: str, step: int | None, name: str, uri: str) -> dict[str, Any]:

@@ -34,6 +34,24 @@ def test_a_deadline_reads_as_a_countdown():
     assert "waiting on train" in text
 
 
+def test_a_request_shows_whether_its_upload_fits():
+    """The request's upload estimate reads as seconds for MB against seconds left, and says AT RISK when it
+    will not fit; a request without an estimate (rate not measured yet) shows no upload line."""
+    deadline = format_time(datetime.now(UTC) + timedelta(seconds=110))
+    common = {"reason": "spot-terminate", "final": True, "deadline": deadline, "finished": False}
+    upload = {"bytes": 2_000_000_000, "estimate_seconds": 160.0, "seconds_left": 110.0, "fits": False}
+    text = render_status(status(**common, outstanding=["train"], upload=upload))
+    assert "~160.0 s for 2000 MB at the measured rate, 110.0 s left: AT RISK: will not fit" in text
+    fits = render_status(
+        status(**common, outstanding=["train"], upload={**upload, "estimate_seconds": 20.0, "fits": True})
+    )
+    assert "110.0 s left: fits" in fits
+    unknown = render_status(
+        status(**common, outstanding=["train"], upload={**upload, "estimate_seconds": None})
+    )
+    assert "upload" not in unknown.replace("uploading", "")
+
+
 def test_until_says_ago_for_a_passed_deadline():
     """A deadline already passed reads '20s ago'; hours read as 2h05m."""
     now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

@@ -91,6 +91,10 @@ def test_client_variables_are_not_config_keys():
         ("[notify]\nwebhook = 'hooks.slack.com/x'\n", "notify.webhook", "https://"),
         ("[notify]\ntemplate = '{job} was {phase}'\n", "notify.template", "{job_id}"),
         ("[notify]\ntimeout = 0.0\n", "notify.timeout", "5.0"),
+        ("[store]\nbackground_rate = '50 furlongs'\n", "store.background_rate", '"50MB"'),
+        ("[store]\nbackground_rate = -5\n", "store.background_rate", '0 or "" for no cap'),
+        ("[store]\nbackground_rate = 1.5\n", "store.background_rate", '"50MB"'),
+        ("[store]\nbackground_rate = true\n", "store.background_rate", '"50MB"'),
     ],
 )
 def test_every_mistake_names_the_key_and_the_fix(tmp_path, text, key, fix_mentions):
@@ -147,3 +151,27 @@ def test_the_job_keys_of_the_issue_load_from_file_and_environment(tmp_path):
     defaults = load_config(environ={})
     assert defaults.policy.on_complete == "none" and defaults.policy.max_run == 0 == defaults.policy.max_wait
     assert defaults.notify.webhook == "" and defaults.output.dir == "" and defaults.cost.on_demand_hourly == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, None),
+        ("", None),
+        ("0", None),
+        (50_000_000, 50_000_000),
+        ("50000000", 50_000_000),
+        ("50MB", 50_000_000),
+        ("50 mb/s", 50_000_000),
+        ("400MiB", 400 * 1024 * 1024),
+        ("1.5GB", 1_500_000_000),
+        ("64KiB/s", 65536),
+    ],
+)
+def test_background_rate_takes_bytes_per_second_with_a_unit(tmp_path, value, expected):
+    """store.background_rate is bytes/s: a number or a string with a unit (MB = 10^6, MiB = 2^20), from the
+    file or the environment; 0 or "" is no cap."""
+    text = f"[store]\nbackground_rate = {value!r}\n".replace("'", '"')
+    assert load_config(write(tmp_path, text), environ={}).store.background_bytes_per_second == expected
+    env = {"SPOTD_STORE_BACKGROUND_RATE": str(value)}
+    assert load_config(environ=env).store.background_bytes_per_second == expected

@@ -59,6 +59,34 @@ def test_encode_refuses_what_a_peer_would_refuse():
         protocol.encode({"op": "saved", "path": "x" * protocol.MAX_LINE})
 
 
+def test_a_checkpoint_request_adds_its_upload_estimate_after_the_old_fields():
+    """With an upload estimate the checkpoint frame carries estimate_seconds and fits after the four old
+    fields (an old trainer ignores keys it does not know), and a client parses them as optional."""
+    from datetime import UTC, datetime
+
+    from spotd.client.request import CheckpointRequest
+
+    deadline = datetime(2026, 11, 25, 4, 1, 50, tzinfo=UTC)
+    frame = protocol.checkpoint(
+        request_id="r1",
+        reason="spot-terminate",
+        deadline=deadline,
+        final=True,
+        estimate_seconds=12.5,
+        fits=False,
+    )
+    assert list(frame) == ["op", "request_id", "reason", "deadline", "final", "estimate_seconds", "fits"]
+    assert protocol.decode(protocol.encode(frame)) == frame
+    request = CheckpointRequest.from_frame(frame)
+    assert (request.estimate_seconds, request.fits) == (12.5, False)
+    old = CheckpointRequest.from_frame(
+        protocol.checkpoint(request_id="r2", reason="drill", deadline=deadline, final=False)
+    )
+    assert (old.estimate_seconds, old.fits) == (None, None)
+    odd = CheckpointRequest.from_frame({**frame, "estimate_seconds": "soon", "fits": "maybe"})
+    assert (odd.estimate_seconds, odd.fits) == (None, None)
+
+
 def test_daemon_frame_builders_write_the_bytes_of_before():
     """Each builder encodes to the same bytes as the literal dict the daemon sent before it existed (keys, order, values)."""
     from datetime import UTC, datetime

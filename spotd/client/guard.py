@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from spotd import protocol
 from spotd.client import signals
-from spotd.client.request import CheckpointRequest, parse_deadline
+from spotd.client.request import CheckpointRequest
 from spotd.client.wire import Wire, open_wire
 from spotd.errors import ProtocolError
 
@@ -434,12 +434,7 @@ class Guard:
             with self._cond:
                 if request_id in self._answered:
                     return  # re-sent after a reconnect, already saved
-                self._request = CheckpointRequest(
-                    request_id=request_id,
-                    reason=str(frame.get("reason", "")),
-                    deadline=parse_deadline(frame.get("deadline")),
-                    final=bool(frame.get("final", False)),
-                )
+                self._request = CheckpointRequest.from_frame(frame)
                 self._requested = True
         elif op in ("durable", "error"):
             with self._cond:

@@ -27,6 +27,7 @@ from typing import Any, Final, Protocol
 from spotd import protocol
 from spotd.config import Config
 from spotd.daemon.commits import Committer
+from spotd.daemon.deadline import UploadBudget, log_fields
 from spotd.daemon.episode import (
     Episode,
     Save,
@@ -88,6 +89,7 @@ class Coordinator:
 
     __slots__ = (
         "_bg",
+        "_budget",
         "_checkpoint_dir",
         "_clock",
         "_committer",
@@ -169,6 +171,7 @@ class Coordinator:
         self._last_durable: Manifest | None = None
         self._started = clock()
         self.current: Episode | None = None
+        self._budget = UploadBudget(store=store, metrics=metrics)
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, ipc: TrainerChannel) -> None:
@@ -202,6 +205,7 @@ class Coordinator:
     def set_last_durable(self, manifest: Manifest | None) -> None:
         if manifest is None:
             return
+        self._budget.saw(manifest)
         if self._last_durable is None or manifest.created_at >= self._last_durable.created_at:
             self._last_durable = manifest
             self._metrics.last_durable_timestamp.set(manifest.created_at.timestamp())
@@ -324,6 +328,8 @@ class Coordinator:
                 request_id=episode.request_id,
                 trainers=len(trainers),
             )
+        left = (episode.deadline - now).total_seconds()
+        episode.upload = self._budget.estimate(trainers=trainers, seconds_left=left, last=self._last_durable)
         sent = await self._ipc.broadcast(episode.frame()) if self._ipc and trainers else 0
         episode.asked_at = self._clock()
         episode.asked_wall = self._wall()
@@ -336,7 +342,9 @@ class Coordinator:
             deadline=format_time(episode.deadline),
             trainers=sent,
             seconds_left=round((episode.deadline - self._wall()).total_seconds(), 3),
+            **log_fields(episode.upload),
         )
+        self._budget.warn(episode.upload, request_id=episode.request_id, reason=reason_label(notice))
         if self._watcher is not None:
             self._spawn(self._answer_for_the_watcher(episode))
         elif not trainers:

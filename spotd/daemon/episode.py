@@ -17,6 +17,7 @@ from typing import Any
 
 from spotd import protocol
 from spotd.config import PolicyConfig
+from spotd.daemon.deadline import UploadEstimate
 from spotd.daemon.ipc import Session
 from spotd.events import (
     DurableCheckpoint,
@@ -107,6 +108,16 @@ class Episode:
     finished: bool = False  # closed
     expired: bool = False  # closes_at passed
     withdrawn: bool = False  # the notice went away: the instance stays, training goes on
+    upload: UploadEstimate | None = None  # whether the emergency upload should fit, when asked
+
+    def frame(self) -> dict[str, Any]:
+        return protocol.checkpoint(
+            request_id=self.request_id,
+            reason=self.reason,
+            deadline=self.deadline,
+            final=self.final,
+            **(self.upload.frame_fields() if self.upload is not None else {}),
+        )
 
     def waiting(self) -> list[str]:
         """Trainers asked and still here that have neither saved nor reported a failure."""
@@ -164,11 +175,6 @@ class Episode:
             and not self.outstanding()
             and not self.failed
             and all(s.manifest is not None for s in self.saves.values())
-        )
-
-    def frame(self) -> dict[str, Any]:
-        return protocol.checkpoint(
-            request_id=self.request_id, reason=self.reason, deadline=self.deadline, final=self.final
         )
 
     def record(self, *, identity: InstanceIdentity, lost: Sequence[str]) -> InterruptionRecord:
@@ -342,6 +348,8 @@ def status_view(
             "ok": not episode.lost() if episode.settled.is_set() else None,
             "lost": episode.lost() if episode.settled.is_set() else [],
             "late": episode.late(),
+            # How long the emergency upload should take at the measured rate, and whether it fits.
+            "upload": None if episode.upload is None else episode.upload.view(),
         },
         "notices": list(notices),
         "last_durable": None

@@ -281,6 +281,12 @@ class BaseStore(ABC):
         return self._throughput.estimate(nbytes)
 
     @property
+    def background_rate(self) -> int | None:
+        """The bytes/s cap of BACKGROUND transfers (``store.background_rate``), None without one: the rate
+        :meth:`estimate_seconds` measured is then at most this, while an EMERGENCY upload is not capped."""
+        return None
+
+    @property
     def checkpoints_prefix(self) -> str:
         return f"{self.job_id}/checkpoints/"
 

@@ -32,6 +32,7 @@ from spotd.logs import get_logger
 from spotd.store.api import Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.localfs import LocalFile
+from spotd.store.pacing import BACKGROUND_NICE
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
 from spotd.store.transfer_pool import TransferPool
 
@@ -66,10 +67,15 @@ class S3Store(BaseStore):
         body_read_attempts: int = 3,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
+        background_rate: int | None = None,
+        background_nice: int = BACKGROUND_NICE,
     ) -> None:
         """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
         retry there is). ``body_read_attempts``: GETs of one object or range whose answer broke off
-        mid-body (see :mod:`spotd.store.s3_transfer`)."""
+        mid-body (see :mod:`spotd.store.s3_transfer`). ``background_rate``: bytes/s all BACKGROUND
+        transfers together may send (``store.background_rate``; None: no cap); EMERGENCY ones are never
+        capped. ``background_nice``: how much nicer than the daemon background transfer threads run
+        (0: as nice as the daemon; benchmarks compare)."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -88,7 +94,12 @@ class S3Store(BaseStore):
         prefix = parts.path.strip("/")
         self._key_prefix = f"{prefix}/" if prefix else ""
         limit = max(1, min(concurrency, BUFFER_CAP // part_size))
-        self._pool = TransferPool(limit=limit, thread_name="spotd-s3")
+        self._pool = TransferPool(
+            limit=limit,
+            thread_name="spotd-s3",
+            background_rate=background_rate,
+            background_nice=background_nice,
+        )
         self._request_attempts = request_attempts
         self._client: Any = s3_client(
             ClientSettings(
@@ -132,10 +143,20 @@ class S3Store(BaseStore):
             executor=executor,
             metrics=metrics,
             request_attempts=request_attempts_from_env(),
+            background_rate=s.background_bytes_per_second,
         )
 
     def _full(self, key: str) -> str:
         return self._key_prefix + key
+
+    @property
+    def background_rate(self) -> int | None:
+        return None if self._pool.pace is None else self._pool.pace.bytes_per_second
+
+    @property
+    def background_bytes_paced(self) -> int:
+        """Bytes background transfers sent through the ``background_rate`` cap so far (0 without one)."""
+        return 0 if self._pool.pace is None else self._pool.pace.granted
 
     @property
     def pauses(self) -> int:

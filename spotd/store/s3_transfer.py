@@ -129,10 +129,11 @@ class FileTransfers:
         self._copy_limit = COPY_LIMIT
         self._copy_part = COPY_PART
 
-    async def _request(self, what: str, priority: Priority, fn: Callable[[], T]) -> T:
-        """One blocking request on a transfer slot; botocore has retried it by the time it fails here."""
+    async def _request(self, what: str, priority: Priority, fn: Callable[[], T], *, nbytes: int = 0) -> T:
+        """One blocking request on a transfer slot (``nbytes``: what it sends, paced when BACKGROUND);
+        botocore has retried it by the time it fails here."""
         try:
-            return await self._pool.run(priority, fn)
+            return await self._pool.run(priority, fn, nbytes=nbytes)
         except FileChanged:
             raise
         except _REQUEST_ERRORS as exc:
@@ -216,7 +217,7 @@ class FileTransfers:
             self._client.put_object(Bucket=self._bucket, Key=full, Body=data, **arg)
             return crc
 
-        return await self._request(what, priority, put)
+        return await self._request(what, priority, put, nbytes=part.length)
 
     async def _put_multipart(
         self,
@@ -255,7 +256,9 @@ class FileTransfers:
                 arg.pop("ChecksumAlgorithm")
                 return crc, {"PartNumber": part.number, "ETag": resp["ETag"], **arg}
 
-            out = await self._request(f"{what} (part {part.number}/{len(parts)})", priority, put)
+            out = await self._request(
+                f"{what} (part {part.number}/{len(parts)})", priority, put, nbytes=part.length
+            )
             if progress is not None:
                 progress(part.length)
             return out

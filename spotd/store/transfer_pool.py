@@ -3,6 +3,12 @@
 While an EMERGENCY transfer runs, BACKGROUND transfers are not started (those already in flight finish, at
 most one part's time); a background upload resumes with its next part afterwards, nothing is sent twice.
 Emergency transfers have their own slots, so they never wait behind background ones.
+
+The two classes also run on threads of their own. Background threads are reniced once, when they start
+(:func:`~spotd.store.pacing.lower_thread_priority`), and paced by ``background_rate``
+(:class:`~spotd.store.pacing.RateLimit`) before each part: hashing and sending a periodic checkpoint give
+the training process the cores it wants. An emergency transfer never lands on one of those threads (an
+unprivileged thread cannot get its priority back), and is never paced.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spotd.store.api import Priority
+from spotd.store.pacing import BACKGROUND_NICE, RateLimit, lower_thread_priority
 
 __all__ = ["TransferPool"]
 
@@ -21,20 +28,46 @@ T = TypeVar("T")
 
 class TransferPool:
     """Transfer slots with priorities, and the threads the transfers run on: emergency parts use their own
-    ``limit`` slots; background parts share what is left and start none while an emergency runs. The
-    slot bookkeeping is single-threaded (event loop only)."""
+    ``limit`` slots and threads; background parts share what is left, start none while an emergency runs,
+    and run on ``limit`` threads of their own, reniced by ``background_nice`` and paced by
+    ``background_rate`` (bytes/s, None: no cap). The slot bookkeeping is single-threaded (event loop only)."""
 
-    __slots__ = ("_bg", "_em", "_limit", "_threads", "_waiters", "emergencies", "pauses")
+    __slots__ = (
+        "_bg",
+        "_bg_threads",
+        "_em",
+        "_em_threads",
+        "_limit",
+        "_waiters",
+        "emergencies",
+        "pace",
+        "pauses",
+    )
 
-    def __init__(self, *, limit: int, thread_name: str = "spotd-transfer") -> None:
+    def __init__(
+        self,
+        *,
+        limit: int,
+        thread_name: str = "spotd-transfer",
+        background_rate: int | None = None,
+        background_nice: int = BACKGROUND_NICE,
+    ) -> None:
         self._limit = limit
         self._em = 0
         self._bg = 0
         self._waiters: list[asyncio.Future[None]] = []
         # Both priority classes can be in flight at once (an emergency does not wait for background parts).
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=2 * limit, thread_name_prefix=thread_name
+        self._em_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=limit, thread_name_prefix=thread_name
         )
+        self._bg_threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=limit,
+            thread_name_prefix=f"{thread_name}-bg",
+            initializer=lower_thread_priority,
+            initargs=(background_nice,),
+        )
+        #: The background cap (None: none); its ``granted`` counts the bytes it let through.
+        self.pace = None if background_rate is None else RateLimit(bytes_per_second=background_rate)
         self.emergencies = 0
         self.pauses = 0  # background parts held back by an emergency (tests, status)
 
@@ -75,17 +108,29 @@ class TransferPool:
             self._bg -= 1
         self._notify()
 
-    async def run(self, priority: Priority, fn: Callable[[], T]) -> T:
-        """``fn()`` on a transfer thread once a slot of ``priority`` is free."""
+    async def run(self, priority: Priority, fn: Callable[[], T], *, nbytes: int = 0) -> T:
+        """``fn()`` on a transfer thread of ``priority`` once a slot of it is free; a background ``fn``
+        that sends ``nbytes`` first waits for them to fit under ``background_rate``."""
         await self._acquire(priority)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+            loop = asyncio.get_running_loop()
+            if priority is Priority.EMERGENCY:
+                return await loop.run_in_executor(self._em_threads, fn)
+            pace = self.pace
+            if pace is None or nbytes <= 0:
+                return await loop.run_in_executor(self._bg_threads, fn)
+
+            def paced() -> T:
+                pace.take(nbytes)
+                return fn()
+
+            return await loop.run_in_executor(self._bg_threads, paced)
         finally:
             self._release(priority)
 
     def detach(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on a transfer thread without a slot and without waiting for it."""
-        self._threads.submit(fn, *args)
+        """Run ``fn(*args)`` on a background transfer thread without a slot and without waiting for it."""
+        self._bg_threads.submit(fn, *args)
 
     def emergency(self, delta: int) -> None:
         self.emergencies += delta
@@ -93,4 +138,5 @@ class TransferPool:
 
     def shutdown(self) -> None:
         """Wait for the transfer threads to finish (blocking)."""
-        self._threads.shutdown(wait=True)
+        self._em_threads.shutdown(wait=True)
+        self._bg_threads.shutdown(wait=True)

@@ -8,6 +8,7 @@ when the coordinator sleeps between commit attempts (the injected sleep advances
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -98,6 +99,91 @@ async def test_notice_reason_and_finality_reach_the_trainer(make):
     assert h.coordinator.phase is Phase.INTERRUPTED
     frame = await h.channel.next(trainer, "checkpoint")
     assert frame["final"] is True and frame["reason"] == "spot-stop"
+
+
+# ---------------------------------------------------------------------------------------- known deadline
+
+
+async def measured(h: Harness, trainer: Session, *, mib: int = 16) -> None:
+    """A periodic save big enough to be measured, committed: the store now knows its upload rate."""
+    rel = f"{trainer.name}/step-000001.pt"
+    (h.checkpoint_dir / trainer.name).mkdir(parents=True, exist_ok=True)
+    (h.checkpoint_dir / rel).write_bytes(os.urandom(mib * 1024 * 1024))
+    frame = {"op": "saved", "request_id": None, "path": rel, "step": 1}
+    await h.coordinator.on_saved(trainer, protocol.validate_client_frame(frame))
+    await h.channel.next(trainer, "durable")
+
+
+async def test_the_request_says_how_long_the_upload_takes_and_that_it_fits(make):
+    """After a measured periodic upload, a spot notice's request carries the estimate for that checkpoint's
+    size (in checkpoint.requested, the frame, spotd status and the metrics) and says it fits 110 s."""
+    h = make()
+    trainer = h.channel.connect("rank0", rank=0)
+    await measured(h, trainer)
+    expected = h.store.estimate_seconds(16 * 1024 * 1024)
+    assert expected is not None and expected > 0
+    assert h.metric("spotd_emergency_upload_estimate_seconds") == pytest.approx(expected)
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None
+    frame = await h.channel.next(trainer, "checkpoint")
+    assert frame["estimate_seconds"] == round(expected, 3) and frame["fits"] is True
+    (line,) = [e for e in logs if e["event"] == "checkpoint.requested"]
+    assert line["estimate_seconds"] == round(expected, 3) and line["estimate_bytes"] == 16 * 1024 * 1024
+    assert line["fits"] is True
+    assert not [e for e in logs if e["event"] == "checkpoint.deadline_at_risk"]
+    upload = h.coordinator.status()["request"]["upload"]
+    assert upload["fits"] is True and upload["seconds_left"] == 120 - MARGIN_S
+    assert h.metric("spotd_request_upload_estimate_seconds") == pytest.approx(expected)
+    assert h.metric("spotd_deadline_at_risk_total", reason="spot-terminate") == 0
+
+
+async def test_an_upload_that_cannot_fit_is_a_warning_at_once(make):
+    """A notice already inside its margin (deadline now): the request says it does not fit, a
+    checkpoint.deadline_at_risk warning naming the fix is logged before any save, and it is counted."""
+    h = make()
+    trainer = h.channel.connect("rank0", rank=0)
+    await measured(h, trainer)
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=3))
+    assert episode is not None
+    frame = await h.channel.next(trainer, "checkpoint")
+    assert frame["fits"] is False
+    (warning,) = [e for e in logs if e["event"] == "checkpoint.deadline_at_risk"]
+    assert warning["log_level"] == "warning" and warning["request_id"] == episode.request_id
+    assert warning["seconds_left"] == 0 and warning["short_by_seconds"] > 0
+    assert "emergency_exclude" in warning["fix"] and "store.concurrency" in warning["fix"]
+    assert h.coordinator.status()["request"]["upload"]["fits"] is False
+    assert h.metric("spotd_deadline_at_risk_total", reason="spot-terminate") == 1
+
+
+async def test_every_trainer_is_sized_by_its_own_newest_checkpoint(make):
+    """Two ranks, each with a measured 16 MiB checkpoint: the request prices 32 MiB, what both will send."""
+    h = make()
+    a, b = h.channel.connect("rank0", rank=0), h.channel.connect("rank1", rank=1)
+    await measured(h, a)
+    await measured(h, b)
+    episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=120))
+    assert episode is not None and episode.upload is not None
+    assert episode.upload.nbytes == 32 * 1024 * 1024
+
+
+async def test_no_estimate_until_an_upload_was_measured(make):
+    """A small periodic save measures nothing: the request has no estimate fields (the frame is the one old
+    trainers know) and checkpoint.requested says so with nulls, no warning."""
+    h = make()
+    trainer = h.channel.connect("rank0")
+    await h.save(trainer, 1, None)
+    await h.channel.next(trainer, "durable")
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=3))
+    assert episode is not None
+    frame = await h.channel.next(trainer, "checkpoint")
+    assert "estimate_seconds" not in frame and "fits" not in frame
+    (line,) = [e for e in logs if e["event"] == "checkpoint.requested"]
+    assert line["estimate_seconds"] is None and line["fits"] is None
+    assert not [e for e in logs if e["event"] == "checkpoint.deadline_at_risk"]
+    assert h.coordinator.status()["request"]["upload"]["estimate_seconds"] is None
 
 
 # ---------------------------------------------------------------------------------------- endings

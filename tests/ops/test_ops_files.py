@@ -61,7 +61,7 @@ def test_scrape_config_passes_promtool() -> None:
 
 
 def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
-    """promtool test rules: upload failures, a stale checkpoint while training and a missing trainer fire; a missing trainer in watch mode (spotd_info{sync_mode="watch"}) or after the job ended (Completed) does not."""
+    """promtool test rules: upload failures, a stale checkpoint while training, a missing trainer and an emergency upload longer than a spot notice fire; a missing trainer in watch mode (spotd_info{sync_mode="watch"}) or after the job ended (Completed) does not."""
     promtool = require_tool("promtool", "prometheus")
     # promtool compares annotations too; the expressions, labels and `for:` are what this test is about.
     rules = re.sub(
@@ -88,6 +88,11 @@ def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
                 values: '1 1 0x20'
               - series: 'spotd_imds_up{{{labels}}}'
                 values: '1x80'
+              # The newest checkpoint would take 200 s to upload; on i-2 it takes 30 s.
+              - series: 'spotd_emergency_upload_estimate_seconds{{{labels}}}'
+                values: '200x80'
+              - series: 'spotd_emergency_upload_estimate_seconds{{{watch}}}'
+                values: '30x80'
               - series: 'spotd_info{{{labels}, version="1.0.0", sync_mode="client"}}'
                 values: '1x80'
               # Watch mode: no trainer ever registers, and that is how it is meant to run.
@@ -123,6 +128,10 @@ def test_alerts_fire_on_the_metrics_spotd_exports(tmp_path: Path) -> None:
               - eval_time: 70m
                 alertname: SpotdImdsDown
                 exp_alerts: []
+              - eval_time: 20m
+                alertname: SpotdEmergencyUploadTooSlow
+                exp_alerts:
+                  - exp_labels: {{instance: i-1, job: spotd, severity: warning}}
         """)
     test_file = tmp_path / "alerts_test.yml"
     test_file.write_text(tests)

@@ -20,6 +20,14 @@ Multi-rank (``torch.distributed`` initialized with ``world_size > 1``): every ra
 ``step()`` stops every rank at the same step when any rank was asked; ``restore()`` returns the newest step
 every rank can read, the same on all of them.
 
+A smaller emergency save, when the user says what may be left out: with
+``Checkpointer(..., emergency_exclude=("optimizer",))``, a request whose upload spotd estimates will not
+fit before the deadline (its measured upload rate against the size of the last checkpoint) is saved
+without the optimizer state: the weights reach the store in time instead of the whole checkpoint not at
+all. The log says so at the save; the file records what it lacks, and :meth:`Checkpointer.restore` loads
+the weights, leaves the optimizer fresh and warns. Without ``emergency_exclude`` every save is whole (a
+request that will not fit is only a warning).
+
 This module imports torch; the spotd daemon never imports it.
 """
 
@@ -30,7 +38,7 @@ import os
 import pickle
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -78,6 +86,8 @@ class SaveInfo:
     seconds: float
     reason: str  # periodic | request | final | sigterm | manual
     request_id: str | None = None
+    #: Components this save left out (``emergency_exclude``, when the upload would not fit the deadline).
+    excluded: tuple[str, ...] = ()
 
 
 class Checkpointer:
@@ -86,12 +96,17 @@ class Checkpointer:
     ``state`` takes extra objects with ``state_dict()``/``load_state_dict()`` (the data loader's position,
     an EMA), saved under their key. Files are loaded with ``weights_only=True`` unless told otherwise:
     everything saved here is plain tensors and containers, so extra state should be too.
+
+    ``emergency_exclude`` names what a requested save may leave out when spotd says its upload will not
+    fit before the deadline: ``"optimizer"``, ``"scheduler"``, ``"scaler"`` or keys of ``state`` (never
+    the model). Empty (the default): every save is whole.
     """
 
     __slots__ = (
         "_agreement",
         "_by_step",
         "_dir",
+        "_emergency_exclude",
         "_every_s",
         "_every_steps",
         "_handled_request",
@@ -134,6 +149,7 @@ class Checkpointer:
         sync_every: int = 1,
         process_group: Any = None,
         sharded: bool = False,
+        emergency_exclude: Sequence[str] = (),
     ) -> None:
         if every_steps is not None and (isinstance(every_steps, bool) or every_steps < 1):
             raise ValueError(f"every_steps={every_steps!r}: give a whole number of steps >= 1, or None")
@@ -145,6 +161,14 @@ class Checkpointer:
             raise ValueError(f"name={name!r} is not a directory name: use letters, digits, '.', '_' or '-'")
         if state and RESERVED_KEYS & set(state):
             raise ValueError(f"state keys {sorted(RESERVED_KEYS & set(state))} are taken: rename them")
+        self._emergency_exclude = _check_exclude(
+            emergency_exclude,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            state=state or {},
+            sharded=sharded,
+        )
         self._parts = Components(
             model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state or {}
         )
@@ -315,8 +339,9 @@ class Checkpointer:
             request_id: str | None = request.request_id
         else:
             reason, request_id = ("final" if final else "request"), None
+        exclude = self._exclude_for(request)
         try:
-            self._save(done, reason=reason, request_id=request_id, for_peer=request is None)
+            self._save(done, reason=reason, request_id=request_id, for_peer=request is None, exclude=exclude)
         except CheckpointError as exc:
             # Tell spotd now, so it stops waiting for this trainer instead of burning the deadline.
             self._link.report_failure(exc, periodic=False)
@@ -401,14 +426,48 @@ class Checkpointer:
             return True
         return self._every_s is not None and time.monotonic() - self._last_save_t >= self._every_s
 
-    def _save(self, step: int, *, reason: str, request_id: str | None, for_peer: bool = False) -> SaveInfo:
+    def _exclude_for(self, request: Any) -> frozenset[str]:
+        """What this requested save leaves out: ``emergency_exclude`` when spotd says the whole upload will
+        not fit (on every rank when any rank was told so: the ranks must restore alike), else nothing."""
+        fits = getattr(request, "fits", None) if request is not None else None
+        slim = fits is False and bool(self._emergency_exclude)
+        if self._agreement is not None:
+            slim = not ranks.all_ok(not slim)  # collective: every rank is saving this step
+        if fits is False and not self._emergency_exclude:
+            log.warning(
+                "spotd estimates the upload of this checkpoint takes %.1fs with %.1fs left; saving it whole "
+                "(give Checkpointer emergency_exclude=('optimizer',) to save less when time is short)",
+                float(getattr(request, "estimate_seconds", None) or 0.0),
+                request.seconds_left(),
+            )
+        if not slim:
+            return frozenset()
+        if request is not None:
+            log.warning(
+                "spotd estimates the whole upload takes %.1fs with %.1fs left: this emergency save leaves "
+                "out %s (emergency_exclude)",
+                float(getattr(request, "estimate_seconds", None) or 0.0),
+                request.seconds_left(),
+                ", ".join(sorted(self._emergency_exclude)),
+            )
+        return self._emergency_exclude
+
+    def _save(
+        self,
+        step: int,
+        *,
+        reason: str,
+        request_id: str | None,
+        for_peer: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ) -> SaveInfo:
         started = time.monotonic()
         self._dir.mkdir(parents=True, exist_ok=True)
         if self._sharded:
             final_path = self._dir / sharded.directory_name(step)
         else:
             final_path = self._dir / files.filename(step, rank=self._rank, world_size=self._world_size)
-        if self._last_saved_step == step and final_path.exists():
+        if self._last_saved_step == step and final_path.exists() and not exclude:
             # Asked again at a step already on disk (periodic save, then a request): report, don't rewrite.
             size = final_path.stat().st_size
         elif self._sharded:
@@ -425,7 +484,12 @@ class Checkpointer:
             size = files.write_atomic(
                 final_path,
                 build_payload(
-                    self._parts, step=step, rank=self._rank, world_size=self._world_size, saved_at=time.time()
+                    self._parts,
+                    step=step,
+                    rank=self._rank,
+                    world_size=self._world_size,
+                    saved_at=time.time(),
+                    exclude=exclude,
                 ),
             )
         self._last_save_t = time.monotonic()
@@ -453,6 +517,7 @@ class Checkpointer:
             seconds=time.monotonic() - started,
             reason=reason,
             request_id=request_id,
+            excluded=tuple(sorted(exclude)),
         )
         log.info("saved %s (%d bytes, %.3fs, %s)", final_path, size, info.seconds, reason)
         if self._on_save is not None:
@@ -484,3 +549,39 @@ class Checkpointer:
                 log.warning("could not delete old checkpoint %s: %s", local.path, exc)
                 continue
             del self._by_step[local.step]
+
+
+def _check_exclude(
+    names: Sequence[str],
+    *,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    state: Mapping[str, Stateful],
+    sharded: bool,
+) -> frozenset[str]:
+    """``emergency_exclude`` checked against what this Checkpointer saves; ValueError naming the fix."""
+    if isinstance(names, str):
+        raise ValueError(f"emergency_exclude={names!r}: give a sequence of names, e.g. ('optimizer',)")
+    chosen = frozenset(names)
+    if not chosen:
+        return chosen
+    if sharded:
+        raise ValueError(
+            "emergency_exclude is not supported with sharded=True (a sharded checkpoint is written by every "
+            "rank at once); fix: leave it out"
+        )
+    if "model" in chosen:
+        raise ValueError(
+            "emergency_exclude may not name 'model': the weights are what an emergency save keeps; fix: "
+            "name what may be left out, e.g. ('optimizer',)"
+        )
+    given = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    known = {k for k, v in given.items() if v is not None} | set(state)
+    unknown = chosen - known
+    if unknown:
+        raise ValueError(
+            f"emergency_exclude names {sorted(unknown)}, which this Checkpointer does not save; fix: use "
+            f"some of {sorted(known)}"
+        )
+    return chosen

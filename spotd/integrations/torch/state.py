@@ -8,6 +8,7 @@ import pickle
 import random
 import zipfile
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -16,6 +17,7 @@ import torch
 from spotd.integrations.torch.files import CheckpointError
 
 __all__ = [
+    "EXCLUDED_KEY",
     "FORMAT",
     "RESERVED_KEYS",
     "Components",
@@ -23,6 +25,7 @@ __all__ = [
     "apply_extras",
     "apply_payload",
     "build_payload",
+    "excluded",
     "extras_payload",
     "load_payload",
 ]
@@ -32,6 +35,8 @@ log = logging.getLogger("spotd.torch")
 FORMAT: Final = "spotd.torch/1"
 #: Top-level keys the payload uses for the components; extra ``state`` may not take them.
 RESERVED_KEYS: Final = frozenset({"model", "optimizer", "scheduler", "scaler"})
+#: The payload key listing what an emergency save left out (``Checkpointer(emergency_exclude=...)``).
+EXCLUDED_KEY: Final = "excluded"
 
 
 class Stateful(Protocol):
@@ -64,9 +69,16 @@ class Components:
 
 
 def extras_payload(
-    parts: Components, *, step: int, rank: int, world_size: int, saved_at: float
+    parts: Components,
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    saved_at: float,
+    exclude: AbstractSet[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Everything but the model and optimizer: what a sharded checkpoint keeps per rank beside its shards."""
+    """Everything but the model and optimizer: what a sharded checkpoint keeps per rank beside its shards.
+    ``exclude`` names components (scheduler, scaler, ``state`` keys) left out."""
     payload: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
@@ -74,23 +86,42 @@ def extras_payload(
         "rank": rank,
         "world_size": world_size,
         "rng": _rng_state(),
-        "state": {key: obj.state_dict() for key, obj in parts.state.items()},
+        "state": {key: obj.state_dict() for key, obj in parts.state.items() if key not in exclude},
     }
-    if parts.scheduler is not None:
+    if parts.scheduler is not None and "scheduler" not in exclude:
         payload["scheduler"] = parts.scheduler.state_dict()
-    if parts.scaler is not None:
+    if parts.scaler is not None and "scaler" not in exclude:
         payload["scaler"] = parts.scaler.state_dict()
+    if exclude:
+        # Says on restore what is missing on purpose, rather than leaving it to look like a bug.
+        payload[EXCLUDED_KEY] = sorted(exclude)
     return payload
 
 
 def build_payload(
-    parts: Components, *, step: int, rank: int, world_size: int, saved_at: float
+    parts: Components,
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    saved_at: float,
+    exclude: AbstractSet[str] = frozenset(),
 ) -> dict[str, Any]:
-    payload = extras_payload(parts, step=step, rank=rank, world_size=world_size, saved_at=saved_at)
+    """The whole checkpoint, less the components named in ``exclude`` (an emergency save the user made
+    smaller: see ``Checkpointer(emergency_exclude=...)``); the model is always in it."""
+    payload = extras_payload(
+        parts, step=step, rank=rank, world_size=world_size, saved_at=saved_at, exclude=exclude
+    )
     payload["model"] = parts.model.state_dict()
-    if parts.optimizer is not None:
+    if parts.optimizer is not None and "optimizer" not in exclude:
         payload["optimizer"] = parts.optimizer.state_dict()
     return payload
+
+
+def excluded(payload: Mapping[str, Any]) -> list[str]:
+    """The components an emergency save left out (empty for a whole checkpoint)."""
+    value = payload.get(EXCLUDED_KEY)
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def load_payload(path: Path, *, map_location: Any, weights_only: bool) -> dict[str, Any]:
@@ -116,6 +147,14 @@ def load_payload(path: Path, *, map_location: Any, weights_only: bool) -> dict[s
 
 
 def apply_payload(parts: Components, payload: dict[str, Any], path: Path) -> None:
+    left_out = excluded(payload)
+    if left_out:
+        log.warning(
+            "%s is an emergency checkpoint saved without %s (emergency_exclude: its upload would not have "
+            "fitted the deadline); restoring the model weights, and what it left out starts fresh",
+            path,
+            ", ".join(left_out),
+        )
     try:
         parts.model.load_state_dict(payload["model"])
         if parts.optimizer is not None and "optimizer" in payload:
@@ -136,7 +175,7 @@ def apply_extras(parts: Components, payload: dict[str, Any], path: Path) -> None
         for key, obj in parts.state.items():
             if key in saved_state:
                 obj.load_state_dict(saved_state[key])
-            else:
+            elif key not in excluded(payload):  # left out on purpose: apply_payload said so
                 log.warning("%s has no saved state for %r; it starts fresh", path, key)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise _misfit(path, exc) from exc

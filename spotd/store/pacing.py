@@ -1,0 +1,92 @@
+"""What keeps background transfers from slowing training (issue 13 item 5): a bytes/s cap and a lower CPU
+priority for the threads that run them.
+
+:class:`RateLimit` paces BACKGROUND parts: every part reserves ``nbytes / rate`` seconds of one schedule
+shared by all background threads and waits for its turn, so over any span ``t`` background transfers send
+at most ``rate * t`` bytes plus one part. Credit does not build up while nothing is sent (no burst after an
+idle hour). EMERGENCY transfers never see it.
+
+:func:`lower_thread_priority` renices the calling thread (Linux: ``setpriority`` on the thread id). Raising
+a nice value needs no privilege but lowering it back does (CAP_SYS_NICE), so a reniced thread is never
+handed emergency work: background transfers run on threads of their own (:mod:`.transfer_pool`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from spotd.logs import get_logger
+
+__all__ = ["BACKGROUND_NICE", "RateLimit", "lower_thread_priority"]
+
+log = get_logger("spotd.store")
+
+#: How much nicer than the daemon a background transfer thread runs: under CFS a thread at +10 against
+#: the trainer's 0 gets about a tenth of a core the trainer wants, and all of one it does not.
+BACKGROUND_NICE: Final = 10
+
+
+class RateLimit:
+    """A bytes/s cap shared by threads: :meth:`take` blocks the calling thread until its bytes may go."""
+
+    __slots__ = ("_clock", "_lock", "_next", "_sleep", "bytes_per_second", "granted", "waited_s")
+
+    def __init__(
+        self,
+        *,
+        bytes_per_second: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if bytes_per_second <= 0:
+            raise ValueError(f"bytes_per_second={bytes_per_second}: give a rate > 0, or no RateLimit")
+        self.bytes_per_second = bytes_per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next = 0.0  # when the schedule is free again (clock seconds)
+        self.granted = 0  # bytes let through so far
+        self.waited_s = 0.0  # seconds threads spent waiting here, summed over threads
+
+    def take(self, nbytes: int) -> float:
+        """Wait until ``nbytes`` fit under the cap; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + nbytes / self.bytes_per_second
+            self.granted += nbytes
+            wait = start - now
+            self.waited_s += wait
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+_warned = False
+
+
+def lower_thread_priority(increment: int = BACKGROUND_NICE) -> bool:
+    """Renice the calling thread ``increment`` steps (capped at 19); False where that is not possible
+    (not Linux, or refused), said once in the log. Call it on the thread itself (an executor initializer)."""
+    global _warned
+    if sys.platform != "linux" or increment <= 0:
+        return False
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except OSError as exc:
+        if not _warned:
+            _warned = True
+            log.warning(
+                "store.background_nice_failed",
+                error=str(exc),
+                note="background transfers run at the daemon's own CPU priority",
+            )
+        return False
+    return True

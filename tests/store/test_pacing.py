@@ -1,0 +1,122 @@
+"""Background transfers give training the cores (issue 13 item 5): ``store.background_rate`` caps what
+BACKGROUND transfers send per second, their threads run reniced, and EMERGENCY transfers are neither capped
+nor run on a reniced thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spotd.store import Priority
+from spotd.store.pacing import BACKGROUND_NICE, RateLimit
+from spotd.store.s3 import S3Store
+from spotd.store.transfer_pool import TransferPool
+from tests.store.helpers import info
+
+MIB = 1024 * 1024
+
+
+class Clock:
+    """A clock that moves only when a thread sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_rate_limit_lets_through_at_most_the_rate_plus_one_part() -> None:
+    """Counting bytes against the (injected) clock: after every take, bytes granted <= rate * elapsed + one part."""
+    clock = Clock()
+    limit = RateLimit(bytes_per_second=10 * MIB, clock=clock, sleep=clock.sleep)
+    start = clock.now
+    for _ in range(20):
+        limit.take(4 * MIB)
+        assert limit.granted <= 10 * MIB * (clock.now - start) + 4 * MIB
+    assert limit.granted == 80 * MIB
+    assert clock.now - start == pytest.approx(76 * MIB / (10 * MIB))  # 19 parts waited, the first did not
+
+
+def test_rate_limit_builds_no_credit_while_idle() -> None:
+    """An hour without transfers does not let the next ones burst: the second part still waits its turn."""
+    clock = Clock()
+    limit = RateLimit(bytes_per_second=MIB, clock=clock, sleep=clock.sleep)
+    limit.take(MIB)
+    clock.now += 3600
+    assert limit.take(MIB) == 0.0
+    assert limit.take(MIB) == pytest.approx(1.0)
+
+
+def test_rate_limit_refuses_a_rate_of_nothing() -> None:
+    with pytest.raises(ValueError, match="rate > 0"):
+        RateLimit(bytes_per_second=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread niceness is Linux's")
+async def test_background_threads_are_reniced_emergency_threads_are_not() -> None:
+    """A BACKGROUND transfer runs on a thread BACKGROUND_NICE nicer than the daemon; an EMERGENCY one, even
+    right after, on a thread at the daemon's own priority."""
+    pool = TransferPool(limit=2)
+
+    def nice() -> tuple[str, int]:
+        tid = threading.get_native_id()
+        return threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)
+
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        bg = await asyncio.gather(*(pool.run(Priority.BACKGROUND, nice) for _ in range(4)))
+        em = await asyncio.gather(*(pool.run(Priority.EMERGENCY, nice) for _ in range(4)))
+    finally:
+        await asyncio.to_thread(pool.shutdown)
+    assert {n for _, n in bg} == {min(19, base + BACKGROUND_NICE)}
+    assert {n for _, n in em} == {base}
+    assert not {name for name, _ in bg} & {name for name, _ in em}
+
+
+async def test_background_commit_is_capped_emergency_commit_is_not(s3_bucket, tmp_path: Path) -> None:
+    """A periodic commit of 40 MiB with background_rate = 20 MiB/s: at every part's completion the bytes sent
+    so far are at most rate * elapsed + one part (counted, not timed); an emergency commit afterwards
+    bypasses the cap (nothing more goes through it)."""
+    ckdir = tmp_path / "ckpt"
+    (ckdir / "a").mkdir(parents=True)
+    (ckdir / "a" / "model.pt").write_bytes(os.urandom(40 * MIB))
+    rate, part = 20 * MIB, 5 * MIB
+    store = S3Store(
+        uri=s3_bucket.uri(),
+        job_id="job1",
+        endpoint_url=s3_bucket.endpoint_url,
+        part_size=part,
+        concurrency=8,
+        background_rate=rate,
+    )
+    sent: list[tuple[float, int]] = []
+    total = 0
+
+    def progress(n: int) -> None:
+        nonlocal total
+        total += n
+        sent.append((time.monotonic(), total))
+
+    try:
+        started = time.monotonic()
+        await store.commit(ckdir / "a", checkpoint_dir=ckdir, info=info(1), progress=progress)
+        assert total == 40 * MIB and store.background_bytes_paced == 40 * MIB
+        for at, nbytes in sent:
+            assert nbytes <= rate * (at - started) + part, f"{nbytes} bytes after {at - started:.2f} s"
+        (ckdir / "b").mkdir()
+        (ckdir / "b" / "model.pt").write_bytes(os.urandom(40 * MIB))
+        await store.commit(ckdir / "b", checkpoint_dir=ckdir, info=info(2), priority=Priority.EMERGENCY)
+        assert store.background_bytes_paced == 40 * MIB
+        assert store.background_rate == rate
+    finally:
+        await store.close()
