@@ -126,6 +126,14 @@ class SpotdCallback(ModelCheckpoint):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         if stage == "fit" and self._node is not None:
+            node = self._node
+            if node.speaker and self._doomed and node.link.expected():
+                from spotd.client import signals
+
+                # The last save may still be uploading: the files it supersedes go once it is durable
+                # (a bounded wait), not left behind because training ended first.
+                if node.link.wait_durable(signals.peer_grace_s()):
+                    self._delete_superseded()
             self._node.close()
             self._node = None
 
