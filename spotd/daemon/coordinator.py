@@ -44,7 +44,7 @@ from spotd.daemon.ipc import Session
 from spotd.daemon.job import Finisher
 from spotd.daemon.parts import Member, Placement, StepParts, placement_of
 from spotd.daemon.sinks import Sinks
-from spotd.daemon.watch import Flushed, Handover, step_from_name
+from spotd.daemon.watched import WATCHER, WatchAnswer, Watching
 from spotd.errors import PathEscape, ProtocolError, StoreError
 from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase, SessionEventKind, format_time
 from spotd.logs import get_logger
@@ -61,8 +61,6 @@ NO_TRAINER_FIX: Final = (
 )
 #: What `spotd checkpoint` prints when nobody could be asked.
 NO_TRAINER_MESSAGE: Final = f"no trainer connected; {NO_TRAINER_FIX}"
-#: The episode's name for the watcher, which stands in for a trainer in watch mode.
-WATCHER: Final = "watch"
 
 
 class TrainerChannel(Protocol):
@@ -72,12 +70,6 @@ class TrainerChannel(Protocol):
     def trainers(self) -> list[Session]: ...
     async def send(self, session: Session, message: dict[str, Any]) -> bool: ...
     async def broadcast(self, message: dict[str, Any]) -> int: ...
-
-
-class Watching(Protocol):
-    """What the coordinator needs of the watch-mode watcher (:class:`spotd.daemon.watch.Watcher`)."""
-
-    async def flush(self, handover: Handover) -> Flushed: ...
 
 
 class Coordinator:
@@ -110,7 +102,7 @@ class Coordinator:
         "_store",
         "_training_seen",
         "_wall",
-        "_watcher",
+        "_watched",
         "current",
     )
 
@@ -164,7 +156,7 @@ class Coordinator:
         )
         self._placements: dict[str, Placement] = {}  # trainer session id → its place in a multi-rank run
         self._ipc: TrainerChannel | None = None
-        self._watcher: Watching | None = None
+        self._watched: WatchAnswer | None = None
         self._phase = Phase.STARTING
         self._bg: set[asyncio.Task[Any]] = set()
         self._seen_notices: list[dict[str, Any]] = []
@@ -189,8 +181,15 @@ class Coordinator:
         return len(self._ipc.trainers) if self._ipc else 0
 
     def attach_watcher(self, watcher: Watching) -> None:
-        """Watch mode: the watcher answers every episode (see :meth:`_answer_for_the_watcher`)."""
-        self._watcher = watcher
+        """Watch mode: the watcher answers every episode (see :class:`.watched.WatchAnswer`)."""
+        self._watched = WatchAnswer(
+            watcher=watcher,
+            committer=self._committer,
+            job_id=self._config.job_id,
+            instance_id=self._identity.instance_id,
+            clock=self._clock,
+            last_durable=lambda: self._last_durable,
+        )
 
     @property
     def phase(self) -> Phase:
@@ -314,7 +313,7 @@ class Coordinator:
         live = {session.id for session in trainers}
         for sid in [sid for sid in self._placements if sid not in live]:
             del self._placements[sid]  # gone before this episode: no save can answer for it any more
-        if self._watcher is not None:
+        if self._watched is not None:
             episode.asked[WATCHER] = WATCHER
         self._metrics.checkpoint_requests.labels(reason=reason_label(notice)).inc()
         if notice.kind is not NoticeKind.DRILL:
@@ -345,8 +344,8 @@ class Coordinator:
             **log_fields(episode.upload),
         )
         self._budget.warn(episode.upload, request_id=episode.request_id, reason=reason_label(notice))
-        if self._watcher is not None:
-            self._spawn(self._answer_for_the_watcher(episode))
+        if self._watched is not None:
+            self._spawn(self._watched.answer(episode))
         elif not trainers:
             log.warning(
                 "checkpoint.no_trainers",
@@ -564,101 +563,10 @@ class Coordinator:
         return covered
 
     async def commit_path(self, source: Path, *, trainer: str, step: int | None = None) -> Manifest | None:
-        """Commit a path found by the watcher (``[sync] mode = "watch"``): no trainer to answer.
-
-        While a final episode is open it goes at emergency priority: it is the newest work there is.
-        Raises StoreError when the commit is given up, so the watcher offers the entry again.
-        """
+        """Commit a path the watcher found (watch mode); see :class:`.watched.WatchAnswer`."""
+        assert self._watched is not None, "commit_path is watch mode's"
         episode = self.current if self.current and not self.current.settled.is_set() else None
-        priority = Priority.EMERGENCY if episode is not None and episode.final else Priority.BACKGROUND
-        save, manifest = await self._commit_watched(source, trainer=trainer, step=step, priority=priority)
-        if manifest is None:
-            raise StoreError(f"{source.name} was not committed: {save.error}")
-        return manifest
-
-    async def _commit_watched(
-        self,
-        source: Path,
-        *,
-        trainer: str,
-        step: int | None,
-        priority: Priority,
-        episode: Episode | None = None,
-    ) -> tuple[Save, Manifest | None]:
-        info = CommitInfo(
-            job_id=self._config.job_id,
-            step=step,
-            trainer=trainer,
-            rank=None,
-            world_size=None,
-            request_id=None if episode is None else episode.request_id,
-            reason="watch" if episode is None else episode.reason,
-            instance_id=self._identity.instance_id,
-            final=episode is not None and episode.final,
-        )
-        save = Save(WATCHER, trainer, source.name, step, self._clock())
-        manifest = await self._committer.commit(
-            source, info=info, save=save, episode=episode, reply=None, priority=priority
-        )
-        return save, manifest
-
-    async def _answer_for_the_watcher(self, episode: Episode) -> None:
-        """Watch mode's answer to a notice: commit what is settled now, emergency priority, and say so.
-
-        The watcher's part of the episode is its last commit; with nothing new to commit it is the newest
-        commit already in the store (the disk holds nothing newer that is complete and settled).
-        """
-        assert self._watcher is not None
-        saves: list[Save] = []
-
-        async def handover(path: Path) -> None:
-            save, manifest = await self._commit_watched(
-                path,
-                trainer=WATCHER,
-                step=step_from_name(path.name),
-                priority=Priority.EMERGENCY,
-                episode=episode,
-            )
-            saves.append(save)
-            if manifest is None:
-                raise StoreError(f"{path.name} was not committed: {save.error}")
-
-        flushed = await self._watcher.flush(handover)
-        newest = self._last_durable  # after the flush: its last commit, if it made one
-        if saves:
-            episode.saves[WATCHER] = saves[-1]
-        elif newest is not None:
-            now = self._clock()
-            episode.saves[WATCHER] = Save(
-                WATCHER,
-                WATCHER,
-                newest.name,
-                newest.step,
-                now,
-                manifest=newest,
-                committed_at=now,
-                reused=True,
-            )
-        else:
-            episode.failed[WATCHER] = "nothing complete in checkpoint_dir to commit"
-        episode.done.set()
-        failed = [s.path for s in saves if s.error]
-        if failed or newest is None:
-            log_fn = log.error
-        elif flushed.settling:
-            # Being written right now: committed once it settles, which may be after the instance is gone.
-            log_fn = log.warning
-        else:
-            log_fn = log.info
-        log_fn(
-            "watch.notice_handled",
-            request_id=episode.request_id,
-            committed=[s.manifest.name for s in saves if s.manifest],
-            failed=failed,
-            settling=list(flushed.settling),
-            newest=None if newest is None else newest.name,
-            priority=Priority.EMERGENCY.value,
-        )
+        return await self._watched.commit_path(source, trainer=trainer, step=step, episode=episode)
 
     async def on_failed(self, session: Session, frame: dict[str, Any]) -> None:
         message = frame.get("message") or "trainer reported a failed checkpoint"
@@ -678,7 +586,7 @@ class Coordinator:
         return self.status()
 
     async def on_drill(self, session: Session, frame: dict[str, Any]) -> dict[str, Any]:
-        if self._watcher is None and not (self._ipc and self._ipc.trainers):
+        if self._watched is None and not (self._ipc and self._ipc.trainers):
             # A drill is someone at a terminal: tell them now rather than after drill_timeout.
             log.warning("drill.no_trainers", fix=NO_TRAINER_FIX)
             return {
@@ -752,7 +660,7 @@ class Coordinator:
 
     async def last_chance(self, *, grace_s: float) -> None:
         """SIGTERM: a final notice, deadline now + grace; returns once it is handled or the grace is up."""
-        nobody = self._watcher is None and not (self._ipc and self._ipc.trainers)
+        nobody = self._watched is None and not (self._ipc and self._ipc.trainers)
         if nobody and (self.current is None or self.current.settled.is_set()):
             # Nobody to ask, and no trainer will come: the training unit stops before spotd does.
             log.info("shutdown.nothing_to_save")
