@@ -120,7 +120,10 @@ class UploadBudget:
         """The estimate of a request to ``trainers``, each sized by its newest durable checkpoint (``last``,
         the newest of all, for trainers none is known of); None: nothing was ever durable to size it by."""
         known = [self._sizes[k] for s in trainers if (k := (s.name, s.rank)) in self._sizes]
-        nbytes = sum(known) if known else (last.total_bytes if last is not None else 0)
+        # The newest of all otherwise: of a multi-node checkpoint, the share this node sends (its ranks'
+        # saves are committed as one checkpoint, not one per trainer, so they are not known one by one).
+        share = last.total_bytes // max(1, last.nodes or 1) if last is not None else 0
+        nbytes = sum(known) if known else share
         if nbytes <= 0:
             return None
         seconds = self._store.estimate_seconds(nbytes)

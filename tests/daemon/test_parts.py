@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import structlog
@@ -222,3 +223,20 @@ async def test_a_client_whose_placement_does_not_add_up_is_committed_per_trainer
     assert manifest.get("nodes") is None and manifest["step"] == 5 and manifest["rank"] == 1
     (line,) = [e for e in logs if e["event"] == "session.placement_inconsistent"]
     assert "torchrun" in line["fix"]
+
+
+async def test_a_request_to_a_multi_node_run_prices_this_nodes_share(make):
+    """After a measured periodic global checkpoint of 2 nodes x 2 ranks x 8 MiB, node 0's next request prices the 16 MiB its own ranks will send, not the 32 MiB of the whole checkpoint."""
+    n0, n1 = make(checkpoint="node0"), make(checkpoint="node1")
+    a0, a1 = rank(n0, 0, world=4), rank(n0, 1, world=4)
+    b2, b3 = rank(n1, 2, world=4), rank(n1, 3, world=4)
+    for h, session in ((n0, a0), (n0, a1), (n1, b2), (n1, b3)):
+        target = h.checkpoint_dir / f"run/step-000020-rank{session.rank}.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(os.urandom(8 * 1024 * 1024))
+        await save(h, session, 20, None)
+    await n1.channel.next(b3, "durable")
+    await advance_until(n0, lambda: "durable" in n0.channel.ops(a0))
+    episode = await n0.coordinator.handle_notice(spot(n0.time.wall(), in_s=120))
+    assert episode is not None and episode.upload is not None
+    assert episode.upload.nbytes == 16 * 1024 * 1024
