@@ -6,6 +6,9 @@ part and no byte is read twice. The whole-file checksum recorded in MANIFEST.jso
 the part CRCs (CRC combine, no second pass); multipart uploads are created with ``ChecksumType=FULL_OBJECT``
 and completed with that whole-file value, so S3 checks it too. A restore downloads parts with ranged GETs
 written at their offsets, hashes each part as it lands and combines them: verification costs no re-read.
+A body is received, hashed and written a quarter MiB at a time (:data:`_STREAM_CHUNK`), so each piece is
+still in the CPU cache when it is hashed and copied into the page cache; a 16 MiB body read whole went
+through main memory three times and cost 1.6x the CPU (kernel copies, mostly) of streaming it.
 Without awscrt (or with sha256) there is no combine and the whole-file checksum falls back to a sequential
 pass over the file: overlapped with the upload, after the download.
 
@@ -57,6 +60,8 @@ BUFFER_CAP: Final = 1024 * 1024 * 1024
 COPY_LIMIT: Final = 5 * 1024**3
 #: Part size of a multipart copy (at most 5 GiB each, 10,000 parts).
 COPY_PART: Final = 1024**3
+#: Piece of a download body received, hashed and written at a time: small enough to stay in the CPU cache.
+_STREAM_CHUNK: Final = 256 * 1024
 #: Smallest ranged GET on restore.
 _MIN_RANGE: Final = 64 * 1024 * 1024
 _REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
@@ -396,15 +401,14 @@ class FileTransfers:
             # One object, one thread: GET, write, fsync and close without a hop back to the loop between
             # (a checkpoint of many small files is dominated by per-file overhead).
             resp = self._client.get_object(Bucket=self._bucket, Key=full)
-            data = _read_body(resp)
-            _check_size(what, resp.get("ContentLength"), size, len(data), size)
             fd = _open_for_write(dest, size)
             try:
-                _pwrite_all(fd, data, 0)
+                got, crc = _drain(resp, fd, 0, algo if hash_here else None)
+                _check_size(what, resp.get("ContentLength"), size, got, size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            return crc_update(algo, data) if hash_here else None
+            return crc
 
         async def fetch(fd: int, part: _Part) -> int | None:
             def get() -> int | None:
@@ -412,11 +416,13 @@ class FileTransfers:
                 resp = self._client.get_object(
                     Bucket=self._bucket, Key=full, Range=f"bytes={part.offset}-{end}"
                 )
-                data = _read_body(resp)
                 total = int(str(resp.get("ContentRange", "/-1")).rsplit("/", 1)[1])
-                _check_size(what, total, size, len(data), part.length)
-                _pwrite_all(fd, data, part.offset)
-                return crc_update(algo, data) if hash_here else None
+                if total != size:
+                    resp["Body"].close()
+                    _check_size(what, total, size, 0, part.length)
+                got, crc = _drain(resp, fd, part.offset, algo if hash_here else None)
+                _check_size(what, total, size, got, part.length)
+                return crc
 
             crc = await self._get(f"{what} (part {part.number}/{len(parts)})", get)
             if progress is not None:
@@ -468,11 +474,28 @@ def read_all(resp: dict[str, Any]) -> bytes:
     return data
 
 
-def _read_body(resp: dict[str, Any]) -> bytes:
+def _drain(resp: dict[str, Any], fd: int, offset: int, algo: str | None) -> tuple[int, int | None]:
+    """Write a GetObject answer's body to ``fd`` at ``offset`` and CRC it (``algo``, None: no CRC) in
+    :data:`_STREAM_CHUNK` pieces; returns (bytes written, CRC). Each piece is received, hashed and written
+    while it is in the CPU cache: a body read whole is copied through main memory three times."""
+    body = resp["Body"]
+    crc = 0
+    got = 0
     try:
-        return read_all(resp)
-    except _BODY_ERRORS as exc:
-        raise _BodyBroken(str(exc)) from exc
+        while True:
+            try:
+                chunk = body.read(_STREAM_CHUNK)
+            except _BODY_ERRORS as exc:
+                raise _BodyBroken(str(exc)) from exc
+            if not chunk:
+                break
+            if algo is not None:
+                crc = crc_update(algo, chunk, crc)
+            _pwrite_all(fd, chunk, offset + got)
+            got += len(chunk)
+    finally:
+        body.close()
+    return got, (crc if algo is not None else None)
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
