@@ -30,6 +30,7 @@ import base64
 import concurrent.futures
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
@@ -42,9 +43,9 @@ from spotd.aws.session import error_code, tries_made
 from spotd.errors import StoreError, UploadError
 from spotd.logs import get_logger
 from spotd.store.api import Priority
-from spotd.store.base import gather_or_cancel
 from spotd.store.checksums import can_combine, crc_combine, crc_update, encode_crc, hash_file
-from spotd.store.localfs import LocalFile
+from spotd.store.localfs import LocalFile, start_writeback
+from spotd.store.tasks import gather_or_cancel
 from spotd.store.transfer_pool import TransferPool
 
 __all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers", "read_all"]
@@ -76,6 +77,10 @@ _BODY_ERRORS: Final = (
 
 class FileChanged(UploadError):
     """The local file is not the size it had when the commit started."""
+
+
+class _Stopped(Exception):
+    """A download thread saw its download cancelled and stopped writing."""
 
 
 class _BodyBroken(Exception):
@@ -134,10 +139,13 @@ class FileTransfers:
         self._copy_limit = COPY_LIMIT
         self._copy_part = COPY_PART
 
-    async def _request(self, what: str, priority: Priority, fn: Callable[[], T]) -> T:
-        """One blocking request on a transfer slot; botocore has retried it by the time it fails here."""
+    async def _request(
+        self, what: str, priority: Priority, fn: Callable[[], T], stop: threading.Event | None = None
+    ) -> T:
+        """One blocking request on a transfer slot; botocore has retried it by the time it fails here.
+        ``stop``: see :meth:`TransferPool.run`."""
         try:
-            return await self._pool.run(priority, fn)
+            return await self._pool.run(priority, fn, stop=stop)
         except FileChanged:
             raise
         except _REQUEST_ERRORS as exc:
@@ -389,23 +397,33 @@ class FileTransfers:
         self, full: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str] | None:
         """Ranged GETs in parallel, each written at its offset and hashed as it lands; the part CRCs are
-        combined into the file's (no re-read). Restores run as EMERGENCY: nothing is more urgent at boot."""
+        combined into the file's (no re-read). Each range's write-back to disk starts as soon as it is
+        written; the fsync is the restore's (see :mod:`spotd.store.restore`). Restores run as EMERGENCY:
+        nothing is more urgent at boot."""
         what = f"download s3://{self._bucket}/{full}"
         # Ranged GETs are fewer and larger than upload parts: per-request cost dominates small ranges, and
         # some S3-compatible servers (moto) read the whole object for every range.
         parts = _parts(size, max(self._part_size, _MIN_RANGE))
         hash_here = can_combine(algo)
         loop = asyncio.get_running_loop()
+        # Set when this download is cancelled (another file of the restore failed): its threads stop
+        # writing at the next piece, and the cancellation waits for them, so none writes after the
+        # restore removed its staging directory.
+        stop = threading.Event()
 
         def fetch_whole() -> int | None:
-            # One object, one thread: GET, write, fsync and close without a hop back to the loop between
-            # (a checkpoint of many small files is dominated by per-file overhead).
+            # One object, one thread: GET, write and close without a hop back to the loop between (a
+            # checkpoint of many small files is dominated by per-file overhead). No fsync here: it would
+            # hold the transfer slot while the disk writes; the restore fsyncs every file in one pass.
             resp = self._client.get_object(Bucket=self._bucket, Key=full)
+            if stop.is_set():
+                resp["Body"].close()
+                raise _Stopped
             fd = _open_for_write(dest, size)
             try:
-                got, crc = _drain(resp, fd, 0, algo if hash_here else None)
+                got, crc = _drain(resp, fd, 0, algo if hash_here else None, stop)
                 _check_size(what, resp.get("ContentLength"), size, got, size)
-                os.fsync(fd)
+                start_writeback(fd, 0, got)
             finally:
                 os.close(fd)
             return crc
@@ -420,25 +438,25 @@ class FileTransfers:
                 if total != size:
                     resp["Body"].close()
                     _check_size(what, total, size, 0, part.length)
-                got, crc = _drain(resp, fd, part.offset, algo if hash_here else None)
+                got, crc = _drain(resp, fd, part.offset, algo if hash_here else None, stop)
                 _check_size(what, total, size, got, part.length)
+                start_writeback(fd, part.offset, got)
                 return crc
 
-            crc = await self._get(f"{what} (part {part.number}/{len(parts)})", get)
+            crc = await self._get(f"{what} (part {part.number}/{len(parts)})", get, stop)
             if progress is not None:
                 progress(part.length)
             return crc
 
         try:
             if len(parts) == 1:
-                crcs = [await self._get(what, fetch_whole)]
+                crcs = [await self._get(what, fetch_whole, stop)]
                 if progress is not None:
                     progress(size)
             else:
                 fd = await loop.run_in_executor(self._executor, _open_for_write, dest, size)
                 try:
                     crcs = await gather_or_cancel([fetch(fd, p) for p in parts])
-                    await loop.run_in_executor(self._executor, os.fsync, fd)
                 finally:
                     await loop.run_in_executor(self._executor, os.close, fd)
         except UploadError as exc:  # _request speaks of uploads' errors; the message names the download
@@ -449,13 +467,13 @@ class FileTransfers:
             return None
         return size, encode_crc(algo, _combined(algo, crcs, parts))
 
-    async def _get(self, what: str, fn: Callable[[], T]) -> T:
+    async def _get(self, what: str, fn: Callable[[], T], stop: threading.Event) -> T:
         """A GET request whose response body is read whole; the one retry made here: the body broke off
         (botocore has returned by then, so no retry of its own covers it)."""
         attempt = 1
         while True:
             try:
-                return await self._request(what, Priority.EMERGENCY, fn)
+                return await self._request(what, Priority.EMERGENCY, fn, stop)
             except _BodyBroken as exc:
                 if attempt >= self._body_read_attempts:
                     raise StoreError(f"{what}: the answer broke off {attempt} times, last: {exc}") from exc
@@ -474,7 +492,9 @@ def read_all(resp: dict[str, Any]) -> bytes:
     return data
 
 
-def _drain(resp: dict[str, Any], fd: int, offset: int, algo: str | None) -> tuple[int, int | None]:
+def _drain(
+    resp: dict[str, Any], fd: int, offset: int, algo: str | None, stop: threading.Event
+) -> tuple[int, int | None]:
     """Write a GetObject answer's body to ``fd`` at ``offset`` and CRC it (``algo``, None: no CRC) in
     :data:`_STREAM_CHUNK` pieces; returns (bytes written, CRC). Each piece is received, hashed and written
     while it is in the CPU cache: a body read whole is copied through main memory three times."""
@@ -489,6 +509,8 @@ def _drain(resp: dict[str, Any], fd: int, offset: int, algo: str | None) -> tupl
                 raise _BodyBroken(str(exc)) from exc
             if not chunk:
                 break
+            if stop.is_set():
+                raise _Stopped
             if algo is not None:
                 crc = crc_update(algo, chunk, crc)
             _pwrite_all(fd, chunk, offset + got)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spotd.store.api import Priority
+from spotd.store.tasks import settle_on_cancel
 
 __all__ = ["TransferPool"]
 
@@ -75,11 +77,14 @@ class TransferPool:
             self._bg -= 1
         self._notify()
 
-    async def run(self, priority: Priority, fn: Callable[[], T]) -> T:
-        """``fn()`` on a transfer thread once a slot of ``priority`` is free."""
+    async def run(self, priority: Priority, fn: Callable[[], T], *, stop: threading.Event | None = None) -> T:
+        """``fn()`` on a transfer thread once a slot of ``priority`` is free. With ``stop`` (which ``fn``
+        watches), a cancellation waits for ``fn`` to return (:func:`~spotd.store.tasks.settle_on_cancel`),
+        and the slot stays taken until then."""
         await self._acquire(priority)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+            fut = asyncio.get_running_loop().run_in_executor(self._threads, fn)
+            return await (fut if stop is None else settle_on_cancel(fut, stop))
         finally:
             self._release(priority)
 
