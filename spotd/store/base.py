@@ -18,50 +18,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from spotd.errors import (
-    ChecksumMismatch,
-    CommitError,
-    DiskFull,
-    NothingToRestore,
-    RestoreError,
-    StoreError,
-)
+from spotd.errors import CommitError, StoreError
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
 from spotd.store.api import PartResult, PartState, Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
-from spotd.store.localfs import (
-    LocalFile,
-    aside_dir_for,
-    collect_files,
-    free_bytes,
-    is_disk_full,
-    make_staging,
-    move_into_place,
-    space_needed,
-)
-from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest, safe_relative
+from spotd.store.localfs import LocalFile, collect_files
+from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest
+from spotd.store.restore import restore as restore_checkpoint
 from spotd.store.selection import (
     checkpoint_name,
     event_name,
     global_manifest,
-    named_candidates,
     part_key,
     part_node,
     plan_retention,
-    restore_candidates,
     scan_listing,
     valid_name,
 )
+from spotd.store.tasks import gather_or_cancel
 from spotd.store.throughput import Throughput
 
 if TYPE_CHECKING:
@@ -131,8 +114,10 @@ class BaseStore(ABC):
     - ``copy_object(src, key, size=, checksum=, priority=)`` (optional): a server-side copy of the stored
       object ``src`` to ``key``; returns the checksum the store reports for the copy (algorithm
       :attr:`algo`), or None when the backend cannot copy (the file is then uploaded).
-    - ``download_file(key, dest, size=, algo=, progress=)``: one object into ``dest``, fsynced; returns
-      (size, checksum) when it hashed the bytes as they arrived, or None to have ``dest`` hashed afterwards.
+    - ``download_file(key, dest, size=, algo=, progress=)``: one object into ``dest`` (its directory
+      exists); returns (size, checksum) when it hashed the bytes as they arrived, or None to have ``dest``
+      hashed afterwards. It need not fsync: the restore fsyncs every file in one pass before moving any
+      into place (a backend may start the write-back early, :func:`~spotd.store.localfs.start_writeback`).
     - ``check_access()`` and ``recover()`` of :class:`CheckpointStore` (what "usable" and "left behind by a
       crash" mean is the backend's), and optionally ``begin_emergency()`` / ``end_emergency()``
       (preemption of background transfers) and ``close()`` (then ``await super().close()``).
@@ -169,8 +154,9 @@ class BaseStore(ABC):
     - retention (after every commit): ``list_keys`` of ``<job>/checkpoints/`` → ``get_bytes`` of every
       MANIFEST.json → per checkpoint to delete, ``delete_keys`` of its MANIFEST.json, then of its other keys.
     - ``list``: ``list_keys`` → ``get_bytes`` of every MANIFEST.json.
-    - ``restore``: ``list`` → ``download_file`` for every file of the chosen set, concurrently, into a
-      staging directory inside ``dest`` → verify → move into place file by file (what the destination held
+    - ``restore`` (:mod:`spotd.store.restore`): ``list`` → ``download_file`` for every file of the chosen
+      set, concurrently, into a staging directory inside ``dest`` → verify each → fsync them all → move
+      into place file by file (what the destination held
       at a restored path, if different, is moved aside into ``<dest>/.spotd/replaced-<time>/``; nothing
       else in ``dest`` is touched); on a failure the next candidate.
     - ``write_event``: one ``put_bytes``.
@@ -269,6 +255,10 @@ class BaseStore(ABC):
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store's executor."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._metrics
 
     @property
     def executor(self) -> concurrent.futures.Executor:
@@ -779,7 +769,8 @@ class BaseStore(ABC):
     async def restore(
         self, dest: Path, *, name: str | None = None, progress: Callable[[int, int], None] | None = None
     ) -> RestoreResult:
-        """Download a committed checkpoint into ``dest``, verify every file, then move it into place.
+        """Download a committed checkpoint into ``dest``, verify every file, then move it into place
+        (:mod:`spotd.store.restore` says in which order).
 
         ``name`` None means the newest; if its newest manifest has world_size > 1, every rank's newest
         checkpoint of that step is restored together (a step with a rank missing is skipped). A
@@ -790,151 +781,7 @@ class BaseStore(ABC):
         download or verification fails, the previous candidate is tried and the failed names are returned
         in ``skipped``. :class:`RestoreError` when nothing could be restored.
         """
-        started = time.monotonic()
-        where = self.url(self.checkpoints_prefix)
-        manifests = await self.list()
-        if name is not None:
-            if not safe_relative(name) or "/" in name:
-                raise RestoreError(
-                    f"checkpoint name {name!r} is not a name; fix: use one shown by `spotd list`"
-                )
-            candidates = named_candidates(manifests, name)
-            if not candidates:
-                raise RestoreError(
-                    f"no committed checkpoint {name!r} under {where}; fix: pick one from `spotd list`"
-                )
-        else:
-            found = restore_candidates(manifests)
-            for step in found.incomplete:
-                log.warning(
-                    "restore.incomplete_step",
-                    step=step.step,
-                    world_size=step.world_size,
-                    ranks=list(step.ranks),
-                )
-            candidates = found.sets
-        if not candidates:
-            raise NothingToRestore(f"no complete committed checkpoint under {where}; nothing to restore")
-        skipped: list[str] = []
-        aside_dir = aside_dir_for(dest, datetime.now(UTC))
-        for group in candidates:
-            try:
-                nfiles, nbytes, moved = await self._restore_group(group, dest, aside_dir, progress)
-            except DiskFull:
-                # No fallback: an older checkpoint restored because this one did not fit would resume
-                # from older work unnoticed; the disk has to be freed or grown either way.
-                raise
-            except StoreError as exc:
-                names = [m.name for m in group]
-                skipped.extend(names)
-                log.warning("restore.fallback", failed=names, error=str(exc), error_type=type(exc).__name__)
-                continue
-            seconds = time.monotonic() - started
-            if self._metrics is not None:
-                self._metrics.restore_seconds.observe(seconds)
-            log.info(
-                "store.restored",
-                names=[m.name for m in group],
-                files=nfiles,
-                bytes=nbytes,
-                seconds=round(seconds, 3),
-                dest=str(dest),
-                skipped=skipped,
-                moved_aside=len(moved),
-            )
-            if moved:
-                log.warning(
-                    "restore.moved_aside",
-                    files=list(moved[:50]),
-                    count=len(moved),
-                    aside=str(aside_dir),
-                    note="these local files differed from the checkpoint's and were kept, not overwritten",
-                )
-            return RestoreResult(
-                manifest=group[0],
-                files=nfiles,
-                bytes=nbytes,
-                seconds=seconds,
-                skipped=tuple(skipped),
-                moved_aside=moved,
-                aside_dir=aside_dir if moved else None,
-            )
-        raise RestoreError(
-            f"no committed checkpoint under {where} could be downloaded and verified "
-            f"(tried {', '.join(skipped)}); see the restore.fallback log lines"
-        )
-
-    async def _restore_group(
-        self,
-        group: Sequence[Manifest],
-        dest: Path,
-        aside_dir: Path,
-        progress: Callable[[int, int], None] | None,
-    ) -> tuple[int, int, tuple[str, ...]]:
-        files = [f for m in group for f in m.files]
-        total = sum(f.size for f in files)
-        need = space_needed(files)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
-
-        async def disk_full() -> DiskFull:
-            return DiskFull(
-                directory=str(dest),
-                need=need,
-                free=await self.run(free_bytes, dest),
-                checkpoint=", ".join(m.name for m in group),
-                checkpoint_bytes=total,
-            )
-
-        staging: Path | None = None
-        try:
-            staging = await self.run(make_staging, dest)
-            # Checked before the first byte: on a full disk every part would fail, each read as a store
-            # error, and every older checkpoint would be tried in turn.
-            if await self.run(free_bytes, staging) < need:
-                raise await disk_full()
-            if progress is not None:
-                progress(0, total)
-            jobs = []
-            for m in group:
-                for f in m.files:
-                    target = staging / f.path
-                    if not target.resolve().is_relative_to(staging.resolve()):
-                        raise RestoreError(f"{m.name}: file {f.path!r} would land outside {dest}")
-                    key = f"{self.checkpoints_prefix}{m.name}/{f.path}"
-                    jobs.append(self._fetch_verified(key, target, f, m.name, advance))
-            await gather_or_cancel(jobs)
-            at = staging
-            moved = await self.run(lambda: move_into_place(at, dest, files, aside_dir=aside_dir))
-        except (StoreError, OSError) as exc:
-            if isinstance(exc, DiskFull) or not is_disk_full(exc):
-                raise
-            # Space taken while the restore ran (or more than the margin allowed for).
-            raise await disk_full() from exc
-        finally:
-            if staging is not None:
-                await self.run(shutil.rmtree, staging, True)
-        return len(files), total, moved
-
-    async def _fetch_verified(
-        self, key: str, target: Path, entry: FileEntry, name: str, advance: Callable[[int], None]
-    ) -> None:
-        await self.run(lambda: target.parent.mkdir(parents=True, exist_ok=True))
-        algo = entry.checksum.split(":", 1)[0]
-        hashed = await self.download_file(key, target, size=entry.size, algo=algo, progress=advance)
-        if hashed is None:
-            hashed = await self.run(lambda: hash_file(target, algo, fsync=True))
-        size, checksum = hashed
-        if size != entry.size or checksum != entry.checksum:
-            raise ChecksumMismatch(
-                f"{name}: {entry.path} has size {size} and {checksum}, the manifest says {entry.size} and "
-                f"{entry.checksum}; the stored object is damaged"
-            )
+        return await restore_checkpoint(self, dest, name=name, progress=progress)
 
     async def write_event(self, record: InterruptionRecord) -> str:
         """Store one interruption record; returns its key."""
@@ -945,19 +792,6 @@ class BaseStore(ABC):
     async def close(self) -> None:
         if self._owns_executor:
             self._executor.shutdown(wait=True)
-
-
-async def gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """All results in order; on the first failure the others are cancelled (not left writing into a
-    staging directory that is about to be removed) and that failure is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def _collect_sources(checkpoint_dir: Path, sources: Sequence[Path]) -> list[LocalFile]:

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -27,6 +28,7 @@ from spotd.store.api import Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.checksums import CHUNK, Hasher
 from spotd.store.localfs import LocalFile, fsync_dir
+from spotd.store.tasks import settle_on_cancel
 
 if TYPE_CHECKING:
     from spotd.metrics import Metrics
@@ -189,11 +191,6 @@ class FileStore(BaseStore):
         fsync_dir(target.parent)
         return got
 
-    def _copy_out(
-        self, key: str, dest: Path, algo: str, progress: Callable[[int], None] | None
-    ) -> tuple[int, str]:
-        return _copy_hashed(self._path(key), dest, algo, progress)
-
     # ---- primitives
 
     async def put_bytes(
@@ -242,8 +239,14 @@ class FileStore(BaseStore):
     async def download_file(
         self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None
     ) -> tuple[int, str] | None:
+        # As the S3 store's: a copy cancelled because another file failed stops at its next chunk, and
+        # the cancellation waits for it (nothing written after the restore removed its staging directory).
+        stop = threading.Event()
+        fut = asyncio.get_running_loop().run_in_executor(
+            self.executor, _copy_hashed, self._path(key), dest, algo, _threadsafe(progress), stop
+        )
         try:
-            return await self.run(self._copy_out, key, dest, algo, _threadsafe(progress))
+            return await settle_on_cancel(fut, stop)
         except OSError as exc:
             raise StoreError(f"reading {self._path(key)} failed: {exc}") from exc
 
@@ -299,8 +302,15 @@ def _threadsafe(progress: Callable[[int], None] | None) -> Callable[[int], None]
     return report
 
 
-def _copy_hashed(src: Path, dst: Path, algo: str, progress: Callable[[int], None] | None) -> tuple[int, str]:
-    """Copy ``src`` to ``dst``, hashing the bytes on the way (one read pass); ``dst`` is fsynced.
+def _copy_hashed(
+    src: Path,
+    dst: Path,
+    algo: str,
+    progress: Callable[[int], None] | None,
+    stop: threading.Event | None = None,
+) -> tuple[int, str]:
+    """Copy ``src`` to ``dst``, hashing the bytes on the way (one read pass); ``dst`` is fsynced. A set
+    ``stop`` ends the copy at the next chunk (:class:`InterruptedError`).
 
     Returns the bytes copied and their checksum, for the caller to compare with what it expected.
     """
@@ -310,6 +320,8 @@ def _copy_hashed(src: Path, dst: Path, algo: str, progress: Callable[[int], None
     view = memoryview(buf)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         while n := fin.readinto(buf):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"copying {src} was cancelled")
             hasher.update(view[:n])
             fout.write(view[:n])
             size += n

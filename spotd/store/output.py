@@ -17,9 +17,10 @@ from spotd.errors import UploadError
 from spotd.events import format_time
 from spotd.logs import get_logger
 from spotd.store.api import Priority
-from spotd.store.base import BaseStore, gather_or_cancel
+from spotd.store.base import BaseStore
 from spotd.store.localfs import collect_files
 from spotd.store.manifest import MANIFEST
+from spotd.store.tasks import gather_or_cancel
 
 __all__ = ["upload_output"]
 

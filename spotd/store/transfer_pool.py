@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from spotd.store.api import Priority
 from spotd.store.pacing import BACKGROUND_NICE, RateLimit, lower_thread_priority
+from spotd.store.tasks import settle_on_cancel
 
 __all__ = ["TransferPool"]
 
@@ -108,23 +110,33 @@ class TransferPool:
             self._bg -= 1
         self._notify()
 
-    async def run(self, priority: Priority, fn: Callable[[], T], *, nbytes: int = 0) -> T:
+    async def run(
+        self,
+        priority: Priority,
+        fn: Callable[[], T],
+        *,
+        nbytes: int = 0,
+        stop: threading.Event | None = None,
+    ) -> T:
         """``fn()`` on a transfer thread of ``priority`` once a slot of it is free; a background ``fn``
-        that sends ``nbytes`` first waits for them to fit under ``background_rate``."""
+        that sends ``nbytes`` first waits for them to fit under ``background_rate``. With ``stop`` (which
+        ``fn`` watches), a cancellation waits for ``fn`` to return
+        (:func:`~spotd.store.tasks.settle_on_cancel`), and the slot stays taken until then."""
         await self._acquire(priority)
         try:
             loop = asyncio.get_running_loop()
-            if priority is Priority.EMERGENCY:
-                return await loop.run_in_executor(self._em_threads, fn)
-            pace = self.pace
-            if pace is None or nbytes <= 0:
-                return await loop.run_in_executor(self._bg_threads, fn)
+            threads, call = self._em_threads, fn
+            if priority is not Priority.EMERGENCY:
+                threads = self._bg_threads
+                pace = self.pace
+                if pace is not None and nbytes > 0:
 
-            def paced() -> T:
-                pace.take(nbytes)
-                return fn()
+                    def call() -> T:
+                        pace.take(nbytes)
+                        return fn()
 
-            return await loop.run_in_executor(self._bg_threads, paced)
+            fut = loop.run_in_executor(threads, call)
+            return await (fut if stop is None else settle_on_cancel(fut, stop))
         finally:
             self._release(priority)
 
