@@ -484,7 +484,7 @@ class Checkpointer:
             # An asked-for (emergency) save is announced first: spotd uploads its parts while it is written.
             announce: Callable[[Path], None] | None = None
             if reason != "periodic":
-                final = for_peer and reason == "final"
+                final = reason == "sigterm" or (for_peer and reason == "final")
 
                 def _announce(temp: Path) -> None:
                     self._link.announce(final_path, temp, step, final=final)
