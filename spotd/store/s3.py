@@ -36,7 +36,7 @@ from spotd.store.checksums import can_combine
 from spotd.store.localfs import LocalFile
 from spotd.store.pacing import BACKGROUND_NICE
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
-from spotd.store.stream import GrowingUpload
+from spotd.store.stream import GrowingUpload, early_parts
 from spotd.store.transfer_pool import TransferPool
 
 if TYPE_CHECKING:
@@ -306,6 +306,7 @@ class S3Store(BaseStore):
             trainer=trainer,
             rank=rank,
             on_close=self.end_emergency,
+            early_parts=early_parts(self._pool.limit),
         )
         try:
             await stream.start()

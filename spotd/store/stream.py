@@ -49,12 +49,25 @@ from spotd.store.s3_transfer import (
     pread_exact,
 )
 
-__all__ = ["POLL_S", "GrowingUpload"]
+__all__ = ["POLL_S", "GrowingUpload", "early_parts"]
 
 log = get_logger("spotd.store")
 
 #: How often the size of a file being written is looked at (an fstat: microseconds).
 POLL_S: Final = 0.02
+#: Parts sent at once while the file is written, per core beyond the first two (see
+#: :func:`early_parts`).
+EARLY_PARTS_PER_CORE: Final = 0.5
+
+
+def early_parts(limit: int, cores: int | None = None) -> int:
+    """Parts in flight while a file is still being written: half a part per core, at least 2, at most the
+    pool's ``limit``. Sending competes with the writer for the CPU (reading, CRC, HTTP; and on a test box,
+    the S3 server itself); the rest is sent at full concurrency once the trainer says ``saved``."""
+    n = int((cores or os.cpu_count() or 2) * EARLY_PARTS_PER_CORE)
+    return max(1, min(limit, max(2, n)))
+
+
 #: S3's most parts of one upload; a file that would need more is uploaded plainly.
 MAX_PARTS: Final = 10_000
 
@@ -65,6 +78,7 @@ class GrowingUpload:
 
     __slots__ = (
         "_done",
+        "_early",
         "_fd",
         "_files",
         "_follower",
@@ -99,6 +113,7 @@ class GrowingUpload:
         trainer: str,
         rank: int | None,
         on_close: Callable[[], None],
+        early_parts: int = 2,
     ) -> None:
         """``full``: the bucket-relative key the file will be committed under; ``rel``: its path relative to
         checkpoint_dir (as the manifest lists it); ``watch``: where its bytes are written, tried in order
@@ -120,6 +135,10 @@ class GrowingUpload:
         self._follower: asyncio.Task[None] | None = None
         self._sends: dict[int, asyncio.Task[tuple[int, dict[str, Any]] | None]] = {}
         self._done = False
+        #: Parts in flight while the file is still being written: the trainer's save must keep its cores
+        #: (with 16 parts at once on 2 cores its 1 GB torch.save took 4-5 s instead of 1); after saved,
+        #: every slot of the pool.
+        self._early = asyncio.Semaphore(early_parts)
         #: Bytes sent before ``finish`` (while the file was written), and parts sent again by it.
         self.sent_early = 0
         self.resent = 0
@@ -185,12 +204,15 @@ class GrowingUpload:
             return self._put_part(client, upload_id, part, data)
 
         try:
-            out = await self._files.request(
-                f"upload part {part.number} of s3://{self._files.bucket}/{self._full} (being written)",
-                Priority.EMERGENCY,
-                put,
-                nbytes=part.length,
-            )
+            async with self._early:
+                if self._stop.is_set():
+                    return None  # saved meanwhile: finish sends it, at the pool's full concurrency
+                out = await self._files.request(
+                    f"upload part {part.number} of s3://{self._files.bucket}/{self._full} (being written)",
+                    Priority.EMERGENCY,
+                    put,
+                    nbytes=part.length,
+                )
         except Exception as exc:  # only an early start: the part is sent again at finish
             log.info("store.stream_part_deferred", key=self._full, part=part.number, error=str(exc))
             return None
