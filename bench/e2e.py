@@ -1,6 +1,7 @@
 """End to end: spot notice served -> checkpoint durable in S3, spotd vs the blog-post recipe, same machine.
 
     .venv/bin/python bench/e2e.py [--sizes 1024,100] [--reps 3] [--step-seconds 0.05] [--poll-interval 1.0]
+        [--overlap on|off|both]
 
 Everything runs on loopback in one run: the IMDS simulator (spotd.tools.simulator), moto's S3 server as a
 subprocess, and for each size (MB of model state) and repetition:
@@ -11,6 +12,9 @@ subprocess, and for each size (MB of model state) and repetition:
   ``spotd.torch.Checkpointer``; the time is notice served -> the trainer's ``step()`` returned True with the
   checkpoint confirmed durable (the daemon's own ``interruption.handled`` figures are printed too);
 * the reference: the baseline's torch.save time + ``s5cmd cp`` of the same file to the same server.
+
+``--overlap both`` runs spotd twice per repetition, with ``store.overlap`` on (the Checkpointer announces
+its emergency save and the daemon uploads parts while it is written) and off, and prints a row for each.
 
 "Served" is when the simulator first answered the notice (the poller's detection delay is not counted for
 either side; "armed" columns include it). Prints medians, and spotd / (torch.save + s5cmd cp).
@@ -319,7 +323,7 @@ class Bench:
             "s5cmd_cp": s5cmd_s,
         }
 
-    def spotd(self, size_mb: int, rep: int) -> dict[str, float]:
+    def spotd(self, size_mb: int, rep: int, overlap: bool = True) -> dict[str, float]:
         self.sim.clear()
         ckpt = self.work / f"ckpt-{rep}"
         ckpt.mkdir()
@@ -339,6 +343,7 @@ class Bench:
                     f'uri = "s3://{BUCKET}/spotd"',
                     f"endpoint_url = {json.dumps(self.endpoint)}",
                     *([f"part_size = {self.args.part_size_mb * MB}"] if self.args.part_size_mb else []),
+                    f"overlap = {'true' if overlap else 'false'}",
                     "[metrics]",
                     f'listen = "127.0.0.1:{free_port()}"',
                     "[policy]",
@@ -410,6 +415,7 @@ class Bench:
                 what="interruption.handled",
             )
             rec = handled[0]
+            streamed = logs.events("store.stream_completed")
         finally:
             if proc is not None:
                 stop(proc)
@@ -427,6 +433,8 @@ class Bench:
             "daemon_notice_to_durable": float(rec["notice_to_durable_seconds"]),
             "daemon_upload": float(rec["upload_seconds"]),
             "moto_cpu": moto_cpu,
+            # Bytes of the checkpoint uploaded before the trainer said saved (0 without overlap).
+            "sent_before_saved": float(sum(e.get("sent_before_saved", 0) for e in streamed)),
         }
 
 
@@ -443,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part-size-mb", type=int, default=0, help="spotd's store.part_size in MB (default: spotd's own)"
     )
+    parser.add_argument(
+        "--overlap",
+        choices=["on", "off", "both"],
+        default="on",
+        help="spotd's store.overlap (upload while the save is written); both: a row for each",
+    )
     parser.add_argument("--json", action="store_true", help="also print every repetition as JSON")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -451,21 +465,26 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="spotd-e2e-"))
     snapshot(work)
     bench = Bench(args, work)
-    results: list[tuple[int, list[dict[str, float]], list[dict[str, float]]]] = []
+    overlaps = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.overlap]
+    results: list[tuple[int, list[dict[str, float]], dict[str, list[dict[str, float]]]]] = []
     try:
         for size in sizes:
             base_rows: list[dict[str, float]] = []
-            spot_rows: list[dict[str, float]] = []
+            spot_rows: dict[str, list[dict[str, float]]] = {o: [] for o in overlaps}
+            trial = 0
             for rep in range(args.reps):
                 # Alternate the order so page cache and moto's warm-up favour neither side.
-                order = ("baseline", "spotd") if rep % 2 == 0 else ("spotd", "baseline")
+                modes = ["baseline", *overlaps]
+                order = modes if rep % 2 == 0 else modes[::-1]
                 for mode in order:
                     if mode == "baseline":
                         base_rows.append(bench.baseline(size))
                     else:
-                        spot_rows.append(bench.spotd(size, len(spot_rows) + 100 * size))
+                        trial += 1
+                        spot_rows[mode].append(bench.spotd(size, trial + 100 * size, overlap=mode == "on"))
                 if args.json:
-                    print(json.dumps({"size_mb": size, "baseline": base_rows[-1], "spotd": spot_rows[-1]}))
+                    last = {f"spotd_overlap_{o}": rows[-1] for o, rows in spot_rows.items()}
+                    print(json.dumps({"size_mb": size, "baseline": base_rows[-1], **last}))
             results.append((size, base_rows, spot_rows))
     finally:
         bench.close()
@@ -475,25 +494,31 @@ def main(argv: list[str] | None = None) -> int:
         f"spotd poll {args.poll_interval}s; {os.cpu_count()} cores"
     )
     header = (
-        f"{'size':>7} {'baseline':>9} {'spotd':>7} {'torch.save':>10} {'aws cp':>7} {'s5cmd cp':>8} "
+        f"{'size':>7} {'overlap':>7} {'baseline':>9} {'spotd':>7} {'torch.save':>10} {'aws cp':>7} "
+        f"{'s5cmd cp':>8} "
         f"{'ratio':>6} {'spotd save':>10} {'daemon n2d':>10} {'armed: base':>11} {'spotd':>6} {'moto cpu':>8}"
     )
     print(header)
-    for size, b, s in results:
+    for size, b, by_overlap in results:
         ref = med(b, "torch_save") + med(b, "s5cmd_cp")
-        print(
-            f"{size:>5}MB {med(b, 'served_to_durable'):>9.2f} {med(s, 'served_to_durable'):>7.2f} "
-            f"{med(b, 'torch_save'):>10.2f} {med(b, 'aws_cp'):>7.2f} {med(b, 's5cmd_cp'):>8.2f} "
-            f"{med(s, 'served_to_durable') / ref:>6.2f} {med(s, 'save_fsync'):>10.2f} "
-            f"{med(s, 'daemon_notice_to_durable'):>10.2f} {med(b, 'armed_to_durable'):>11.2f} "
-            f"{med(s, 'armed_to_durable'):>6.2f} {med(s, 'moto_cpu'):>8.2f}"
-        )
+        for overlap, s in by_overlap.items():
+            _row(size, overlap, b, s, ref)
     print(
         "baseline/spotd: notice served -> durable. ratio = spotd / (torch.save + s5cmd cp). spotd save "
         "includes fsync; daemon n2d is spotd's own notice_to_durable_seconds; moto cpu = the S3 server's CPU "
         "seconds during the spotd upload."
     )
     return 0
+
+
+def _row(size: int, overlap: str, b: list[dict[str, float]], s: list[dict[str, float]], ref: float) -> None:
+    print(
+        f"{size:>5}MB {overlap:>7} {med(b, 'served_to_durable'):>9.2f} {med(s, 'served_to_durable'):>7.2f} "
+        f"{med(b, 'torch_save'):>10.2f} {med(b, 'aws_cp'):>7.2f} {med(b, 's5cmd_cp'):>8.2f} "
+        f"{med(s, 'served_to_durable') / ref:>6.2f} {med(s, 'save_fsync'):>10.2f} "
+        f"{med(s, 'daemon_notice_to_durable'):>10.2f} {med(b, 'armed_to_durable'):>11.2f} "
+        f"{med(s, 'armed_to_durable'):>6.2f} {med(s, 'moto_cpu'):>8.2f}"
+    )
 
 
 def trainer_main(argv: list[str]) -> int:

@@ -95,6 +95,9 @@ class StoreConfig:
     #: Bytes/s every BACKGROUND (periodic) transfer together may send: 50000000, "50MB", "400MiB"; 0 or ""
     #: is no cap. Emergency uploads are never capped. s3:// only (a file:// store is a local copy).
     background_rate: int | str = 0
+    #: Upload an emergency checkpoint's parts while the trainer writes it (it announces the file first):
+    #: s3:// only; the commit still waits for ``saved`` and checks every byte against the final file.
+    overlap: bool = True
 
     @property
     def background_bytes_per_second(self) -> int | None:

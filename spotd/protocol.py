@@ -3,8 +3,10 @@
 Stdlib only: :mod:`spotd.client` imports this and must stay light.
 
 Daemon → trainer: ``welcome``, ``checkpoint``, ``durable``, ``error`` (and ``status`` replies).
-Trainer → daemon: ``hello``, ``saved``, ``failed``, ``status``, ``finished`` (the job is done: spotd marks it
-Completed and answers ``finished`` with the outcome).
+Trainer → daemon: ``hello``, ``writing`` (optional: a save is about to be written at ``path``; the daemon may
+start uploading its parts while it grows, and commits nothing before ``saved``), ``saved``, ``failed``,
+``status``, ``finished`` (the job is done: spotd marks it Completed and answers ``finished`` with the
+outcome).
 A control client (``spotd status``/``spotd checkpoint``/``spotd complete``) says ``hello`` with
 ``"role": "control"`` and may then send ``status``, ``drill`` or ``finished``; it never counts as a trainer.
 
@@ -48,6 +50,7 @@ __all__ = [
     "store_failed",
     "validate_client_frame",
     "welcome",
+    "writing",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -56,7 +59,7 @@ MAX_LINE: Final = 64 * 1024
 #: Where the daemon listens unless ``socket.path`` says otherwise (systemd's RuntimeDirectory=spotd).
 DEFAULT_SOCKET: Final = "/run/spotd/spotd.sock"
 
-CLIENT_OPS: Final = frozenset({"hello", "saved", "failed", "status", "drill", "finished"})
+CLIENT_OPS: Final = frozenset({"hello", "writing", "saved", "failed", "status", "drill", "finished"})
 DAEMON_OPS: Final = frozenset({"welcome", "checkpoint", "durable", "error", "status", "drill", "finished"})
 
 # Error codes sent in `error` frames.
@@ -118,6 +121,15 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
         "local_world_size": ((int, type(None)), False),
         "node_rank": ((int, type(None)), False),
         "run_id": ((str, type(None)), False),
+    },
+    # A file about to be written: ``path`` as ``saved`` will report it; ``temp``, when the bytes go to another
+    # name first (write to a temp file, then rename), the name they are written under (the daemon follows
+    # that file through the rename); ``final`` as in ``saved``.
+    "writing": {
+        "path": (str, True),
+        "step": ((int, type(None)), False),
+        "temp": (str, False),
+        "final": (bool, False),
     },
     "saved": {
         "request_id": ((str, type(None)), False),
@@ -288,6 +300,24 @@ def hello(
     fields["role"] = role
     fields.update({k: v for k, v in (placement or {}).items() if v is not None})
     return _client_frame("hello", fields)
+
+
+def writing(
+    *,
+    path: str,
+    step: int | None,
+    temp: str | _Omit = OMIT,
+    final: bool | _Omit = OMIT,
+) -> dict[str, Any]:
+    """A save of ``step`` is about to be written, to be reported as ``path`` (relative to checkpoint_dir);
+    its bytes go to ``temp`` first when given. Sent only to a daemon whose welcome says ``"writing": true``;
+    the ``saved`` frame that follows is what commits it."""
+    fields: dict[str, Any] = {"path": path, "step": step}
+    if temp is not OMIT:
+        fields["temp"] = temp
+    if final is not OMIT:
+        fields["final"] = final
+    return _client_frame("writing", fields)
 
 
 def saved(

@@ -42,6 +42,9 @@ def test_bad_lines_raise_protocol_errors_with_a_code(line, code):
         ({"op": "saved"}, protocol.E_BAD_FRAME),
         ({"op": "saved", "path": "x", "step": "7"}, protocol.E_BAD_FRAME),
         ({"op": "saved", "path": "x", "step": True}, protocol.E_BAD_FRAME),
+        ({"op": "writing"}, protocol.E_BAD_FRAME),
+        ({"op": "writing", "path": "x", "temp": 3}, protocol.E_BAD_FRAME),
+        ({"op": "writing", "path": "x", "final": "yes"}, protocol.E_BAD_FRAME),
     ],
 )
 def test_client_frames_are_validated(frame, code):
@@ -253,6 +256,20 @@ def test_client_frame_builders_write_the_bytes_of_before():
     ]
     for built, literal in pairs:
         assert protocol.encode(built) == protocol.encode(literal)
+        assert protocol.validate_client_frame(built) is built
+
+
+def test_writing_announces_the_path_then_the_temp_name_and_only_what_is_given():
+    """``writing`` (new, optional) carries path and step, then temp and final only when given; it validates."""
+    cases = [
+        (protocol.writing(path="a/s.pt", step=5), b'{"op":"writing","path":"a/s.pt","step":5}\n'),
+        (
+            protocol.writing(path="a/s.pt", step=None, temp="a/.s.pt.tmp-9", final=True),
+            b'{"op":"writing","path":"a/s.pt","step":null,"temp":"a/.s.pt.tmp-9","final":true}\n',
+        ),
+    ]
+    for built, wire in cases:
+        assert protocol.encode(built) == wire
         assert protocol.validate_client_frame(built) is built
 
 

@@ -189,6 +189,31 @@ class Guard:
             self._save_state = "pending"
         self._send(frame)
 
+    def writing(
+        self,
+        path: str | os.PathLike[str],
+        step: int | None = None,
+        *,
+        temp: str | os.PathLike[str] | None = None,
+        final: bool = False,
+    ) -> bool:
+        """Say a save is about to be written, before writing it: ``path`` as :meth:`saved` will report it,
+        ``temp`` where its bytes go first when they are renamed into place. For an emergency save the
+        daemon then uploads its parts while they are written; :meth:`saved` still has to follow (nothing
+        is committed before it). Sent only when the daemon said it takes it; True when sent."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step must be an int or None, not {type(step).__name__}")
+        welcome = self._welcome
+        if self._inert or not welcome or not welcome.get("writing"):
+            return False
+        frame = protocol.writing(
+            path=os.fspath(path),
+            step=step,
+            temp=protocol.OMIT if temp is None else os.fspath(temp),
+            final=True if final else protocol.OMIT,
+        )
+        return self._send(frame)
+
     def failed(self, message: str, *, periodic: bool = False) -> None:
         """Report that the requested checkpoint (or with ``periodic=True``, a save of the trainer's own
         schedule, leaving any open request unanswered) could not be written."""

@@ -13,7 +13,7 @@ at emergency priority within that same budget, which is also how long the traine
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,7 +22,7 @@ from spotd.daemon.episode import Episode, Save
 from spotd.errors import StoreError
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority
+from spotd.store import CheckpointStore, CommitInfo, FileStream, Manifest, Priority
 from spotd.store.marker import write_disk_marker
 
 __all__ = ["COMMIT_BACKOFF_MAX_S", "COMMIT_BACKOFF_S", "PERIODIC_COMMIT_BUDGET_S", "Committer", "Reply"]
@@ -83,15 +83,18 @@ class Committer:
         episode: Episode | None,
         reply: Reply | None,
         priority: Priority | None = None,
+        streams: Sequence[FileStream] = (),
     ) -> Manifest | None:
         """Commit ``source``; records the outcome on ``save`` and wakes ``episode``; None when given up.
 
         ``priority`` defaults to emergency for a save an episode asked for, background otherwise.
+        ``streams`` (its files already going up, :mod:`.overlap`) go to the first attempt only: it finishes
+        or aborts them, and a retry uploads plainly.
         """
         if priority is None:
             priority = Priority.EMERGENCY if episode is not None else Priority.BACKGROUND
         try:
-            manifest = await self._commit_with_retries(source, info, priority, save, episode)
+            manifest = await self._commit_with_retries(source, info, priority, save, episode, streams)
         except (StoreError, OSError) as exc:
             save.error = str(exc)
             # Counted here, once per commit given up, not per attempt: the help text of the metric says so.
@@ -145,7 +148,13 @@ class Committer:
         return manifest
 
     async def _commit_with_retries(
-        self, source: Path, info: CommitInfo, priority: Priority, save: Save, episode: Episode | None
+        self,
+        source: Path,
+        info: CommitInfo,
+        priority: Priority,
+        save: Save,
+        episode: Episode | None,
+        streams: Sequence[FileStream] = (),
     ) -> Manifest:
         """Retry the whole commit while it can still matter; raises the last attempt's error when not.
 
@@ -156,9 +165,10 @@ class Committer:
         give_up_at = episode.retry_until if episode is not None else self._clock() + PERIODIC_COMMIT_BUDGET_S
         while True:
             save.attempts += 1
+            extra: dict[str, Any] = {"streams": streams} if streams and save.attempts == 1 else {}
             try:
                 return await self._store.commit(
-                    source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority
+                    source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority, **extra
                 )
             except (StoreError, OSError) as exc:
                 backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (save.attempts - 1))

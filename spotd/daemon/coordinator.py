@@ -42,6 +42,7 @@ from spotd.daemon.episode import (
 )
 from spotd.daemon.ipc import Session
 from spotd.daemon.job import Finisher
+from spotd.daemon.overlap import Overlap
 from spotd.daemon.parts import Member, Placement, StepParts, placement_of
 from spotd.daemon.sinks import Sinks
 from spotd.daemon.watched import WATCHER, WatchAnswer, Watching
@@ -92,6 +93,7 @@ class Coordinator:
         "_ipc",
         "_last_durable",
         "_metrics",
+        "_overlap",
         "_parts",
         "_phase",
         "_placements",
@@ -164,6 +166,9 @@ class Coordinator:
         self._started = clock()
         self.current: Episode | None = None
         self._budget = UploadBudget(store=store, metrics=metrics)
+        self._overlap = Overlap(
+            store=store, checkpoint_dir=self._checkpoint_dir, enabled=config.store.overlap, spawn=self._spawn
+        )
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, ipc: TrainerChannel) -> None:
@@ -432,6 +437,7 @@ class Coordinator:
             "job_id": self._config.job_id,
             "instance_id": self._identity.instance_id,
             "phase": self._phase.value,
+            "writing": self._overlap.enabled,  # a `writing` frame before a save is welcome
         }
 
     async def on_ready(self, session: Session) -> None:
@@ -448,6 +454,12 @@ class Coordinator:
         if session.id not in episode.asked:
             episode.asked[session.id] = session.name
         await self._ipc.send(session, episode.frame())
+
+    async def on_writing(self, session: Session, frame: dict[str, Any]) -> None:
+        asked = (
+            (c := self.current) is not None and c.final and not c.settled.is_set() and session.id in c.asked
+        )
+        await self._overlap.writing(session, frame, emergency=asked or bool(frame.get("final")))
 
     async def on_saved(self, session: Session, frame: dict[str, Any]) -> None:
         raw_path = frame["path"]
@@ -518,11 +530,13 @@ class Coordinator:
             shared = bool(frame.get("shared"))
             covers = self._covered_by(session, placement, save, episode) if shared else []
             self._parts.offer(member, shared=shared, covers=covers)
+            self._overlap.drop(session)  # a multi-rank step is committed as a node part: no streams
             return
         priority = Priority.EMERGENCY if emergency else Priority.BACKGROUND
+        streams = self._overlap.take(session, source)
         self._spawn(
             self._committer.commit(
-                source, info=info, save=save, episode=episode, reply=reply, priority=priority
+                source, info=info, save=save, episode=episode, reply=reply, priority=priority, streams=streams
             )
         )
 
@@ -622,6 +636,7 @@ class Coordinator:
         )
 
     def on_disconnect(self, session: Session) -> None:
+        self._overlap.drop(session)
         episode = self.current
         if episode is None or session.id not in episode.asked:
             # Kept while an episode asked it: a shared save of its node may still answer for it.
@@ -678,6 +693,7 @@ class Coordinator:
         """Give in-flight commits ``grace_s`` to finish, then cancel what is left; an episode not settled by
         then is recorded with what is true at that moment (a save still uploading is lost to this daemon)."""
         self._parts.close()
+        await self._overlap.close()
         if self._bg:
             _, pending = await asyncio.wait(set(self._bg), timeout=grace_s)
             for task in pending:

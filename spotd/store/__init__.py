@@ -22,7 +22,7 @@ import concurrent.futures
 from typing import TYPE_CHECKING
 
 from spotd.errors import StoreError
-from spotd.store.api import CheckpointStore, PartResult, PartState, Priority, RestoreResult
+from spotd.store.api import CheckpointStore, FileStream, PartResult, PartState, Priority, RestoreResult
 from spotd.store.localfs import resolve_inside
 from spotd.store.manifest import CommitInfo, FileEntry, Manifest
 from spotd.store.selection import run_checkpoint_name
@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointStore",
     "CommitInfo",
     "FileEntry",
+    "FileStream",
     "Manifest",
     "PartResult",
     "PartState",

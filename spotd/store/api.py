@@ -8,13 +8,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from spotd.events import InterruptionRecord
-from spotd.store.manifest import CommitInfo, Manifest
+from spotd.store.manifest import CommitInfo, Manifest, Provenance
 
-__all__ = ["CheckpointStore", "PartResult", "PartState", "Priority", "RestoreResult"]
+if TYPE_CHECKING:
+    from spotd.store.localfs import LocalFile
+
+__all__ = ["CheckpointStore", "FileStream", "PartResult", "PartState", "Priority", "RestoreResult"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +70,21 @@ class Priority(enum.Enum):
     BACKGROUND = "background"
 
 
+class FileStream(Protocol):
+    """A file being uploaded while it is written (:meth:`CheckpointStore.open_stream`): the commit of the
+    save it was announced for finishes it (checking every byte against the final file), anything else
+    aborts it."""
+
+    #: The checkpoint name the file's key was made with, and when: the commit that adopts it uses both.
+    name: str
+    created: datetime
+    rel: str  # the file's path relative to checkpoint_dir, as the manifest lists it
+
+    def matches(self, info: Provenance) -> bool: ...
+    async def finish(self, file: LocalFile, progress: Callable[[int], None] | None) -> str | None: ...
+    async def abort(self) -> None: ...
+
+
 class CheckpointStore(Protocol):
     """What the daemon and the CLI use of a store (:func:`spotd.store.open_store` makes one)."""
 
@@ -81,7 +100,11 @@ class CheckpointStore(Protocol):
         info: CommitInfo,
         priority: Priority = Priority.BACKGROUND,
         progress: Callable[[int], None] | None = None,
+        streams: Sequence[FileStream] = (),
     ) -> Manifest: ...
+    async def open_stream(
+        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+    ) -> FileStream | None: ...
     async def commit_part(
         self,
         sources: Sequence[Path],

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from spotd.errors import CommitError, StoreError
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
-from spotd.store.api import PartResult, PartState, Priority, RestoreResult
+from spotd.store.api import FileStream, PartResult, PartState, Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
 from spotd.store.localfs import LocalFile, collect_files
-from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest
+from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest, Provenance
 from spotd.store.restore import restore as restore_checkpoint
 from spotd.store.selection import (
     checkpoint_name,
@@ -244,6 +244,28 @@ class BaseStore(ABC):
         checksum the store reports for the copy, or None: this backend does not copy (upload instead)."""
         return None
 
+    async def open_stream(
+        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+    ) -> FileStream | None:
+        """Start uploading the file ``rel`` (relative to checkpoint_dir) while it is written at the first of
+        ``watch`` that appears, for the save of ``step`` by ``trainer`` (``rank``); None: this backend does
+        not (the file is uploaded when it is committed, as always)."""
+        return None
+
+    def stream_name(self, *, trainer: str, step: int | None, rank: int | None, now: datetime) -> str:
+        """The name a commit of that save would get at ``now``: what a stream's key is made with."""
+        who = Provenance(
+            job_id=self.job_id,
+            step=step,
+            trainer=trainer,
+            rank=rank,
+            world_size=None,
+            request_id=None,
+            reason="",
+            instance_id="",
+        )
+        return checkpoint_name(who, now)
+
     def begin_emergency(self) -> None:  # noqa: B027  (backends without preemption keep the default)
         """An EMERGENCY commit starts: background transfers should yield to it."""
 
@@ -294,24 +316,43 @@ class BaseStore(ABC):
         info: CommitInfo,
         priority: Priority = Priority.BACKGROUND,
         progress: Callable[[int], None] | None = None,
+        streams: Sequence[FileStream] = (),
     ) -> Manifest:
         """Upload data files, then MANIFEST.json (never overwriting), then LATEST; then retention.
 
         A failure before the manifest is written leaves only an orphan directory that list() ignores
         and a later retention pass removes. Nothing local is deleted. One try: retrying a failed commit is
         the caller's decision (it knows the deadline).
+
+        ``streams``: files of this save already going up while they were written (:meth:`open_stream`);
+        when they were opened for this save (same step, trainer and rank, one name, each a file of
+        ``source``) the commit takes their name and finishes each instead of uploading it, else it aborts
+        them. Either way none of them outlives this call.
         """
         started = time.monotonic()
-        files = await self.run(collect_files, checkpoint_dir, source)
-        created = datetime.now(UTC)
-        name = checkpoint_name(info, created)
+        try:
+            files = await self.run(collect_files, checkpoint_dir, source)
+            created = datetime.now(UTC)
+            name = checkpoint_name(info, created)
+            adopted = _adoptable(streams, files, info)
+            if adopted:
+                first = next(iter(adopted.values()))
+                name, created = first.name, first.created
+            else:
+                # At once: an open stream holds background transfers back, this commit's among them.
+                for s in streams:
+                    await s.abort()
+        except BaseException:
+            for s in streams:
+                await s.abort()
+            raise
         base = f"{self.checkpoints_prefix}{name}/"
         self._inflight.add(name)
         if priority is Priority.EMERGENCY:
             self.begin_emergency()
         try:
             kind = ("rank", info.rank)
-            put = await self._put_files(files, base, priority, progress, kind)
+            put = await self._put_files(files, base, priority, progress, kind, adopted)
             entries = tuple(
                 FileEntry(path=f.rel, size=f.size, checksum=c)
                 for f, c in zip(files, put.checksums, strict=True)
@@ -341,6 +382,8 @@ class BaseStore(ABC):
             )
             raise
         finally:
+            for s in streams:
+                await s.abort()  # a no-op for each one finished
             if priority is Priority.EMERGENCY:
                 self.end_emergency()
             self._inflight.discard(name)
@@ -484,6 +527,7 @@ class BaseStore(ABC):
         priority: Priority,
         progress: Callable[[int], None] | None,
         kind: tuple[object, ...],
+        streamed: dict[str, FileStream] | None = None,
     ) -> _Put:
         """Every file to ``base`` concurrently: server-side copied from ``prior`` (the newest commit of
         ``kind``, :meth:`_prior`) when a file of it (any path) has its size and checksum, else uploaded. A
@@ -501,6 +545,11 @@ class BaseStore(ABC):
 
         async def one(f: LocalFile) -> tuple[str, bool]:
             key = base + f.rel
+            stream = (streamed or {}).get(f.rel)
+            if stream is not None:
+                streamed_sum = await stream.finish(f, progress)
+                if streamed_sum is not None:
+                    return streamed_sum, False
             same_size = by_size.get(f.size)
             if same_size:
                 size, checksum = await self.run(hash_file, f.path, self.algo)
@@ -792,6 +841,20 @@ class BaseStore(ABC):
     async def close(self) -> None:
         if self._owns_executor:
             self._executor.shutdown(wait=True)
+
+
+def _adoptable(
+    streams: Sequence[FileStream], files: Sequence[LocalFile], info: Provenance
+) -> dict[str, FileStream]:
+    """The streams a commit of ``files`` for ``info`` finishes, by file: all of them, when each was opened
+    for this save, under one name, for a different file of it; else none (the commit uploads as always)."""
+    rels = {f.rel for f in files}
+    if not streams or len({s.name for s in streams}) != 1:
+        return {}
+    if not all(s.matches(info) and s.rel in rels for s in streams):
+        return {}
+    adopted = {s.rel: s for s in streams}
+    return adopted if len(adopted) == len(streams) else {}
 
 
 def _collect_sources(checkpoint_dir: Path, sources: Sequence[Path]) -> list[LocalFile]:

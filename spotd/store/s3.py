@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -29,11 +30,13 @@ from spotd.aws.session import (
 )
 from spotd.errors import StoreAccessError, StoreError
 from spotd.logs import get_logger
-from spotd.store.api import Priority
+from spotd.store.api import FileStream, Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
+from spotd.store.checksums import can_combine
 from spotd.store.localfs import LocalFile
 from spotd.store.pacing import BACKGROUND_NICE
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
+from spotd.store.stream import GrowingUpload, early_parts
 from spotd.store.transfer_pool import TransferPool
 
 if TYPE_CHECKING:
@@ -281,6 +284,36 @@ class S3Store(BaseStore):
         self, src: str, key: str, *, size: int, checksum: str, priority: Priority
     ) -> str | None:
         return await self._files.copy(self._full(src), self._full(key), size=size, priority=priority)
+
+    async def open_stream(
+        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+    ) -> FileStream | None:
+        if not can_combine(self.algo):
+            return None  # the whole-file checksum would need a second pass: nothing to gain
+        created = datetime.now(UTC)
+        name = self.stream_name(trainer=trainer, step=step, rank=rank, now=created)
+        # Background transfers yield to it from now on, as to an emergency commit, until it ends.
+        self.begin_emergency()
+        stream = GrowingUpload(
+            files=self._files,
+            algo=self.algo,
+            full=self._full(f"{self.checkpoints_prefix}{name}/{rel}"),
+            rel=rel,
+            watch=tuple(watch),
+            name=name,
+            created=created,
+            step=step,
+            trainer=trainer,
+            rank=rank,
+            on_close=self.end_emergency,
+            early_parts=early_parts(self._pool.limit),
+        )
+        try:
+            await stream.start()
+        except BaseException:
+            await stream.abort()
+            raise
+        return stream
 
     async def download_file(
         self, key: str, dest: Path, *, size: int, algo: str, progress: Callable[[int], None] | None

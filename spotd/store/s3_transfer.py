@@ -48,7 +48,17 @@ from spotd.store.localfs import LocalFile, start_writeback
 from spotd.store.tasks import gather_or_cancel
 from spotd.store.transfer_pool import TransferPool
 
-__all__ = ["BUFFER_CAP", "S3_ALGORITHM", "FileChanged", "FileTransfers", "read_all"]
+__all__ = [
+    "BUFFER_CAP",
+    "S3_ALGORITHM",
+    "FileChanged",
+    "FileTransfers",
+    "Part",
+    "combined",
+    "parts_of",
+    "pread_exact",
+    "read_all",
+]
 
 log = get_logger("spotd.store")
 
@@ -171,6 +181,44 @@ class FileTransfers:
             "ChecksumAlgorithm": name,
             f"Checksum{name}": encode_crc(self._algo, crc).split(":", 1)[1],
         }
+
+    # ---- for spotd.store.stream (parts of a file sent while it is being written)
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def part_size(self) -> int:
+        return self._part_size
+
+    @property
+    def pool(self) -> TransferPool:
+        return self._pool
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        return self._executor
+
+    @property
+    def request_attempts(self) -> int:
+        return self._request_attempts
+
+    async def request(self, what: str, priority: Priority, fn: Callable[[], T], *, nbytes: int = 0) -> T:
+        """One blocking request on a transfer slot, its failure an :class:`UploadError` naming ``what``."""
+        return await self._request(what, priority, fn, nbytes=nbytes)
+
+    def checksum_args(self, data: bytes) -> tuple[int | None, dict[str, str]]:
+        """The CRC of ``data`` and the request arguments carrying it (see :meth:`_checksum_args`)."""
+        return self._checksum_args(data)
+
+    def abort_later(self, full: str, upload_id: str) -> None:
+        """Abort the multipart upload ``upload_id`` of ``full`` on a pool thread, not waiting for it."""
+        self._pool.detach(self._abort_quietly, full, upload_id)
 
     # ---- upload
 
@@ -564,6 +612,25 @@ def _check_size(what: str, total: object, size: int, got: int, want: int) -> Non
             f"{what}: the object has {total} bytes (read {got} of {want}), the manifest says {size}; "
             "the stored object is damaged"
         )
+
+
+#: Public names of the part helpers, for :mod:`spotd.store.stream`.
+Part = _Part
+
+
+def parts_of(size: int, part_size: int) -> list[_Part]:
+    """``size`` bytes cut into ``part_size`` parts (one empty part for an empty file)."""
+    return _parts(size, part_size)
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    return _pread_exact(fd, length, offset)
+
+
+def combined(algo: str, crcs: Sequence[int | None], parts: Sequence[_Part]) -> int:
+    """The whole file's CRC from its parts' (in order)."""
+    return _combined(algo, crcs, parts)
 
 
 def _combined(algo: str, crcs: Sequence[int | None], parts: Sequence[_Part]) -> int:

@@ -144,6 +144,11 @@ class TransferPool:
         """Run ``fn(*args)`` on a background transfer thread without a slot and without waiting for it."""
         self._bg_threads.submit(fn, *args)
 
+    @property
+    def limit(self) -> int:
+        """Transfers in flight per priority class at most."""
+        return self._limit
+
     def emergency(self, delta: int) -> None:
         self.emergencies += delta
         self._notify()

@@ -361,8 +361,9 @@ def test_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path:
 class MiniDaemon:
     """A real Unix socket speaking just enough of the protocol: welcome, send requests, ack saves as durable."""
 
-    def __init__(self, path: Path, checkpoint_dir: Path) -> None:
+    def __init__(self, path: Path, checkpoint_dir: Path, welcome: dict[str, Any] | None = None) -> None:
         self.checkpoint_dir = checkpoint_dir
+        self._welcome_extra = welcome or {}
         self.received: list[dict[str, Any]] = []
         self._conn: socket.socket | None = None
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -381,7 +382,14 @@ class MiniDaemon:
             hello = protocol.decode(reader.readline())
             self.received.append(hello)
             conn.sendall(
-                protocol.encode({"op": "welcome", "v": 1, "checkpoint_dir": str(self.checkpoint_dir)})
+                protocol.encode(
+                    {
+                        "op": "welcome",
+                        "v": 1,
+                        "checkpoint_dir": str(self.checkpoint_dir),
+                        **self._welcome_extra,
+                    }
+                )
             )
             for line in reader:
                 frame = protocol.decode(line)

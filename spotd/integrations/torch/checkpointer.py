@@ -481,6 +481,16 @@ class Checkpointer:
                 saved_at=time.time(),
             )
         else:
+            # An asked-for (emergency) save is announced first: spotd uploads its parts while it is written.
+            announce: Callable[[Path], None] | None = None
+            if reason != "periodic":
+                final = reason == "sigterm" or (for_peer and reason == "final")
+
+                def _announce(temp: Path) -> None:
+                    self._link.announce(final_path, temp, step, final=final)
+
+                announce = _announce
+
             size = files.write_atomic(
                 final_path,
                 build_payload(
@@ -491,6 +501,7 @@ class Checkpointer:
                     saved_at=time.time(),
                     exclude=exclude,
                 ),
+                before_write=announce,
             )
         self._last_save_t = time.monotonic()
         self._last_saved_step = step

@@ -10,7 +10,7 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,10 +72,20 @@ def remove_stale_temps(directory: Path, *, rank: int, world_size: int) -> None:
             entry.unlink(missing_ok=True)
 
 
-def write_atomic(final_path: Path, payload: dict[str, Any]) -> int:
+def temp_path(final_path: Path) -> Path:
+    """Where :func:`write_atomic` writes ``final_path``'s bytes before renaming them into place."""
+    return final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+
+
+def write_atomic(
+    final_path: Path, payload: dict[str, Any], *, before_write: Callable[[Path], None] | None = None
+) -> int:
     """Temp file in the same directory, fsync, rename, fsync the directory: complete or absent. Returns
-    the size written."""
-    tmp = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}")
+    the size written. ``before_write(temp)`` is called first (the Checkpointer tells spotd where the bytes
+    will appear, so an emergency upload can start while they are written)."""
+    tmp = temp_path(final_path)
+    if before_write is not None:
+        before_write(tmp)
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)

@@ -184,6 +184,22 @@ class DaemonLink:
             return None
         return request
 
+    def announce(self, path: Path, temp: Path, step: int, *, final: bool = False) -> None:
+        """Tell spotd a save of ``step`` is about to be written to ``temp``, then renamed to ``path``: its
+        upload may start while it is written. Nothing when the daemon does not take it."""
+        guard = self.guard
+        writing = getattr(guard, "writing", None)
+        daemon_dir = guard.checkpoint_dir if guard is not None else None
+        if not callable(writing) or not daemon_dir:
+            return
+        root = Path(daemon_dir).resolve()
+        try:
+            # The directory exists; the files do not yet.
+            relative = path.parent.resolve().relative_to(root) / path.name
+            writing(str(relative), step, temp=str(relative.parent / temp.name), final=final)
+        except Exception as exc:  # only a head start: report() still follows
+            log.debug("telling spotd about the save of step %s failed: %s", step, exc)
+
     def report(self, path: Path, step: int, *, final: bool = False, shared: bool = False) -> str:
         """Tell spotd about a save; returns the path as told (relative to the daemon's checkpoint_dir)."""
         guard = self.guard

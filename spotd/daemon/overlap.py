@@ -1,0 +1,102 @@
+"""Upload overlapped with the save: a trainer's ``writing`` frame opens a store stream for the file it is
+about to write (:meth:`~spotd.store.CheckpointStore.open_stream`), whose complete parts go to S3 while the
+file grows; its ``saved`` hands the stream to that save's commit, which checks every byte against the
+final file, sends the rest and only then writes the manifest (:mod:`spotd.store.stream`).
+
+Only emergency saves overlap (``store.overlap``, on by default): a save an open final episode asked this
+trainer for, or one the trainer marks ``final`` (SIGTERM). A periodic save is uploaded at background pace
+after it is reported, as always: it competes with training for the cores, and nothing is in a hurry.
+
+A stream is never committed by itself. One its trainer never reports (it crashed, or disconnected before
+``saved``) is aborted, as is one replaced by a newer announcement of the same file, and every one left
+when the daemon drains; ``recover()`` at the next start sweeps those of a daemon that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spotd.daemon.ipc import Session
+from spotd.errors import PathEscape, ProtocolError, StoreError
+from spotd.logs import get_logger
+from spotd.protocol import E_PATH
+from spotd.store import CheckpointStore, FileStream, resolve_inside
+
+__all__ = ["Overlap"]
+
+log = get_logger("spotd.overlap")
+
+
+class Overlap:
+    """The streams trainers announced and have not reported yet, per session."""
+
+    __slots__ = ("_checkpoint_dir", "_pending", "_spawn", "_store", "enabled")
+
+    def __init__(
+        self,
+        *,
+        store: CheckpointStore,
+        checkpoint_dir: Path,
+        enabled: bool,
+        spawn: Callable[[Any], None],
+    ) -> None:
+        """``checkpoint_dir`` resolved; ``spawn(coro)`` runs an abort in the background (disconnects are
+        synchronous)."""
+        self._store = store
+        self._checkpoint_dir = checkpoint_dir
+        self.enabled = enabled
+        self._spawn = spawn
+        self._pending: dict[str, dict[str, FileStream]] = {}
+
+    async def writing(self, session: Session, frame: dict[str, Any], *, emergency: bool) -> None:
+        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given)."""
+        if not self.enabled or not emergency or session.role != "trainer":
+            return
+        try:
+            final = await asyncio.to_thread(resolve_inside, self._checkpoint_dir, frame["path"])
+            temp = frame.get("temp")
+            watch = [final]
+            if temp is not None:
+                watch.insert(0, await asyncio.to_thread(resolve_inside, self._checkpoint_dir, temp))
+        except PathEscape as exc:
+            raise ProtocolError(E_PATH, str(exc)) from None
+        rel = final.relative_to(self._checkpoint_dir).as_posix()
+        mine = self._pending.setdefault(session.id, {})
+        if (old := mine.pop(rel, None)) is not None:
+            self._spawn(old.abort())
+        try:
+            stream = await self._store.open_stream(
+                watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=session.rank
+            )
+        except StoreError as exc:  # only a head start: the save is uploaded when reported, as always
+            log.warning("overlap.not_started", trainer=session.name, path=rel, error=str(exc))
+            return
+        if stream is None:
+            return
+        mine[rel] = stream
+        log.info("overlap.started", trainer=session.name, path=rel, step=frame.get("step"), name=stream.name)
+
+    def take(self, session: Session, source: Path) -> tuple[FileStream, ...]:
+        """The streams of the files of ``source`` (a file, or a directory) that ``session`` announced: now
+        the commit's to finish or abort."""
+        mine = self._pending.get(session.id)
+        if not mine:
+            return ()
+        rel = source.relative_to(self._checkpoint_dir).as_posix()
+        taken = [r for r in mine if r == rel or r.startswith(rel.rstrip("/") + "/")]
+        return tuple(mine.pop(r) for r in taken)
+
+    def drop(self, session: Session) -> None:
+        """``session`` left (or saved in a way that does not overlap): abort what it announced."""
+        for stream in self._pending.pop(session.id, {}).values():
+            self._spawn(stream.abort())
+
+    async def close(self) -> None:
+        """Abort every stream not handed to a commit."""
+        pending, self._pending = self._pending, {}
+        for mine in pending.values():
+            for stream in mine.values():
+                await stream.abort()
