@@ -242,9 +242,20 @@ class StepParts:
 
     async def _expire(self, key: tuple[str, int], entry: _Step) -> None:
         await self._sleep_until(entry.give_up_at)
-        if self._open.get(key) is entry:
-            del self._open[key]
-            await self._abandon(entry, because="its time ran out")
+        if self._open.get(key) is not entry:
+            return
+        del self._open[key]
+        # A rank whose client re-sent a save it never heard `durable` for (a reconnect) waits alone for a
+        # step the others already committed: then it is durable, not lost.
+        try:
+            found = await self._store.committed(entry.name)
+        except StoreError:
+            found = None
+        if found is not None:
+            log.info("checkpoint.already_committed", name=entry.name, ranks=sorted(entry.members))
+            await self._succeeded(entry, found, ranks=sorted(entry.members))
+            return
+        await self._abandon(entry, because="its time ran out")
 
     async def _abandon(self, entry: _Step, *, because: str) -> None:
         missing = entry.missing()
@@ -327,6 +338,12 @@ class StepParts:
             )
             await self._failed(entry, f"upload failed, local checkpoint kept: {exc}")
             return
+        await self._succeeded(entry, manifest, ranks=ranks)
+
+    async def _succeeded(self, entry: _Step, manifest: Manifest, *, ranks: list[int]) -> None:
+        """``manifest`` is the committed checkpoint of ``entry``'s step: its saves are durable, say so."""
+        p, info = entry.placement, entry.info()
+        members = sorted(entry.members.values(), key=lambda m: m.placement.rank)
         now = self._clock()
         for save in entry.saves():
             save.manifest, save.committed_at = manifest, now

@@ -240,3 +240,20 @@ async def test_a_request_to_a_multi_node_run_prices_this_nodes_share(make):
     episode = await n0.coordinator.handle_notice(spot(n0.time.wall(), in_s=120))
     assert episode is not None and episode.upload is not None
     assert episode.upload.nbytes == 16 * 1024 * 1024
+
+
+async def test_a_lone_resent_save_of_a_committed_step_is_answered_durable(make):
+    """Rank 1's client reconnects and re-sends its save of a step both ranks already committed (it never heard durable): once its wait for rank 0 runs out, spotd finds the step committed and answers durable, not an error."""
+    h = make()
+    r0, r1 = rank(h, 0), rank(h, 1)
+    await save(h, r0, 60, None)
+    await save(h, r1, 60, None)
+    await h.channel.next(r1, "durable")
+    again = rank(h, 1)  # the same rank on a new connection
+    with structlog.testing.capture_logs() as logs:
+        await save(h, again, 60, None)
+        durable = await _advance_for(h, again, "durable")
+    assert durable["name"] == run_checkpoint_name(RUN, 60)
+    assert "error" not in h.channel.ops(again)
+    assert any(e["event"] == "checkpoint.already_committed" for e in logs)
+    assert h.metric("spotd_upload_failures_total") == 0
