@@ -122,6 +122,7 @@ class Metrics:
         "socket_errors",
         "trainers",
         "upload_bytes",
+        "upload_bytes_before_saved",
         "upload_bytes_copied",
         "upload_bytes_sent",
         "upload_failures",
@@ -171,6 +172,12 @@ class Metrics:
         self.upload_bytes_sent = Counter(
             "spotd_upload_bytes_sent",
             "Bytes of committed checkpoints sent over the network to the checkpoint store.",
+            registry=r,
+        )
+        self.upload_bytes_before_saved = Counter(
+            "spotd_upload_bytes_before_saved",
+            "Bytes of emergency saves sent while the trainer was still writing them (store.overlap): the "
+            "head start an announced save got before its saved frame.",
             registry=r,
         )
         self.upload_bytes_copied = Counter(
@@ -297,6 +304,7 @@ class Metrics:
         self.upload_bytes.inc(0)
         self.upload_bytes_sent.inc(0)
         self.upload_bytes_copied.inc(0)
+        self.upload_bytes_before_saved.inc(0)
         self.upload_failures.inc(0)
         self.checkpoint_failures.inc(0)
         self.ledger_write_failures.inc(0)

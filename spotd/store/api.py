@@ -79,6 +79,7 @@ class FileStream(Protocol):
     name: str
     created: datetime
     rel: str  # the file's path relative to checkpoint_dir, as the manifest lists it
+    sent_early: int  # bytes that went out before the trainer's saved (the head start)
 
     def matches(self, info: Provenance) -> bool: ...
     async def finish(self, file: LocalFile, progress: Callable[[int], None] | None) -> str | None: ...

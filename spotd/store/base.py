@@ -549,6 +549,8 @@ class BaseStore(ABC):
             if stream is not None:
                 streamed_sum = await stream.finish(f, progress)
                 if streamed_sum is not None:
+                    if self._metrics is not None:
+                        self._metrics.upload_bytes_before_saved.inc(stream.sent_early)
                     return streamed_sum, False
             same_size = by_size.get(f.size)
             if same_size:

@@ -77,6 +77,11 @@ def test_parts_go_out_before_saved_and_the_commit_is_the_final_file(
     (completed,) = d.logs.events("store.stream_completed")
     assert completed["parts_resent"] == 1 and completed["sent_before_saved"] >= 10 * MIB
     assert uploads_open(s3_bucket) == []
+    _, text = d.get("/metrics")
+    (early,) = [
+        line for line in text.splitlines() if line.startswith("spotd_upload_bytes_before_saved_total")
+    ]
+    assert float(early.split()[-1]) == completed["sent_before_saved"]
 
 
 def test_a_trainer_that_announces_and_disconnects_leaves_nothing_committed(
