@@ -437,7 +437,9 @@ class Coordinator:
             "job_id": self._config.job_id,
             "instance_id": self._identity.instance_id,
             "phase": self._phase.value,
-            "writing": self._overlap.enabled,  # a `writing` frame before a save is welcome
+            # A `writing` frame before a save is welcome; not from a rank of a multi-rank run, whose step is
+            # committed as a node part (no stream): its early parts would be sent for nothing.
+            "writing": self._overlap.enabled and self._placement(session) is None,
         }
 
     async def on_ready(self, session: Session) -> None:
@@ -459,6 +461,8 @@ class Coordinator:
         asked = (
             (c := self.current) is not None and c.final and not c.settled.is_set() and session.id in c.asked
         )
+        if self._placement(session) is not None:
+            return  # committed as a node part: nothing to stream (its welcome said so)
         await self._overlap.writing(session, frame, emergency=asked or bool(frame.get("final")))
 
     async def on_saved(self, session: Session, frame: dict[str, Any]) -> None:
