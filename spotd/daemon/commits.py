@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from spotd import protocol
 from spotd.daemon.episode import Episode, Save
@@ -25,9 +25,18 @@ from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, CommitInfo, FileStream, Manifest, Priority
 from spotd.store.marker import write_disk_marker
 
-__all__ = ["COMMIT_BACKOFF_MAX_S", "COMMIT_BACKOFF_S", "PERIODIC_COMMIT_BUDGET_S", "Committer", "Reply"]
+__all__ = [
+    "COMMIT_BACKOFF_MAX_S",
+    "COMMIT_BACKOFF_S",
+    "PERIODIC_COMMIT_BUDGET_S",
+    "Committer",
+    "Reply",
+    "with_retries",
+]
 
 log = get_logger("spotd.commits")
+
+T = TypeVar("T")
 
 #: Seconds after a periodic commit's first attempt began within which a failed attempt is retried. An
 #: attempt under way is never cut short, so a commit can outlast this by one attempt: a large checkpoint
@@ -163,22 +172,40 @@ class Committer:
         leaves the local checkpoint in place.
         """
         give_up_at = episode.retry_until if episode is not None else self._clock() + PERIODIC_COMMIT_BUDGET_S
-        while True:
+
+        def attempt() -> Awaitable[Manifest]:
             save.attempts += 1
             extra: dict[str, Any] = {"streams": streams} if streams and save.attempts == 1 else {}
-            try:
-                return await self._store.commit(
-                    source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority, **extra
-                )
-            except (StoreError, OSError) as exc:
-                backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (save.attempts - 1))
-                if self._clock() + backoff_s > give_up_at:
-                    raise
-                log.warning(
-                    "checkpoint.upload_retry",
-                    trainer=info.trainer,
-                    attempt=save.attempts,
-                    error=str(exc),
-                    retry_in_seconds=backoff_s,
-                )
-                await self._sleep(backoff_s)
+            return self._store.commit(
+                source, checkpoint_dir=self._checkpoint_dir, info=info, priority=priority, **extra
+            )
+
+        return await with_retries(
+            attempt, give_up_at=give_up_at, clock=self._clock, sleep=self._sleep, trainer=info.trainer
+        )
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    give_up_at: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+    **what: Any,
+) -> T:
+    """``attempt()`` until it returns, pausing :data:`COMMIT_BACKOFF_S` doubling up to
+    :data:`COMMIT_BACKOFF_MAX_S` between tries; raises the last StoreError/OSError once the next try would
+    begin after ``give_up_at``. ``what`` names the commit in the ``checkpoint.upload_retry`` lines."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return await attempt()
+        except (StoreError, OSError) as exc:
+            backoff_s = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (tries - 1))
+            if clock() + backoff_s > give_up_at:
+                raise
+            log.warning(
+                "checkpoint.upload_retry", **what, attempt=tries, error=str(exc), retry_in_seconds=backoff_s
+            )
+            await sleep(backoff_s)

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from spotd import protocol
-from spotd.daemon.commits import PERIODIC_COMMIT_BUDGET_S, Reply
+from spotd.daemon.commits import PERIODIC_COMMIT_BUDGET_S, Reply, with_retries
 from spotd.daemon.episode import Episode, Save
 from spotd.daemon.ipc import Session
 from spotd.errors import StoreError
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, CommitInfo, Manifest, Priority
+from spotd.store import CheckpointStore, CommitInfo, Manifest, PartResult, Priority
 from spotd.store.marker import write_disk_marker
 from spotd.store.selection import run_checkpoint_name
 
@@ -292,35 +292,31 @@ class StepParts:
         ranks = list(p.local_ranks) if entry.shared else [m.placement.rank for m in members]
         started = self._clock()
         attempts = 0
+
+        def attempt() -> Awaitable[PartResult]:
+            nonlocal attempts
+            attempts += 1
+            for save in entry.saves():
+                save.attempts = attempts
+            return self._store.commit_part(
+                sources,
+                checkpoint_dir=self._checkpoint_dir,
+                name=entry.name,
+                node_rank=p.node_rank,
+                nodes=p.nodes,
+                ranks=ranks,
+                info=info,
+                priority=entry.priority(),
+            )
+
         try:
-            while True:
-                attempts += 1
-                for save in entry.saves():
-                    save.attempts = attempts
-                try:
-                    result = await self._store.commit_part(
-                        sources,
-                        checkpoint_dir=self._checkpoint_dir,
-                        name=entry.name,
-                        node_rank=p.node_rank,
-                        nodes=p.nodes,
-                        ranks=ranks,
-                        info=info,
-                        priority=entry.priority(),
-                    )
-                    break
-                except (StoreError, OSError) as exc:
-                    backoff_s = min(15.0, 2.0 ** (attempts - 1))
-                    if self._clock() + backoff_s > entry.give_up_at:
-                        raise
-                    log.warning(
-                        "checkpoint.upload_retry",
-                        name=entry.name,
-                        attempt=attempts,
-                        error=str(exc),
-                        retry_in_seconds=backoff_s,
-                    )
-                    await self._sleep_until(self._clock() + backoff_s)
+            result = await with_retries(
+                attempt,
+                give_up_at=entry.give_up_at,
+                clock=self._clock,
+                sleep=lambda s: self._sleep_until(self._clock() + s),
+                name=entry.name,
+            )
             manifest = result.manifest
             if manifest is None:
                 manifest = await self._await_global(entry, result.missing)
