@@ -152,6 +152,7 @@ class Coordinator:
             metrics=metrics,
             checkpoint_dir=self._checkpoint_dir,
             on_durable=self._committed,
+            on_failed=self._commit_failed,
             clock=clock,
             sleep_until=self._sleep_until,
             spawn=self._spawn,

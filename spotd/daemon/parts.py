@@ -157,6 +157,7 @@ class StepParts:
         "_clock",
         "_metrics",
         "_on_durable",
+        "_on_failed",
         "_open",
         "_sleep_until",
         "_spawn",
@@ -170,14 +171,18 @@ class StepParts:
         metrics: Metrics,
         checkpoint_dir: Path,
         on_durable: Callable[[Manifest], None],
+        on_failed: Callable[[CommitInfo, str], None],
         clock: Callable[[], float],
         sleep_until: Callable[[float], Awaitable[None]],
         spawn: Callable[[Any], None],
     ) -> None:
+        """``on_durable``/``on_failed``: what the Committer calls for a single trainer's commit (the
+        coordinator's sink events), once per step here."""
         self._store = store
         self._metrics = metrics
         self._checkpoint_dir = checkpoint_dir
         self._on_durable = on_durable
+        self._on_failed = on_failed
         self._clock = clock
         self._sleep_until = sleep_until
         self._spawn = spawn
@@ -275,6 +280,7 @@ class StepParts:
 
     async def _failed(self, entry: _Step, message: str) -> None:
         self._metrics.upload_failures.inc()
+        self._on_failed(entry.info(), message)
         for save in entry.saves():
             save.error = message
         for m in entry.members.values():

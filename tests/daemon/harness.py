@@ -22,6 +22,7 @@ from spotd.config import Config
 from spotd.daemon.coordinator import Coordinator
 from spotd.daemon.episode import Episode
 from spotd.daemon.ipc import Session
+from spotd.daemon.sinks import Sinks
 from spotd.errors import UploadError
 from spotd.events import InstanceIdentity, Notice, NoticeKind, Phase
 from spotd.metrics import Metrics
@@ -251,6 +252,7 @@ def build_harness(
     *,
     store_class: type[FileStore] = FileStore,
     checkpoint: str = "ckpt",
+    sinks: Sinks | None = None,
     **store_kwargs: Any,
 ) -> Harness:
     """``checkpoint``: the checkpoint_dir's name in tmp_path (two nodes need two); the store is shared."""
@@ -280,6 +282,7 @@ def build_harness(
         wall=clock.wall,
         sleep=clock.sleep,
         sleep_until=clock.sleep_until,
+        sinks=sinks,
     )
     channel = FakeChannel()
     coordinator.attach(channel)

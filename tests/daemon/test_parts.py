@@ -17,7 +17,8 @@ import structlog
 from spotd import protocol
 from spotd.cli import render_status
 from spotd.daemon.ipc import Session
-from spotd.events import Phase
+from spotd.daemon.sinks import Sinks
+from spotd.events import Phase, SessionEvent, SessionEventKind
 from spotd.store.selection import run_checkpoint_name
 from tests.daemon.harness import WAIT_S, Harness, closed, spot
 
@@ -132,9 +133,37 @@ async def test_two_nodes_commit_once_and_the_first_node_answers_only_after_the_s
     assert n0.coordinator.phase is Phase.COMPLETED and episode.lost() == []
 
 
+class Recorder:
+    """A sink that keeps what it is handed (the ledger and the webhook are sinks like it)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.events: list[SessionEvent] = []
+        self.changed = asyncio.Event()
+
+    async def handle(self, event: SessionEvent) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    async def first(self, kind: SessionEventKind) -> SessionEvent:
+        async with asyncio.timeout(WAIT_S):
+            while not (found := [e for e in self.events if e.kind is kind]):
+                self.changed.clear()
+                await self.changed.wait()
+        return found[0]
+
+    def dropped(self, event: SessionEvent) -> None:
+        raise AssertionError(f"dropped {event}")
+
+    async def close(self) -> None:
+        pass
+
+
 async def test_a_node_that_never_commits_its_part_leaves_no_checkpoint_and_the_episode_stopped(make):
-    """Node 1 never writes its part (its daemon died): node 0 keeps waiting until the notice's own time, then tells its ranks the step is not restorable; no global manifest, LATEST untouched, the episode Stopped naming why."""
-    h = make(checkpoint="node0")
+    """Node 1 never writes its part (its daemon died): node 0 keeps waiting until the notice's own time, then tells its ranks the step is not restorable; no global manifest, LATEST untouched, the episode Stopped naming why, and the sinks (ledger, webhook) hear upload_failed as for a single trainer's commit."""
+    recorder = Recorder()
+    h = make(checkpoint="node0", sinks=Sinks(sinks=[recorder]))
     a0, a1 = rank(h, 0, world=4), rank(h, 1, world=4)
     episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=60))
     assert episode is not None
@@ -151,6 +180,8 @@ async def test_a_node_that_never_commits_its_part_leaves_no_checkpoint_and_the_e
     assert h.coordinator.phase is Phase.STOPPED
     assert any("did not commit theirs" in line for line in episode.lost())
     assert h.metric("spotd_upload_failures_total") == 1
+    failed = await recorder.first(SessionEventKind.UPLOAD_FAILED)
+    assert failed.data["step"] == 12 and "did not commit theirs" in failed.data["error"]
 
 
 async def _advance_for(h: Harness, session: Session, op: str) -> dict[str, Any]:
