@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -85,6 +86,15 @@ class _Put:
     sent: int
     copied: int
     files_copied: int
+
+    def entries(self, files: Sequence[LocalFile]) -> tuple[FileEntry, ...]:
+        """The manifest's entries of ``files``, with the checksums the put reported."""
+        return tuple(
+            FileEntry(path=f.rel, size=f.size, checksum=c) for f, c in zip(files, self.checksums, strict=True)
+        )
+
+    def log_fields(self) -> dict[str, int]:
+        return {"bytes_sent": self.sent, "bytes_copied": self.copied, "files_copied": self.files_copied}
 
 
 class BaseStore(ABC):
@@ -308,6 +318,26 @@ class BaseStore(ABC):
 
     # ---- protocol
 
+    @contextlib.contextmanager
+    def _committing(self, name: str, priority: Priority, *, failed: str, **fields: Any) -> Iterator[None]:
+        """The bracket of one commit attempt (:meth:`commit`, :meth:`commit_part`): ``name`` is in flight
+        (retention leaves its directory alone), background transfers yield while an EMERGENCY one runs, and
+        a failure is logged as ``failed`` (with ``fields``) on its way out. Not counted in
+        spotd_upload_failures_total: a failed attempt may yet be retried, and the coordinator counts a
+        commit once it gives up."""
+        self._inflight.add(name)
+        if priority is Priority.EMERGENCY:
+            self.begin_emergency()
+        try:
+            yield
+        except BaseException as exc:
+            log.error(failed, name=name, **fields, error=str(exc), error_type=type(exc).__name__)
+            raise
+        finally:
+            if priority is Priority.EMERGENCY:
+                self.end_emergency()
+            self._inflight.discard(name)
+
     async def commit(
         self,
         source: Path,
@@ -347,46 +377,26 @@ class BaseStore(ABC):
                 await s.abort()
             raise
         base = f"{self.checkpoints_prefix}{name}/"
-        self._inflight.add(name)
-        if priority is Priority.EMERGENCY:
-            self.begin_emergency()
-        try:
-            kind = ("rank", info.rank)
-            put = await self._put_files(files, base, priority, progress, kind, adopted)
-            entries = tuple(
-                FileEntry(path=f.rel, size=f.size, checksum=c)
-                for f, c in zip(files, put.checksums, strict=True)
-            )
-            manifest = Manifest.of_commit(info, name=name, created_at=created, files=entries)
+        kind = ("rank", info.rank)
+        with self._committing(name, priority, failed="store.commit_failed", source=str(source)):
             try:
-                await self.put_bytes(base + MANIFEST, manifest.to_json(), if_absent=True)
-            except AlreadyExists:
-                # A retried PUT whose first try reached the server finds its own manifest: that is success.
-                if await self.get_bytes(base + MANIFEST) != manifest.to_json():
-                    raise CommitError(
-                        f"{self.url(base + MANIFEST)} already exists; not overwritten"
-                    ) from None
-            except StoreError as exc:
-                raise CommitError(f"writing {self.url(base + MANIFEST)} failed: {exc}") from exc
-            await self._advance_latest(name)
-            self._newest[kind] = manifest
-        except BaseException as exc:
-            # Not counted in spotd_upload_failures_total: a failed attempt may yet be retried, and the
-            # coordinator counts a commit once it gives up.
-            log.error(
-                "store.commit_failed",
-                name=name,
-                source=str(source),
-                error=str(exc),
-                error_type=type(exc).__name__,
-            )
-            raise
-        finally:
-            for s in streams:
-                await s.abort()  # a no-op for each one finished
-            if priority is Priority.EMERGENCY:
-                self.end_emergency()
-            self._inflight.discard(name)
+                put = await self._put_files(files, base, priority, progress, kind, adopted)
+                manifest = Manifest.of_commit(info, name=name, created_at=created, files=put.entries(files))
+                try:
+                    await self.put_bytes(base + MANIFEST, manifest.to_json(), if_absent=True)
+                except AlreadyExists:
+                    # A retried PUT whose first try reached the server finds its own manifest: success.
+                    if await self.get_bytes(base + MANIFEST) != manifest.to_json():
+                        raise CommitError(
+                            f"{self.url(base + MANIFEST)} already exists; not overwritten"
+                        ) from None
+                except StoreError as exc:
+                    raise CommitError(f"writing {self.url(base + MANIFEST)} failed: {exc}") from exc
+                await self._advance_latest(name)
+                self._newest[kind] = manifest
+            finally:
+                for s in streams:
+                    await s.abort()  # a no-op for each one finished
         seconds = time.monotonic() - started
         self._count(put, seconds)
         log.info(
@@ -395,9 +405,7 @@ class BaseStore(ABC):
             url=self.url(base),
             files=len(files),
             bytes=manifest.total_bytes,
-            bytes_sent=put.sent,
-            bytes_copied=put.copied,
-            files_copied=put.files_copied,
+            **put.log_fields(),
             seconds=round(seconds, 3),
             priority=priority.value,
             step=info.step,
@@ -438,20 +446,13 @@ class BaseStore(ABC):
             raise CommitError(f"node_rank {node_rank} is not one of the {nodes} nodes of checkpoint {name}")
         files = await self.run(_collect_sources, checkpoint_dir, list(sources))
         base = f"{self.checkpoints_prefix}{name}/"
-        self._inflight.add(name)
-        if priority is Priority.EMERGENCY:
-            self.begin_emergency()
-        try:
+        with self._committing(name, priority, failed="store.part_failed", node=node_rank, nodes=nodes):
             put = await self._put_files(files, base, priority, progress, ("nodes",))
-            entries = tuple(
-                FileEntry(path=f.rel, size=f.size, checksum=c)
-                for f, c in zip(files, put.checksums, strict=True)
-            )
             part = Manifest.of_commit(
                 info,
                 name=name,
                 created_at=datetime.now(UTC),
-                files=entries,
+                files=put.entries(files),
                 nodes=nodes,
                 node=node_rank,
                 ranks=tuple(sorted(set(ranks))),
@@ -460,20 +461,6 @@ class BaseStore(ABC):
             state, manifest, missing = await self._commit_global(name, nodes)
             if manifest is not None:
                 self._newest["nodes",] = manifest
-        except BaseException as exc:
-            log.error(
-                "store.part_failed",
-                name=name,
-                node=node_rank,
-                nodes=nodes,
-                error=str(exc),
-                error_type=type(exc).__name__,
-            )
-            raise
-        finally:
-            if priority is Priority.EMERGENCY:
-                self.end_emergency()
-            self._inflight.discard(name)
         seconds = time.monotonic() - started
         self._count(put, seconds)
         log.info(
@@ -484,9 +471,7 @@ class BaseStore(ABC):
             ranks=list(part.ranks or ()),
             files=len(files),
             bytes=part.total_bytes,
-            bytes_sent=put.sent,
-            bytes_copied=put.copied,
-            files_copied=put.files_copied,
+            **put.log_fields(),
             seconds=round(seconds, 3),
             priority=priority.value,
             step=info.step,
