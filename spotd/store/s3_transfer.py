@@ -216,6 +216,23 @@ class FileTransfers:
         """The CRC of ``data`` and the request arguments carrying it (see :meth:`_checksum_args`)."""
         return self._checksum_args(data)
 
+    def upload_part(
+        self, full: str, upload_id: str, part: _Part, data: bytes
+    ) -> tuple[int | None, dict[str, Any]]:
+        """Send ``data`` as part ``part`` of the multipart upload ``upload_id`` of ``full`` (blocking, on a
+        transfer thread); its CRC and its entry of CompleteMultipartUpload's part list."""
+        crc, arg = self._checksum_args(data)
+        resp = self._client.upload_part(
+            Bucket=self._bucket,
+            Key=full,
+            UploadId=upload_id,
+            PartNumber=part.number,
+            Body=data,
+            **arg,
+        )
+        arg.pop("ChecksumAlgorithm")
+        return crc, {"PartNumber": part.number, "ETag": resp["ETag"], **arg}
+
     def abort_later(self, full: str, upload_id: str) -> None:
         """Abort the multipart upload ``upload_id`` of ``full`` on a pool thread, not waiting for it."""
         self._pool.detach(self._abort_quietly, full, upload_id)
@@ -261,7 +278,8 @@ class FileTransfers:
             progress(file.size)
         return encode_crc(self._algo, _combined(self._algo, crcs, parts))
 
-    def _read(self, file: LocalFile, part: _Part) -> bytes:
+    def read_part(self, file: LocalFile, part: _Part) -> bytes:
+        """``part`` of ``file`` as it is on disk now (blocking); :class:`FileChanged` if it is shorter."""
         fd = os.open(file.path, os.O_RDONLY)
         try:
             data = _pread_exact(fd, part.length, part.offset)
@@ -278,7 +296,7 @@ class FileTransfers:
         self, file: LocalFile, full: str, part: _Part, priority: Priority, what: str
     ) -> int | None:
         def put() -> int | None:
-            data = self._read(file, part)
+            data = self.read_part(file, part)
             crc, arg = self._checksum_args(data)
             self._client.put_object(Bucket=self._bucket, Key=full, Body=data, **arg)
             return crc
@@ -309,18 +327,7 @@ class FileTransfers:
 
         async def send(part: _Part) -> tuple[int | None, dict[str, Any]]:
             def put() -> tuple[int | None, dict[str, Any]]:
-                data = self._read(file, part)
-                crc, arg = self._checksum_args(data)
-                resp = self._client.upload_part(
-                    Bucket=self._bucket,
-                    Key=full,
-                    UploadId=upload_id,
-                    PartNumber=part.number,
-                    Body=data,
-                    **arg,
-                )
-                arg.pop("ChecksumAlgorithm")
-                return crc, {"PartNumber": part.number, "ETag": resp["ETag"], **arg}
+                return self.upload_part(full, upload_id, part, self.read_part(file, part))
 
             out = await self._request(
                 f"{what} (part {part.number}/{len(parts)})", priority, put, nbytes=part.length

@@ -193,7 +193,6 @@ class GrowingUpload:
         fd = self._fd
         assert fd is not None and self._upload_id is not None
         upload_id = self._upload_id
-        client = self._files.client
 
         def put() -> tuple[int, dict[str, Any]]:
             if self._done:
@@ -201,7 +200,7 @@ class GrowingUpload:
             data = pread_exact(fd, part.length, part.offset)
             if len(data) != part.length:
                 raise FileChanged(f"{self.rel} shrank while it was being written")
-            return self._put_part(client, upload_id, part, data)
+            return self._put_part(upload_id, part, data)
 
         try:
             async with self._early:
@@ -219,19 +218,10 @@ class GrowingUpload:
         self.sent_early += part.length
         return out
 
-    def _put_part(self, client: Any, upload_id: str, part: Part, data: bytes) -> tuple[int, dict[str, Any]]:
-        crc, arg = self._files.checksum_args(data)
+    def _put_part(self, upload_id: str, part: Part, data: bytes) -> tuple[int, dict[str, Any]]:
+        crc, entry = self._files.upload_part(self._full, upload_id, part, data)
         assert crc is not None  # a stream is only opened for an algorithm that combines
-        resp = client.upload_part(
-            Bucket=self._files.bucket,
-            Key=self._full,
-            UploadId=upload_id,
-            PartNumber=part.number,
-            Body=data,
-            **arg,
-        )
-        arg.pop("ChecksumAlgorithm")
-        return crc, {"PartNumber": part.number, "ETag": resp["ETag"], "_length": part.length, **arg}
+        return crc, {**entry, "_length": part.length}
 
     async def _stop_following(self) -> dict[int, tuple[int, dict[str, Any]]]:
         """Stop looking at the file; the parts that went out, by number (in-flight ones awaited)."""
@@ -271,21 +261,12 @@ class GrowingUpload:
 
             def check_or_put() -> tuple[int, dict[str, Any]]:
                 # The final file, read afresh: whatever was sent from the growing one counts only if equal.
-                fd = os.open(file.path, os.O_RDONLY)
-                try:
-                    data = pread_exact(fd, part.length, part.offset)
-                finally:
-                    os.close(fd)
-                if len(data) != part.length:
-                    raise FileChanged(
-                        f"{file.rel} shrank while it was committed (part {part.number}); "
-                        "fix: report a checkpoint only after it is fully written"
-                    )
+                data = self._files.read_part(file, part)
                 if before is not None and before[1]["_length"] == part.length:
                     crc, _ = self._files.checksum_args(data)
                     if crc == before[0]:
                         return before
-                return self._put_part(client, upload_id, part, data)
+                return self._put_part(upload_id, part, data)
 
             out = await self._files.request(
                 f"{what} (part {part.number}/{len(parts)})",
