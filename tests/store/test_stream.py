@@ -157,7 +157,7 @@ async def test_a_stream_of_another_save_is_not_adopted(
 
 def test_parts_in_flight_while_written_are_half_a_core_each_at_least_two_at_most_the_pool() -> None:
     """The early sends leave the writer its cores: 2 on a 2-core box, 4 on 8 cores, never past the pool."""
-    from spotd.store.stream import early_parts
+    from spotd.store.transfer_pool import early_parts
 
     assert [early_parts(16, cores=c) for c in (1, 2, 8, 96)] == [2, 2, 4, 16]
     assert early_parts(1, cores=8) == 1
