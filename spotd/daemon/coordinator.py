@@ -438,9 +438,10 @@ class Coordinator:
             "job_id": self._config.job_id,
             "instance_id": self._identity.instance_id,
             "phase": self._phase.value,
-            # A `writing` frame before a save is welcome; not from a rank of a multi-rank run, whose step is
-            # committed as a node part (no stream): its early parts would be sent for nothing.
-            "writing": self._overlap.enabled and self._placement(session) is None,
+            # A `writing` frame before a save (a file, or a directory) is welcome; not from a rank of a
+            # multi-rank run, whose step is committed as a node part (no stream): its early parts would be
+            # sent for nothing.
+            **{k: v and self._placement(session) is None for k, v in self._overlap.welcome().items()},
         }
 
     async def on_ready(self, session: Session) -> None:

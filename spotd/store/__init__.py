@@ -31,6 +31,7 @@ from spotd.store.api import (
     Priority,
     RestoreResult,
 )
+from spotd.store.dirstream import watchable
 from spotd.store.localfs import resolve_inside
 from spotd.store.manifest import CommitInfo, FileEntry, Manifest
 from spotd.store.selection import run_checkpoint_name
@@ -53,6 +54,7 @@ __all__ = [
     "open_store",
     "resolve_inside",
     "run_checkpoint_name",
+    "watchable",
 ]
 
 

@@ -17,7 +17,11 @@ MIB = 1024 * 1024
 
 
 def parts_sent(proxy: FaultProxy) -> int:
-    return sum(1 for action, method, _ in proxy.log if action == "delay" and method == "PUT")
+    return sum(
+        1
+        for action, method, path in proxy.log
+        if action == "delay" and method == "PUT" and "partNumber" in path
+    )
 
 
 def uploads_open(bucket: S3Bucket) -> list[str]:
@@ -26,7 +30,7 @@ def uploads_open(bucket: S3Bucket) -> list[str]:
 
 def start(imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy) -> tuple[Any, Any]:
     """A daemon on S3 with 5 MiB parts, a connected trainer guard asked for a final checkpoint."""
-    s3_proxy.add("delay", method="PUT", query="partNumber", times=10**9)  # logs every UploadPart
+    s3_proxy.add("delay", method="PUT", times=10**9)  # logs every PUT (UploadPart, PutObject)
     d = spotd_daemon(
         imds_sim.url,
         store_uri=s3_bucket.uri(),
@@ -101,3 +105,80 @@ def test_a_trainer_that_announces_and_disconnects_leaves_nothing_committed(
     wait_until(lambda: d.logs.events("store.stream_aborted"), timeout_s=20, what="the stream aborted")
     wait_until(lambda: uploads_open(s3_bucket) == [], timeout_s=20, what="the multipart upload aborted")
     assert [k for k in s3_bucket.keys("pfx/test-job/") if "/checkpoints/" in k or k.endswith("LATEST")] == []
+
+
+def test_each_file_of_an_announced_directory_goes_up_as_it_is_closed(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """A trainer announces a directory (`writing` with `dir`): each file is uploaded as soon as it is closed,
+    before `saved`; the commit adopts them (nothing but the manifest and LATEST sent after `saved`), one
+    MANIFEST.json lists every file and the stored bytes are the final files'."""
+    d, guard = start(imds_sim, spotd_daemon, s3_bucket, s3_proxy)
+    root = d.checkpoint_dir / "solo" / "step-10.dcp"
+    bodies = {"__0_0.distcp": os.urandom(7 * MIB), "__1_0.distcp": os.urandom(2 * MIB), ".metadata": b"m"}
+    try:
+        assert guard.welcome is not None and guard.welcome["writing_dirs"] is True
+        root.mkdir()
+        assert guard.writing("solo/step-10.dcp", 10, directory=True, shared=True)
+        wait_until(lambda: d.logs.events("overlap.started"), timeout_s=20, what="the directory watched")
+        for name, body in bodies.items():
+            (root / name).write_bytes(body)
+        # Every file went up before saved: the 7 MiB file's two parts and the two small files.
+        wait_until(lambda: parts_sent(s3_proxy) >= 2, timeout_s=20, what="the big file's parts sent")
+        wait_until(lambda: puts_of(s3_proxy, "/.metadata") == 1, timeout_s=20, what="the last file sent")
+        before = s3_proxy.bytes_in
+        guard.saved("solo/step-10.dcp", step=10, shared=True)
+        assert guard.wait_durable(timeout=30)
+    finally:
+        guard.close()
+    assert s3_proxy.bytes_in - before < 64 * 1024
+    (taken,) = d.logs.events("store.dir_stream_taken")
+    (committed,) = d.logs.events("store.committed")
+    assert taken["files_seen"] == 3 and committed["name"] == taken["name"]
+    base = f"pfx/test-job/checkpoints/{committed['name']}/"
+    manifest = json.loads(
+        s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=base + "MANIFEST.json")["Body"].read()
+    )
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(f"solo/step-10.dcp/{n}" for n in bodies)
+    for name, body in bodies.items():
+        stored = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"{base}solo/step-10.dcp/{name}")
+        assert stored["Body"].read() == body
+
+
+def test_an_announced_directory_whose_trainer_leaves_is_removed_from_the_store(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """Files of an announced directory went up, then the trainer disconnected without `saved`: every object
+    it uploaded is deleted, and no manifest or LATEST appears."""
+    d, guard = start(imds_sim, spotd_daemon, s3_bucket, s3_proxy)
+    root = d.checkpoint_dir / "solo" / "checkpoint-10"
+    try:
+        root.mkdir()
+        assert guard.writing("solo/checkpoint-10", 10, directory=True)
+        wait_until(lambda: d.logs.events("overlap.started"), timeout_s=20, what="the directory watched")
+        (root / "model.safetensors").write_bytes(os.urandom(100_000))
+        wait_until(
+            lambda: puts_of(s3_proxy, "/model.safetensors") == 1, timeout_s=20, what="the file uploaded"
+        )
+    finally:
+        guard.close()
+    wait_until(lambda: d.logs.events("store.dir_stream_aborted"), timeout_s=20, what="the stream aborted")
+    wait_until(
+        lambda: (
+            [k for k in s3_bucket.keys("pfx/test-job/") if "/checkpoints/" in k or k.endswith("LATEST")] == []
+        ),
+        timeout_s=20,
+        what="the uploaded file deleted",
+    )
+
+
+def puts_of(proxy: FaultProxy, suffix: str) -> int:
+    """PutObject requests (not parts) through the proxy for the object ending in ``suffix``."""
+    return sum(
+        1
+        for action, method, path in proxy.log
+        if action == "delay"
+        and method == "PUT"
+        and "partNumber" not in path
+        and path.split("?")[0].endswith(suffix)
+    )
