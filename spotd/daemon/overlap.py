@@ -3,6 +3,11 @@ about to write (:meth:`~spotd.store.CheckpointStore.open_stream`), whose complet
 file grows; its ``saved`` hands the stream to that save's commit, which checks every byte against the
 final file, sends the rest and only then writes the manifest (:mod:`spotd.store.stream`).
 
+A rank of a multi-rank run streams the same way, under the name its step will be committed as
+(:func:`~spotd.store.selection.run_checkpoint_name`, given by the coordinator): its ``saved`` hands the
+stream to :mod:`.parts`, which keeps it with that rank's save until every local rank has reported, then hands
+them all to the node part's commit (or aborts them when the step is given up).
+
 Only emergency saves overlap (``store.overlap``, on by default): a save an open final episode asked this
 trainer for, or one the trainer marks ``final`` (SIGTERM). A periodic save is uploaded at background pace
 after it is reported, as always: it competes with training for the cores, and nothing is in a hurry.
@@ -51,8 +56,12 @@ class Overlap:
         self._spawn = spawn
         self._pending: dict[str, dict[str, FileStream]] = {}
 
-    async def writing(self, session: Session, frame: dict[str, Any], *, emergency: bool) -> None:
-        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given)."""
+    async def writing(
+        self, session: Session, frame: dict[str, Any], *, emergency: bool, name: str | None = None
+    ) -> None:
+        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given);
+        ``name``: the checkpoint it will be committed in, when that is known now (a rank's step), else the
+        store picks the one a single trainer's commit adopts."""
         if not self.enabled or not emergency or session.role != "trainer":
             return
         try:
@@ -69,7 +78,12 @@ class Overlap:
             self._spawn(old.abort())
         try:
             stream = await self._store.open_stream(
-                watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=session.rank
+                watch=watch,
+                rel=rel,
+                trainer=session.name,
+                step=frame.get("step"),
+                rank=session.rank,
+                name=name,
             )
         except StoreError as exc:  # only a head start: the save is uploaded when reported, as always
             log.warning("overlap.not_started", trainer=session.name, path=rel, error=str(exc))
