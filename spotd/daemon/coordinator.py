@@ -438,10 +438,9 @@ class Coordinator:
             "job_id": self._config.job_id,
             "instance_id": self._identity.instance_id,
             "phase": self._phase.value,
-            # A `writing` frame before a save (a file, or a directory) is welcome; not from a rank of a
-            # multi-rank run, whose step is committed as a node part (no stream): its early parts would be
-            # sent for nothing.
-            **{k: v and self._placement(session) is None for k, v in self._overlap.welcome().items()},
+            # A `writing` frame before a save (a file, or a directory) is welcome; a rank's too: its streams
+            # join its node part.
+            **self._overlap.welcome(),
         }
 
     async def on_ready(self, session: Session) -> None:
@@ -463,9 +462,10 @@ class Coordinator:
         asked = (
             (c := self.current) is not None and c.final and not c.settled.is_set() and session.id in c.asked
         )
-        if self._placement(session) is not None:
-            return  # committed as a node part: nothing to stream (its welcome said so)
-        await self._overlap.writing(session, frame, emergency=asked or bool(frame.get("final")))
+        placement = self._placement(session)
+        # A rank's file goes where its step's node part will put it: under the run's name for that step.
+        name = placement.checkpoint_name(frame.get("step")) if placement is not None else None
+        await self._overlap.writing(session, frame, emergency=asked or bool(frame.get("final")), name=name)
 
     async def on_saved(self, session: Session, frame: dict[str, Any]) -> None:
         raw_path = frame["path"]
@@ -530,16 +530,15 @@ class Coordinator:
         async def reply(frame: dict[str, Any]) -> bool:
             return ipc is not None and await ipc.send(session, frame)
 
+        streams = self._overlap.take(session, source)
         placement = self._placement(session) if save.step is not None else None
         if placement is not None:
-            member = Member(placement, save, source, info, reply, episode, emergency)
             shared = bool(frame.get("shared"))
+            member = Member(placement, save, source, info, reply, episode, emergency, streams)
             covers = self._covered_by(session, placement, save, episode) if shared else []
             self._parts.offer(member, shared=shared, covers=covers)
-            self._overlap.drop(session)  # a multi-rank step is committed as a node part: no streams
             return
         priority = Priority.EMERGENCY if emergency else Priority.BACKGROUND
-        streams = self._overlap.take(session, source)
         self._spawn(
             self._committer.commit(
                 source, info=info, save=save, episode=episode, reply=reply, priority=priority, streams=streams
@@ -698,7 +697,7 @@ class Coordinator:
     async def drain(self, *, grace_s: float) -> None:
         """Give in-flight commits ``grace_s`` to finish, then cancel what is left; an episode not settled by
         then is recorded with what is true at that moment (a save still uploading is lost to this daemon)."""
-        self._parts.close()
+        await self._parts.close()
         await self._overlap.close()
         if self._bg:
             _, pending = await asyncio.wait(set(self._bg), timeout=grace_s)

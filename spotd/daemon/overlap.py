@@ -5,6 +5,11 @@ open_dir_stream`), each of whose files goes up the moment it is closed; its ``sa
 that save's commit, which checks every byte against the final files, sends the rest and only then writes
 the manifest (:mod:`spotd.store.stream`, :mod:`spotd.store.dirstream`).
 
+A rank of a multi-rank run streams the same way, under the name its step will be committed as
+(:func:`~spotd.store.selection.run_checkpoint_name`, given by the coordinator): its ``saved`` hands the
+stream to :mod:`.parts`, which keeps it with that rank's save until every local rank has reported, then hands
+them all to the node part's commit (or aborts them when the step is given up).
+
 Only emergency saves overlap (``store.overlap``, on by default): a save an open final episode asked this
 trainer for, or one the trainer marks ``final`` (SIGTERM). A periodic save is uploaded at background pace
 after it is reported, as always: it competes with training for the cores, and nothing is in a hurry.
@@ -58,9 +63,13 @@ class Overlap:
         """What a trainer may announce (its welcome's ``writing`` and ``writing_dirs``)."""
         return {"writing": self.enabled, "writing_dirs": self.enabled and watchable()}
 
-    async def writing(self, session: Session, frame: dict[str, Any], *, emergency: bool) -> None:
-        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given), a file,
-        or with ``dir`` a directory it has created."""
+    async def writing(
+        self, session: Session, frame: dict[str, Any], *, emergency: bool, name: str | None = None
+    ) -> None:
+        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given), a
+        file, or with ``dir`` a directory it has created;
+        ``name``: the checkpoint it will be committed in, when that is known now (a rank's step), else the
+        store picks the one a single trainer's commit adopts."""
         if not self.enabled or not emergency or session.role != "trainer":
             return
         try:
@@ -81,13 +90,13 @@ class Overlap:
         try:
             if frame.get("dir"):
                 opened = directory = await self._store.open_dir_stream(
-                    watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=rank
+                    watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=rank, name=name
                 )
                 if directory is not None:
                     self._dirs.setdefault(session.id, {})[rel] = directory
             else:
                 opened = stream = await self._store.open_stream(
-                    watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=rank
+                    watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=rank, name=name
                 )
                 if stream is not None:
                     self._pending.setdefault(session.id, {})[rel] = stream

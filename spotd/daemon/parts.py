@@ -11,8 +11,13 @@ manifest, and every other node's daemon learns of the commit by polling
 :meth:`~spotd.store.api.CheckpointStore.committed`. Trainers are told ``durable`` only then: until every
 node's part is there the step is not restorable, and the previous global checkpoint stays the newest.
 
+An emergency save a rank announced (``writing``) is already going up under that name while it is written
+(:mod:`.overlap`): its ``saved`` brings the stream here with it, and the node part's first commit attempt
+finishes it (a retry uploads plainly, as :mod:`.commits` does for a single trainer).
+
 A step some local rank never reports (it crashed, or left the loop alone) is given up when its budget runs
-out, or as soon as a newer step of the same run is complete: its ranks are told, nothing of it is committed.
+out, or as soon as a newer step of the same run is complete: its ranks are told, nothing of it is committed,
+and the streams of its saves are aborted.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from spotd.daemon.ipc import Session
 from spotd.errors import StoreError
 from spotd.logs import get_logger
 from spotd.metrics import Metrics
-from spotd.store import CheckpointStore, CommitInfo, Manifest, PartResult, Priority
+from spotd.store import CheckpointStore, CommitInfo, FileStream, Manifest, PartResult, Priority
 from spotd.store.marker import write_disk_marker
 from spotd.store.selection import run_checkpoint_name
 
@@ -66,6 +71,11 @@ class Placement:
         """The global ranks this node holds."""
         first = self.node_rank * self.local_world_size
         return range(first, first + self.local_world_size)
+
+    def checkpoint_name(self, step: int | None) -> str | None:
+        """The name this run's save of ``step`` is committed under, on every node; None without a step
+        (such a save is committed per trainer)."""
+        return None if step is None or step < 0 else run_checkpoint_name(self.run_id, step)
 
 
 def placement_of(session: Session) -> Placement | None:
@@ -104,6 +114,8 @@ class Member:
     reply: Reply
     episode: Episode | None
     emergency: bool
+    #: Its files already going up (:mod:`.overlap`): the step's commit finishes them, or they are aborted.
+    streams: tuple[FileStream, ...] = ()
 
 
 @dataclass(slots=True)
@@ -127,6 +139,9 @@ class _Step:
 
     def saves(self) -> list[Save]:
         return [m.save for m in self.members.values()] + self.covered
+
+    def streams(self) -> list[FileStream]:
+        return [s for m in self.members.values() for s in m.streams]
 
     def episodes(self) -> list[Episode]:
         return list(
@@ -188,11 +203,14 @@ class StepParts:
         self._spawn = spawn
         self._open: dict[tuple[str, int], _Step] = {}
 
-    def close(self) -> None:
-        """Stop the timers of steps still waiting for a rank (the daemon is stopping)."""
+    async def close(self) -> None:
+        """Stop the timers of steps still waiting for a rank and abort their streams (the daemon is
+        stopping: nothing of those steps will be committed by it)."""
         for entry in self._open.values():
             if entry.timer is not None:
                 entry.timer.cancel()
+        for entry in self._open.values():
+            await _abort(entry.streams())
 
     def pending(self) -> list[dict[str, Any]]:
         """Steps waiting for a local rank's save (``spotd status``)."""
@@ -224,6 +242,7 @@ class StepParts:
         if previous is not None and previous.save is not member.save:
             # The same rank again (its client re-sent the save after a reconnect): answer the newest.
             log.info("checkpoint.part_resent", name=entry.name, rank=p.rank)
+            self._spawn(_abort([s for s in previous.streams if s not in member.streams]))
         entry.members[p.rank] = member
         entry.shared = entry.shared or shared
         entry.covered += covers or []
@@ -258,11 +277,14 @@ class StepParts:
             found = None
         if found is not None:
             log.info("checkpoint.already_committed", name=entry.name, ranks=sorted(entry.members))
+            await _abort(entry.streams())
             await self._succeeded(entry, found, ranks=sorted(entry.members))
             return
         await self._abandon(entry, because="its time ran out")
 
     async def _abandon(self, entry: _Step, *, because: str) -> None:
+        # First: an open stream holds background transfers back, and its parts are sent for nothing.
+        await _abort(entry.streams())
         missing = entry.missing()
         message = (
             f"rank(s) {missing} of this node never reported step {entry.step} ({because}): nothing of "
@@ -296,6 +318,7 @@ class StepParts:
         members = sorted(entry.members.values(), key=lambda m: m.placement.rank)
         sources = [m.source for m in members]
         ranks = list(p.local_ranks) if entry.shared else [m.placement.rank for m in members]
+        streams = entry.streams()
         started = self._clock()
         attempts = 0
 
@@ -313,6 +336,8 @@ class StepParts:
                 ranks=ranks,
                 info=info,
                 priority=entry.priority(),
+                # The first attempt finishes or aborts them; a retry uploads plainly.
+                streams=streams if attempts == 1 else (),
             )
 
         try:
@@ -407,3 +432,9 @@ class StepParts:
                 )
             await self._sleep_until(self._clock() + pause)
             pause = min(POLL_MAX_S, pause * 2)
+
+
+async def _abort(streams: list[FileStream]) -> None:
+    """End ``streams`` (each a no-op once finished or aborted)."""
+    for stream in streams:
+        await stream.abort()

@@ -130,10 +130,24 @@ class CheckpointStore(Protocol):
         streams: Sequence[FileStream] = (),
     ) -> Manifest: ...
     async def open_stream(
-        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
     ) -> FileStream | None: ...
     async def open_dir_stream(
-        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
     ) -> DirStream | None: ...
     async def commit_part(
         self,
@@ -147,6 +161,7 @@ class CheckpointStore(Protocol):
         info: CommitInfo,
         priority: Priority = Priority.BACKGROUND,
         progress: Callable[[int], None] | None = None,
+        streams: Sequence[FileStream] = (),
     ) -> PartResult: ...
     async def committed(self, name: str, *, nodes: int | None = None) -> Manifest | None: ...
     async def list(self) -> list[Manifest]: ...

@@ -151,7 +151,8 @@ class BaseStore(ABC):
       on :class:`Changed` or :class:`AlreadyExists` read it again, up to :data:`LATEST_TRIES` times.
     - ``commit_part``, one node's share of a multi-node checkpoint (every node's daemon calls it with the
       same ``name`` and ``nodes``, concurrently, each once its own ranks have saved that step): collect
-      the files of every source → ``begin_emergency()`` if EMERGENCY → ``upload_file`` for every file →
+      the files of every source → ``begin_emergency()`` if EMERGENCY → every file as in ``commit`` (a
+      stream opened under this name for it finished, else copied or ``upload_file``) →
       ``put_bytes`` ``parts/node-<k>.json`` with ``if_absent`` (files, sizes, checksums, the ranks it
       covers; written only after its files, so a part present means that node's data is durable) →
       ``list_keys`` of ``parts/`` → if some node's part is missing: WAITING, nothing global is written
@@ -259,25 +260,46 @@ class BaseStore(ABC):
         return None
 
     async def open_stream(
-        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
     ) -> FileStream | None:
         """Start uploading the file ``rel`` (relative to checkpoint_dir) while it is written at the first of
         ``watch`` that appears, for the save of ``step`` by ``trainer`` (``rank``); None: this backend does
-        not (the file is uploaded when it is committed, as always)."""
+        not (the file is uploaded when it is committed, as always).
+
+        Its key is ``checkpoints/<name>/<rel>``: ``name`` when given (a multi-rank run's
+        :func:`~spotd.store.selection.run_checkpoint_name`, which :meth:`commit_part` will use), else
+        :meth:`stream_name` now (what :meth:`commit` adopts)."""
         return None
 
     async def open_dir_stream(
-        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
     ) -> DirStream | None:
         """Start uploading each file of the directory ``rel`` (relative to checkpoint_dir; written at the
         first of ``watch`` that exists) the moment it is closed, for the save of ``step`` by ``trainer``
-        (``rank``); None where directories cannot be watched (not Linux). Raises :class:`StoreError` when
-        this one cannot (it does not exist yet). Every backend: it uses ``upload_file`` and ``delete_keys``
-        (:mod:`spotd.store.dirstream`)."""
+        (``rank``), under ``name`` as :meth:`open_stream`; None where directories cannot be watched (not
+        Linux). Raises :class:`StoreError` when this one cannot (it does not exist yet). Every backend: it
+        uses ``upload_file`` and ``delete_keys`` (:mod:`spotd.store.dirstream`)."""
         if not watchable():
             return None
         created = datetime.now(UTC)
-        name = self.stream_name(trainer=trainer, step=step, rank=rank, now=created)
+        if name is None:
+            name = self.stream_name(trainer=trainer, step=step, rank=rank, now=created)
+        elif not valid_name(name):
+            raise StoreError(f"checkpoint name {name!r} is not a valid name; fix: use run_checkpoint_name")
         # Background transfers yield to it from now on, as to an emergency commit, until it ends.
         self.begin_emergency()
         stream = DirectoryUpload(
@@ -296,7 +318,7 @@ class BaseStore(ABC):
             on_close=self.end_emergency,
         )
         try:
-            stream.start()
+            await stream.start()
         except OSError as exc:
             await stream.abort()
             raise StoreError(f"cannot watch {rel} for files closed in it: {exc}") from exc
@@ -471,6 +493,7 @@ class BaseStore(ABC):
         info: CommitInfo,
         priority: Priority = Priority.BACKGROUND,
         progress: Callable[[int], None] | None = None,
+        streams: Sequence[FileStream] = (),
     ) -> PartResult:
         """Commit this node's share of the multi-node checkpoint ``name`` (see the class docstring for the
         order): upload the files of ``sources`` under ``checkpoints/<name>/``, write ``parts/node-<k>.json``,
@@ -481,31 +504,52 @@ class BaseStore(ABC):
         Returns COMMITTED, ALREADY_COMMITTED or WAITING (poll :meth:`committed` then). One try, like
         :meth:`commit`; a retry after a failure finds what already landed and carries on. Raises
         :class:`CommitError` when the parts do not make one checkpoint (nothing is committed then).
+
+        ``streams``: the local ranks' files already going up while they were written (:meth:`open_stream`
+        with ``name``); each one opened under this ``name`` for one of the part's files is finished instead
+        of uploaded, any other aborted. As with :meth:`commit`, none of them outlives this call.
         """
         started = time.monotonic()
-        if not valid_name(name):
-            raise CommitError(
-                f"checkpoint name {name!r} is not a valid name; fix: use run_checkpoint_name(run_id, step)"
-            )
-        if not 0 <= node_rank < nodes:
-            raise CommitError(f"node_rank {node_rank} is not one of the {nodes} nodes of checkpoint {name}")
-        files = await self.run(_collect_sources, checkpoint_dir, list(sources))
+        try:
+            if not valid_name(name):
+                raise CommitError(
+                    f"checkpoint name {name!r} is not a valid name; "
+                    "fix: use run_checkpoint_name(run_id, step)"
+                )
+            if not 0 <= node_rank < nodes:
+                raise CommitError(
+                    f"node_rank {node_rank} is not one of the {nodes} nodes of checkpoint {name}"
+                )
+            files = await self.run(_collect_sources, checkpoint_dir, list(sources))
+            adopted = _part_streams(streams, files, name)
+            # At once: an open stream holds background transfers back, this commit's among them.
+            for s in streams:
+                if adopted.get(s.rel) is not s:
+                    await s.abort()
+        except BaseException:
+            for s in streams:
+                await s.abort()
+            raise
         base = f"{self.checkpoints_prefix}{name}/"
         with self._committing(name, priority, failed="store.part_failed", node=node_rank, nodes=nodes):
-            put = await self._put_files(files, base, priority, progress, ("nodes",))
-            part = Manifest.of_commit(
-                info,
-                name=name,
-                created_at=datetime.now(UTC),
-                files=put.entries(files),
-                nodes=nodes,
-                node=node_rank,
-                ranks=tuple(sorted(set(ranks))),
-            )
-            part = await self._put_part(base, part)
-            state, manifest, missing = await self._commit_global(name, nodes)
-            if manifest is not None:
-                self._newest["nodes",] = manifest
+            try:
+                put = await self._put_files(files, base, priority, progress, ("nodes",), adopted)
+                part = Manifest.of_commit(
+                    info,
+                    name=name,
+                    created_at=datetime.now(UTC),
+                    files=put.entries(files),
+                    nodes=nodes,
+                    node=node_rank,
+                    ranks=tuple(sorted(set(ranks))),
+                )
+                part = await self._put_part(base, part)
+                state, manifest, missing = await self._commit_global(name, nodes)
+                if manifest is not None:
+                    self._newest["nodes",] = manifest
+            finally:
+                for s in streams:
+                    await s.abort()  # a no-op for each one finished
         seconds = time.monotonic() - started
         self._count(put, seconds)
         log.info(
@@ -888,6 +932,19 @@ def _adoptable(
     if len(adopted) != sum(1 for s in streams if s.rel in rels):
         return {}  # two streams of one file: neither is trusted
     return adopted
+
+
+def _part_streams(
+    streams: Sequence[FileStream], files: Sequence[LocalFile], name: str
+) -> dict[str, FileStream]:
+    """The streams a node part ``name`` of ``files`` finishes, by file: each opened under that name for one
+    of its files (the first one per file); the others are not this part's (another step's, or a file the
+    rank did not report after all). Two streams of one file are neither trusted: both are aborted (before
+    the file is uploaded plainly), since aborting a directory's file deletes its object."""
+    rels = {f.rel for f in files}
+    mine = [s for s in streams if s.name == name and s.rel in rels]
+    twice = {r for r in rels if sum(s.rel == r for s in mine) > 1}
+    return {s.rel: s for s in mine if s.rel not in twice}
 
 
 def _collect_sources(checkpoint_dir: Path, sources: Sequence[Path]) -> list[LocalFile]:

@@ -36,6 +36,7 @@ from spotd.store.checksums import can_combine
 from spotd.store.localfs import LocalFile
 from spotd.store.pacing import BACKGROUND_NICE
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
+from spotd.store.selection import valid_name
 from spotd.store.stream import GrowingUpload
 from spotd.store.transfer_pool import TransferPool, early_parts
 
@@ -290,12 +291,22 @@ class S3Store(BaseStore):
         return early_parts(self._pool.limit)
 
     async def open_stream(
-        self, *, watch: Sequence[Path], rel: str, trainer: str, step: int | None, rank: int | None
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
     ) -> FileStream | None:
         if not can_combine(self.algo):
             return None  # the whole-file checksum would need a second pass: nothing to gain
         created = datetime.now(UTC)
-        name = self.stream_name(trainer=trainer, step=step, rank=rank, now=created)
+        if name is None:
+            name = self.stream_name(trainer=trainer, step=step, rank=rank, now=created)
+        elif not valid_name(name):
+            raise StoreError(f"checkpoint name {name!r} is not a valid name; fix: use run_checkpoint_name")
         # Background transfers yield to it from now on, as to an emergency commit, until it ends.
         self.begin_emergency()
         stream = GrowingUpload(

@@ -2,11 +2,13 @@
 are complete on disk, and only the tail and the completion are left once the trainer says ``saved``.
 
 The trainer announces the file before writing it (the ``writing`` frame); :class:`GrowingUpload` then
-creates the multipart upload under the key the checkpoint will be committed as (its name is chosen now,
-see :meth:`~spotd.store.base.BaseStore.commit`), follows the file being written (by an open descriptor, so
-through the rename of a temp file into place) and sends every ``part_size`` part whose last byte is on disk.
-Nothing is committed by it: the object exists only once :meth:`GrowingUpload.finish` completes it, which
-the store's ``commit`` does after ``saved``, and the manifest is written after that, as for any file.
+creates the multipart upload under the key the checkpoint will be committed as (its name is chosen now, see
+:meth:`~spotd.store.base.BaseStore.commit`, or given: a multi-rank run's step, whose node part
+:meth:`~spotd.store.base.BaseStore.commit_part` finishes it), follows the file being written (by an open
+descriptor, so through the rename of a temp file into place) and sends every ``part_size`` part whose last
+byte is on disk. Nothing is committed by it: the object exists only once :meth:`GrowingUpload.finish`
+completes it, which the store's ``commit`` (or ``commit_part``) does after ``saved``, and the manifest is
+written after that, as for any file.
 
 Every byte is checked at the end, from the final file: :meth:`~GrowingUpload.finish` reads each part of the
 file as it is then (its size, and each part's CRC recomputed from disk), re-sends any part whose CRC or

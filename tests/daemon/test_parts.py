@@ -290,8 +290,8 @@ async def test_a_lone_resent_save_of_a_committed_step_is_answered_durable(make):
     assert h.metric("spotd_upload_failures_total") == 0
 
 
-async def test_ranks_of_a_multi_rank_run_are_not_asked_to_announce_their_writes(make):
-    """A rank's step is committed as a node part, which streams nothing: its welcome says writing false (so the client sends no writing frame and no early part goes out for nothing), a single trainer's says true (store.overlap is on by default)."""
+async def test_ranks_of_a_multi_rank_run_are_welcome_to_announce_their_writes(make):
+    """A rank's welcome says writing true, as a single trainer's does (store.overlap is on by default): its emergency save streams into the node part of its step (tests/daemon/test_overlap.py)."""
     h = make()
-    assert h.coordinator.welcome(rank(h, 0))["writing"] is False
+    assert h.coordinator.welcome(rank(h, 0))["writing"] is True
     assert h.coordinator.welcome(h.channel.connect("solo"))["writing"] is True

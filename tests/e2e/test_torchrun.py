@@ -255,6 +255,11 @@ def test_a_node_whose_spotd_dies_mid_upload_leaves_that_step_uncommitted(
         stopped = [e for _, out, _ in nodes for e in out.events("stopped")]
         assert sorted(e["rank"] for e in stopped) == [0, 1, 2, 3]
         (step,) = {e["step"] for e in stopped}
+        # Every rank announced its emergency save, node 2's peers (stopped by the agreement, final) too, and
+        # each daemon opened its stream under the run's name of the stop step, where the node part puts it.
+        for d in (d1, d2):
+            opened = [e for e in d.logs.events("overlap.started") if e.get("step") == step]
+            assert len(opened) == 2 and all(e["name"].endswith(f"-s{step:09d}") for e in opened), opened
         wait_until(
             lambda: d1.logs.events("interruption.handled"), timeout_s=60, what="node 1's episode recorded"
         )

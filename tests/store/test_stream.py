@@ -7,7 +7,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
+from spotd.errors import CommitError
 from spotd.store.s3 import S3Store
+from spotd.store.selection import run_checkpoint_name
 from tests.fixtures.s3 import FaultProxy, S3Bucket
 from tests.store.helpers import JOB, info
 from tests.util import async_wait_until
@@ -153,6 +157,90 @@ async def test_a_stream_of_another_save_is_not_adopted(
     assert m.name != stream.name and m.step == 2
     stored = s3_bucket.keys()
     assert [k for k in stored if k.endswith("m.pt")] == [f"pfx/{JOB}/checkpoints/{m.name}/m.pt"]
+
+
+async def test_a_node_part_finishes_the_streams_under_its_name_and_aborts_the_others(
+    s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Two ranks' files streamed under the run's name of step 5 and a third under step 4's: the node part of
+    step 5 completes the first two where it commits them (only their tails sent after), aborts the third,
+    and leaves no multipart upload open."""
+    count_parts(s3_proxy)
+    store = make(s3_bucket, s3_proxy)
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "run").mkdir(parents=True)
+    name, other = run_checkpoint_name("run1", 5), run_checkpoint_name("run1", 4)
+    paths = [ckpt / "run" / f"r{r}.pt" for r in (0, 1)]
+    bodies = [os.urandom(6 * MIB) for _ in paths]
+    try:
+        streams = [
+            await store.open_stream(
+                watch=[p], rel=f"run/{p.name}", trainer=f"r{r}", step=5, rank=r, name=name
+            )
+            for r, p in enumerate(paths)
+        ]
+        stale = await store.open_stream(
+            watch=[paths[0]], rel="run/r0.pt", trainer="r0", step=4, rank=0, name=other
+        )
+        assert stale is not None and all(s is not None and s.name == name for s in streams)
+        for p, body in zip(paths, bodies, strict=True):
+            await append(p, body)
+        await async_wait_until(lambda: parts_sent(s3_proxy) >= 3, what="a part of each stream sent")
+        result = await store.commit_part(
+            [ckpt / "run"],
+            checkpoint_dir=ckpt,
+            name=name,
+            node_rank=0,
+            nodes=1,
+            ranks=[0, 1],
+            info=info(5, world_size=2),
+            streams=[*streams, stale],  # type: ignore[list-item]
+        )
+    finally:
+        await store.close()
+    assert result.manifest is not None and [f.path for f in result.manifest.files] == [
+        "run/r0.pt",
+        "run/r1.pt",
+    ]
+    assert parts_sent(s3_proxy) == 5  # three early (one stale), then the two tails
+    for p, body in zip(paths, bodies, strict=True):
+        got = s3_bucket.client.get_object(
+            Bucket=s3_bucket.name, Key=f"pfx/{JOB}/checkpoints/{name}/run/{p.name}"
+        )
+        assert hashlib.sha256(got["Body"].read()).digest() == hashlib.sha256(body).digest()
+    await async_wait_until(lambda: uploads_open(s3_bucket) == [], what="the stale stream aborted")
+    assert not [k for k in s3_bucket.keys("pfx/") if f"/{other}/" in k]
+
+
+async def test_a_node_part_that_fails_aborts_every_stream_it_was_given(
+    s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A commit_part refused before it uploads anything (a node rank outside the nodes) still ends the
+    streams handed to it: no multipart upload is left open and nothing is stored."""
+    count_parts(s3_proxy)
+    store = make(s3_bucket, s3_proxy)
+    path = tmp_path / "r0.pt"
+    name = run_checkpoint_name("run1", 5)
+    try:
+        stream = await store.open_stream(watch=[path], rel="r0.pt", trainer="r0", step=5, rank=0, name=name)
+        assert stream is not None
+        await append(path, os.urandom(6 * MIB))
+        await async_wait_until(lambda: parts_sent(s3_proxy) == 1, what="a part sent")
+        with pytest.raises(CommitError, match="node_rank 3"):
+            await store.commit_part(
+                [path],
+                checkpoint_dir=tmp_path,
+                name=name,
+                node_rank=3,
+                nodes=1,
+                ranks=[0],
+                info=info(5, world_size=2),
+                streams=[stream],
+            )
+        await async_wait_until(lambda: uploads_open(s3_bucket) == [], what="the stream aborted")
+    finally:
+        await store.close()
+    assert s3_bucket.keys() == []
 
 
 def test_parts_in_flight_while_written_are_half_a_core_each_at_least_two_at_most_the_pool() -> None:
