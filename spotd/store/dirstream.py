@@ -54,6 +54,7 @@ _MOVED_TO: Final = 0x00000080
 _CREATE: Final = 0x00000100
 _Q_OVERFLOW: Final = 0x00004000
 _ISDIR: Final = 0x40000000
+_ONLYDIR: Final = 0x01000000
 _MASK: Final = _CLOSE_WRITE | _MOVED_TO | _CREATE
 
 
@@ -245,21 +246,36 @@ class DirectoryUpload:
         """Whether a commit of ``info`` is the save this directory was announced for."""
         return (info.step, info.trainer, info.rank) == (self.step, self.trainer, self.rank)
 
-    def start(self) -> None:
-        """Watch the directory (it exists: the trainer made it before announcing). Raises OSError."""
-        top = next((p for p in self._paths if p.is_dir()), None)
-        if top is None:
-            raise FileNotFoundError(f"none of {[str(p) for p in self._paths]} is a directory")
+    async def start(self) -> None:
+        """Watch the directory (it exists: the trainer made it before announcing), and take the files already
+        in it as closed: the announcement reaches spotd a moment after the writer started, and a small save
+        may be done (even renamed into place) by then. A file still being written when it is found is sent
+        early for nothing and again at its close; the commit's check keeps only what equals the final file.
+        Raises OSError when neither path is a directory."""
         assert inotify_simple is not None
         self._inotify = inotify_simple.INotify(nonblocking=True)
         try:
-            self._subdirs[self._inotify.add_watch(top, _MASK)] = ""
+            top = None
+            for path in self._paths:  # the temp name first: it may have been renamed into place meanwhile
+                try:
+                    self._subdirs[self._inotify.add_watch(path, _MASK | _ONLYDIR)] = ""
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                top = path
+                break
+            if top is None:
+                raise FileNotFoundError(f"none of {[str(p) for p in self._paths]} is a directory")
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._inotify.fileno(), self._read)
+            subdirs, files = await asyncio.to_thread(_walk, top)
         except BaseException:
-            self._inotify.close()
-            self._inotify = None
+            self._stop_watching()
             raise
+        for sub in subdirs:
+            self._watch_subdir(sub)
+        for sub in files:
+            if not in_progress_name(PurePosixPath(sub).name):
+                self._closed(sub)
 
     def _read(self) -> None:
         try:
@@ -358,3 +374,14 @@ class DirectoryUpload:
         if not self._ended:
             self._ended = True
             self._on_close()
+
+
+def _walk(top: Path) -> tuple[list[str], list[str]]:
+    """The subdirectories and regular files under ``top``, as posix paths relative to it. Blocking."""
+    subdirs: list[str] = []
+    files: list[str] = []
+    for root, dirnames, filenames in os.walk(top):
+        rel = Path(root).relative_to(top)
+        subdirs += [(rel / d).as_posix() for d in dirnames]
+        files += [(rel / f).as_posix() for f in filenames if (Path(root) / f).is_file()]
+    return subdirs, files

@@ -183,3 +183,26 @@ async def test_a_directory_that_is_not_there_is_refused_and_holds_nothing_back(
             ckdir / "run/p.bin", checkpoint_dir=ckdir, info=info(4), priority=Priority.BACKGROUND
         )
     assert m.files[0].path == "run/p.bin"
+
+
+async def test_files_written_before_the_watch_began_count_as_closed(
+    backend: Backend, store: CheckpointStore, ckdir: Path
+) -> None:
+    """The announcement reaches spotd a moment after the writer started, and a small save may be complete, even
+    renamed into place, by then: what the directory already holds (a subdirectory's files too) goes up at once."""
+    await write(ckdir / "run/step-9/a.bin", b"a" * 3000)
+    await write(ckdir / "run/step-9/sub/b.bin", b"b" * 3000)
+    await write(ckdir / "run/step-9/.c.tmp-1", b"c")  # a temp name: not sent
+    stream = await store.open_dir_stream(
+        watch=[ckdir / "run/.tmp-step-9", ckdir / "run/step-9"],  # the temp name is gone: renamed already
+        rel="run/step-9",
+        trainer="train",
+        step=3,
+        rank=None,
+    )
+    assert stream is not None
+    await uploaded(backend, key(stream, "run/step-9/a.bin"), key(stream, "run/step-9/sub/b.bin"))
+    await asyncio.to_thread((ckdir / "run/step-9/.c.tmp-1").unlink)
+    m = await store.commit(ckdir / "run/step-9", checkpoint_dir=ckdir, info=info(3), streams=stream.take())
+    assert m.name == stream.name
+    assert {f.path for f in m.files} == {"run/step-9/a.bin", "run/step-9/sub/b.bin"}
