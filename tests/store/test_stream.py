@@ -63,7 +63,11 @@ async def test_parts_go_out_while_the_file_is_written_and_the_commit_sends_only_
         )
         assert stream is not None
         await append(temp, body[: 15 * MIB + 100])
-        await async_wait_until(lambda: parts_sent(s3_proxy) == 3, what="three parts sent before saved")
+        # The proxy logs a part once its head arrived: wait for the bodies as well.
+        await async_wait_until(
+            lambda: parts_sent(s3_proxy) == 3 and s3_proxy.bytes_in >= 15 * MIB,
+            what="three parts sent before saved",
+        )
         await append(temp, body[15 * MIB + 100 :])
         os.replace(temp, final)
         before = s3_proxy.bytes_in
