@@ -4,7 +4,8 @@ Stdlib only: :mod:`spotd.client` imports this and must stay light.
 
 Daemon → trainer: ``welcome``, ``checkpoint``, ``durable``, ``error`` (and ``status`` replies).
 Trainer → daemon: ``hello``, ``writing`` (optional: a save is about to be written at ``path``; the daemon may
-start uploading its parts while it grows, and commits nothing before ``saved``), ``saved``, ``failed``,
+start uploading its parts while it grows, or for a directory each file as it is closed, and commits nothing
+before ``saved``), ``saved``, ``failed``,
 ``status``, ``finished`` (the job is done: spotd marks it Completed and answers ``finished`` with the
 outcome).
 A control client (``spotd status``/``spotd checkpoint``/``spotd complete``) says ``hello`` with
@@ -124,12 +125,16 @@ _FIELDS: Final[dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]] = {
     },
     # A file about to be written: ``path`` as ``saved`` will report it; ``temp``, when the bytes go to another
     # name first (write to a temp file, then rename), the name they are written under (the daemon follows
-    # that file through the rename); ``final`` as in ``saved``.
+    # that file through the rename); ``final`` as in ``saved``. ``dir``: ``path`` (and ``temp``) is a
+    # directory about to be filled (the daemon uploads each file as it is closed; only to a daemon whose
+    # welcome says ``"writing_dirs": true``); ``shared`` as in ``saved``.
     "writing": {
         "path": (str, True),
         "step": ((int, type(None)), False),
         "temp": (str, False),
         "final": (bool, False),
+        "dir": (bool, False),
+        "shared": (bool, False),
     },
     "saved": {
         "request_id": ((str, type(None)), False),
@@ -308,15 +313,22 @@ def writing(
     step: int | None,
     temp: str | _Omit = OMIT,
     final: bool | _Omit = OMIT,
+    dir: bool | _Omit = OMIT,
+    shared: bool | _Omit = OMIT,
 ) -> dict[str, Any]:
     """A save of ``step`` is about to be written, to be reported as ``path`` (relative to checkpoint_dir);
-    its bytes go to ``temp`` first when given. Sent only to a daemon whose welcome says ``"writing": true``;
-    the ``saved`` frame that follows is what commits it."""
+    its bytes go to ``temp`` first when given. Sent only to a daemon whose welcome says ``"writing": true``
+    (``"writing_dirs": true`` for a ``dir``, a directory whose files are about to be written); the
+    ``saved`` frame that follows is what commits it."""
     fields: dict[str, Any] = {"path": path, "step": step}
     if temp is not OMIT:
         fields["temp"] = temp
     if final is not OMIT:
         fields["final"] = final
+    if dir is not OMIT:
+        fields["dir"] = dir
+    if shared is not OMIT:
+        fields["shared"] = shared
     return _client_frame("writing", fields)
 
 

@@ -45,6 +45,8 @@ def test_bad_lines_raise_protocol_errors_with_a_code(line, code):
         ({"op": "writing"}, protocol.E_BAD_FRAME),
         ({"op": "writing", "path": "x", "temp": 3}, protocol.E_BAD_FRAME),
         ({"op": "writing", "path": "x", "final": "yes"}, protocol.E_BAD_FRAME),
+        ({"op": "writing", "path": "x", "dir": 1}, protocol.E_BAD_FRAME),
+        ({"op": "writing", "path": "x", "shared": "no"}, protocol.E_BAD_FRAME),
     ],
 )
 def test_client_frames_are_validated(frame, code):
@@ -260,12 +262,17 @@ def test_client_frame_builders_write_the_bytes_of_before():
 
 
 def test_writing_announces_the_path_then_the_temp_name_and_only_what_is_given():
-    """``writing`` (new, optional) carries path and step, then temp and final only when given; it validates."""
+    """``writing`` (new, optional) carries path and step, then temp, final, dir and shared only when given; it
+    validates."""
     cases = [
         (protocol.writing(path="a/s.pt", step=5), b'{"op":"writing","path":"a/s.pt","step":5}\n'),
         (
             protocol.writing(path="a/s.pt", step=None, temp="a/.s.pt.tmp-9", final=True),
             b'{"op":"writing","path":"a/s.pt","step":null,"temp":"a/.s.pt.tmp-9","final":true}\n',
+        ),
+        (
+            protocol.writing(path="a/step-5.dcp", step=5, dir=True, shared=True),
+            b'{"op":"writing","path":"a/step-5.dcp","step":5,"dir":true,"shared":true}\n',
         ),
     ]
     for built, wire in cases:

@@ -196,21 +196,30 @@ class Guard:
         *,
         temp: str | os.PathLike[str] | None = None,
         final: bool = False,
+        directory: bool = False,
+        shared: bool = False,
     ) -> bool:
         """Say a save is about to be written, before writing it: ``path`` as :meth:`saved` will report it,
         ``temp`` where its bytes go first when they are renamed into place. For an emergency save the
         daemon then uploads its parts while they are written; :meth:`saved` still has to follow (nothing
-        is committed before it). Sent only when the daemon said it takes it; True when sent."""
+        is committed before it). Sent only when the daemon said it takes it; True when sent.
+
+        ``directory=True``: ``path`` (or ``temp``) is a directory, already created, about to be filled
+        (a sharded or framework checkpoint); the daemon uploads each file the moment it is closed.
+        ``shared`` as in :meth:`saved` (the directory holds every rank's part)."""
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise TypeError(f"step must be an int or None, not {type(step).__name__}")
         welcome = self._welcome
-        if self._inert or not welcome or not welcome.get("writing"):
+        wanted = "writing_dirs" if directory else "writing"
+        if self._inert or not welcome or not welcome.get(wanted):
             return False
         frame = protocol.writing(
             path=os.fspath(path),
             step=step,
             temp=protocol.OMIT if temp is None else os.fspath(temp),
             final=True if final else protocol.OMIT,
+            dir=True if directory else protocol.OMIT,
+            shared=True if shared else protocol.OMIT,
         )
         return self._send(frame)
 

@@ -438,8 +438,9 @@ class Coordinator:
             "job_id": self._config.job_id,
             "instance_id": self._identity.instance_id,
             "phase": self._phase.value,
-            # A `writing` frame before a save is welcome (a rank's too: its stream joins the node part).
-            "writing": self._overlap.enabled,
+            # A `writing` frame before a save (a file, or a directory) is welcome; a rank's too: its streams
+            # join its node part.
+            **self._overlap.welcome(),
         }
 
     async def on_ready(self, session: Session) -> None:
@@ -533,11 +534,6 @@ class Coordinator:
         placement = self._placement(session) if save.step is not None else None
         if placement is not None:
             shared = bool(frame.get("shared"))
-            if shared:
-                # A sharded directory is not streamed (its files are not announced one by one).
-                for stream in streams:
-                    self._spawn(stream.abort())
-                streams = ()
             member = Member(placement, save, source, info, reply, episode, emergency, streams)
             covers = self._covered_by(session, placement, save, episode) if shared else []
             self._parts.offer(member, shared=shared, covers=covers)

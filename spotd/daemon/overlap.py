@@ -1,7 +1,9 @@
 """Upload overlapped with the save: a trainer's ``writing`` frame opens a store stream for the file it is
 about to write (:meth:`~spotd.store.CheckpointStore.open_stream`), whose complete parts go to S3 while the
-file grows; its ``saved`` hands the stream to that save's commit, which checks every byte against the
-final file, sends the rest and only then writes the manifest (:mod:`spotd.store.stream`).
+file grows, or for the directory it is about to fill (``dir``: :meth:`~spotd.store.CheckpointStore.
+open_dir_stream`), each of whose files goes up the moment it is closed; its ``saved`` hands the streams to
+that save's commit, which checks every byte against the final files, sends the rest and only then writes
+the manifest (:mod:`spotd.store.stream`, :mod:`spotd.store.dirstream`).
 
 A rank of a multi-rank run streams the same way, under the name its step will be committed as
 (:func:`~spotd.store.selection.run_checkpoint_name`, given by the coordinator): its ``saved`` hands the
@@ -28,7 +30,7 @@ from spotd.daemon.ipc import Session
 from spotd.errors import PathEscape, ProtocolError, StoreError
 from spotd.logs import get_logger
 from spotd.protocol import E_PATH
-from spotd.store import CheckpointStore, FileStream, resolve_inside
+from spotd.store import CheckpointStore, DirStream, FileStream, resolve_inside, watchable
 
 __all__ = ["Overlap"]
 
@@ -38,7 +40,7 @@ log = get_logger("spotd.overlap")
 class Overlap:
     """The streams trainers announced and have not reported yet, per session."""
 
-    __slots__ = ("_checkpoint_dir", "_pending", "_spawn", "_store", "enabled")
+    __slots__ = ("_checkpoint_dir", "_dirs", "_pending", "_spawn", "_store", "enabled")
 
     def __init__(
         self,
@@ -55,11 +57,17 @@ class Overlap:
         self.enabled = enabled
         self._spawn = spawn
         self._pending: dict[str, dict[str, FileStream]] = {}
+        self._dirs: dict[str, dict[str, DirStream]] = {}
+
+    def welcome(self) -> dict[str, bool]:
+        """What a trainer may announce (its welcome's ``writing`` and ``writing_dirs``)."""
+        return {"writing": self.enabled, "writing_dirs": self.enabled and watchable()}
 
     async def writing(
         self, session: Session, frame: dict[str, Any], *, emergency: bool, name: str | None = None
     ) -> None:
-        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given);
+        """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given), a
+        file, or with ``dir`` a directory it has created;
         ``name``: the checkpoint it will be committed in, when that is known now (a rank's step), else the
         store picks the one a single trainer's commit adopts."""
         if not self.enabled or not emergency or session.role != "trainer":
@@ -73,44 +81,70 @@ class Overlap:
         except PathEscape as exc:
             raise ProtocolError(E_PATH, str(exc)) from None
         rel = final.relative_to(self._checkpoint_dir).as_posix()
-        mine = self._pending.setdefault(session.id, {})
-        if (old := mine.pop(rel, None)) is not None:
-            self._spawn(old.abort())
+        for pending in (self._pending.get(session.id, {}), self._dirs.get(session.id, {})):
+            if (old := pending.pop(rel, None)) is not None:
+                self._spawn(old.abort())
+        # A directory every rank writes into is committed as one checkpoint, not this rank's.
+        rank = None if frame.get("shared") else session.rank
+        opened: FileStream | DirStream | None
         try:
-            stream = await self._store.open_stream(
-                watch=watch,
-                rel=rel,
-                trainer=session.name,
-                step=frame.get("step"),
-                rank=session.rank,
-                name=name,
-            )
+            if frame.get("dir"):
+                opened = directory = await self._store.open_dir_stream(
+                    watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=rank, name=name
+                )
+                if directory is not None:
+                    self._dirs.setdefault(session.id, {})[rel] = directory
+            else:
+                opened = stream = await self._store.open_stream(
+                    watch=watch, rel=rel, trainer=session.name, step=frame.get("step"), rank=rank, name=name
+                )
+                if stream is not None:
+                    self._pending.setdefault(session.id, {})[rel] = stream
         except StoreError as exc:  # only a head start: the save is uploaded when reported, as always
             log.warning("overlap.not_started", trainer=session.name, path=rel, error=str(exc))
             return
-        if stream is None:
+        if opened is None:
             return
-        mine[rel] = stream
-        log.info("overlap.started", trainer=session.name, path=rel, step=frame.get("step"), name=stream.name)
+        log.info(
+            "overlap.started",
+            trainer=session.name,
+            path=rel,
+            step=frame.get("step"),
+            name=opened.name,
+            directory=bool(frame.get("dir")),
+        )
 
     def take(self, session: Session, source: Path) -> tuple[FileStream, ...]:
         """The streams of the files of ``source`` (a file, or a directory) that ``session`` announced: now
-        the commit's to finish or abort."""
-        mine = self._pending.get(session.id)
-        if not mine:
-            return ()
+        the commit's to finish or abort. An announced directory stops being watched: the files seen closed
+        in it so far are handed over, the commit uploads the rest."""
         rel = source.relative_to(self._checkpoint_dir).as_posix()
-        taken = [r for r in mine if r == rel or r.startswith(rel.rstrip("/") + "/")]
-        return tuple(mine.pop(r) for r in taken)
+
+        def inside(r: str) -> bool:
+            return r == rel or r.startswith(rel.rstrip("/") + "/")
+
+        streams: list[FileStream] = []
+        files = self._pending.get(session.id, {})
+        streams += [files.pop(r) for r in [r for r in files if inside(r)]]
+        dirs = self._dirs.get(session.id, {})
+        for r in [r for r in dirs if inside(r)]:
+            streams += dirs.pop(r).take()
+        return tuple(streams)
 
     def drop(self, session: Session) -> None:
         """``session`` left (or saved in a way that does not overlap): abort what it announced."""
         for stream in self._pending.pop(session.id, {}).values():
             self._spawn(stream.abort())
+        for directory in self._dirs.pop(session.id, {}).values():
+            self._spawn(directory.abort())
 
     async def close(self) -> None:
         """Abort every stream not handed to a commit."""
         pending, self._pending = self._pending, {}
-        for mine in pending.values():
-            for stream in mine.values():
+        dirs, self._dirs = self._dirs, {}
+        for files in pending.values():
+            for stream in files.values():
                 await stream.abort()
+        for mine in dirs.values():
+            for directory in mine.values():
+                await directory.abort()

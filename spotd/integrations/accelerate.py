@@ -170,6 +170,8 @@ class SpotdAccelerate:
             if speaker:
                 shutil.rmtree(temp, ignore_errors=True)  # left by a save killed half-way
                 temp.mkdir(parents=True)
+                # Asked for: spotd uploads each file as it is closed (under step-N/, through the rename).
+                self._node.announce(final, done, verdict, temp=temp)
             self._node.barrier()
             self._accelerator.save_state(str(temp))
             self._node.barrier()  # every rank's part (its RNG state at least) is written

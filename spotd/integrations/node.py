@@ -185,6 +185,20 @@ class NodeLink:
         """Every rank of the job is here (a MIN all-reduce, so it works on gloo and NCCL alike)."""
         ranks.all_ok(True)
 
+    def announce(self, path: Path, step: int, verdict: Verdict | None, *, temp: Path | None = None) -> None:
+        """Before the framework writes a checkpoint directory asked for by ``verdict``: the speaker creates it
+        (``temp`` when the files go there first) and tells spotd, which uploads each file the moment it is
+        closed. Call it before the ranks start writing (before a barrier, or before the framework's save)."""
+        if not self.speaker or verdict is None or not verdict.save:
+            return
+        try:
+            (temp or path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the save itself will say what is wrong
+            log.debug("spotd: could not create %s before the save: %s", temp or path, exc)
+            return
+        final_for_peer = verdict.stop and verdict.request is None
+        self.link.announce(path, temp, step, final=final_for_peer, directory=True)
+
     def report(self, path: Path, step: int, verdict: Verdict | None) -> None:
         """After every rank's files are written: the speaker tells spotd about what this node holds.
 

@@ -124,6 +124,10 @@ class SpotdCallback(TrainerCallback):
             return control
         self._verdict = verdict
         control.should_save = True
+        # The Trainer writes checkpoint-<global_step>/ next: spotd may upload each file as it is closed.
+        node.announce(
+            Path(str(args.output_dir)) / f"checkpoint-{state.global_step}", state.global_step, verdict
+        )
         if verdict.stop:
             self._stopping = True
             control.should_training_stop = True

@@ -22,7 +22,16 @@ import concurrent.futures
 from typing import TYPE_CHECKING
 
 from spotd.errors import StoreError
-from spotd.store.api import CheckpointStore, FileStream, PartResult, PartState, Priority, RestoreResult
+from spotd.store.api import (
+    CheckpointStore,
+    DirStream,
+    FileStream,
+    PartResult,
+    PartState,
+    Priority,
+    RestoreResult,
+)
+from spotd.store.dirstream import watchable
 from spotd.store.localfs import resolve_inside
 from spotd.store.manifest import CommitInfo, FileEntry, Manifest
 from spotd.store.selection import run_checkpoint_name
@@ -34,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointStore",
     "CommitInfo",
+    "DirStream",
     "FileEntry",
     "FileStream",
     "Manifest",
@@ -44,6 +54,7 @@ __all__ = [
     "open_store",
     "resolve_inside",
     "run_checkpoint_name",
+    "watchable",
 ]
 
 

@@ -18,7 +18,15 @@ from spotd.store.manifest import CommitInfo, Manifest, Provenance
 if TYPE_CHECKING:
     from spotd.store.localfs import LocalFile
 
-__all__ = ["CheckpointStore", "FileStream", "PartResult", "PartState", "Priority", "RestoreResult"]
+__all__ = [
+    "CheckpointStore",
+    "DirStream",
+    "FileStream",
+    "PartResult",
+    "PartState",
+    "Priority",
+    "RestoreResult",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,18 +79,36 @@ class Priority(enum.Enum):
 
 
 class FileStream(Protocol):
-    """A file being uploaded while it is written (:meth:`CheckpointStore.open_stream`): the commit of the
-    save it was announced for finishes it (checking every byte against the final file), anything else
-    aborts it."""
+    """A file being uploaded while it is written (:meth:`CheckpointStore.open_stream`), or one file of an
+    announced directory uploaded when it was closed (:meth:`DirStream.take`): the commit of the save it was
+    announced for finishes it (checking every byte against the final file), anything else aborts it."""
 
     #: The checkpoint name the file's key was made with, and when: the commit that adopts it uses both.
-    name: str
-    created: datetime
-    rel: str  # the file's path relative to checkpoint_dir, as the manifest lists it
-    sent_early: int  # bytes that went out before the trainer's saved (the head start)
+    @property
+    def name(self) -> str: ...
+    @property
+    def created(self) -> datetime: ...
+    @property
+    def rel(self) -> str: ...  # the file's path relative to checkpoint_dir, as the manifest lists it
+    @property
+    def sent_early(self) -> int: ...  # bytes that went out before the trainer's saved (the head start)
 
     def matches(self, info: Provenance) -> bool: ...
     async def finish(self, file: LocalFile, progress: Callable[[int], None] | None) -> str | None: ...
+    async def abort(self) -> None: ...
+
+
+class DirStream(Protocol):
+    """An announced checkpoint directory whose files are uploaded one by one as each is closed
+    (:meth:`CheckpointStore.open_dir_stream`). ``take()`` at ``saved`` ends the watching and hands the
+    commit a :class:`FileStream` per file uploaded; ``abort()`` when no commit will."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def rel(self) -> str: ...
+
+    def take(self) -> tuple[FileStream, ...]: ...
     async def abort(self) -> None: ...
 
 
@@ -113,6 +139,16 @@ class CheckpointStore(Protocol):
         rank: int | None,
         name: str | None = None,
     ) -> FileStream | None: ...
+    async def open_dir_stream(
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
+    ) -> DirStream | None: ...
     async def commit_part(
         self,
         sources: Sequence[Path],

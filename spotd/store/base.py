@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from spotd.errors import CommitError, StoreError
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
-from spotd.store.api import FileStream, PartResult, PartState, Priority, RestoreResult
+from spotd.store.api import DirStream, FileStream, PartResult, PartState, Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
+from spotd.store.dirstream import DirectoryUpload, watchable
 from spotd.store.localfs import LocalFile, collect_files
 from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest, Provenance
 from spotd.store.restore import restore as restore_checkpoint
@@ -47,6 +48,7 @@ from spotd.store.selection import (
 )
 from spotd.store.tasks import gather_or_cancel
 from spotd.store.throughput import Throughput
+from spotd.store.transfer_pool import early_parts
 
 if TYPE_CHECKING:
     from spotd.metrics import Metrics
@@ -57,6 +59,8 @@ log = get_logger("spotd.store")
 
 T = TypeVar("T")
 
+#: The transfer slots :attr:`BaseStore.early_transfers` is a share of, for a backend without a pool.
+EARLY_DEFAULT_LIMIT: Final = 16
 #: Compare-and-swap tries of LATEST before giving up (each lost one means another writer moved it).
 LATEST_TRIES: Final = 8
 
@@ -273,6 +277,57 @@ class BaseStore(ABC):
         :func:`~spotd.store.selection.run_checkpoint_name`, which :meth:`commit_part` will use), else
         :meth:`stream_name` now (what :meth:`commit` adopts)."""
         return None
+
+    async def open_dir_stream(
+        self,
+        *,
+        watch: Sequence[Path],
+        rel: str,
+        trainer: str,
+        step: int | None,
+        rank: int | None,
+        name: str | None = None,
+    ) -> DirStream | None:
+        """Start uploading each file of the directory ``rel`` (relative to checkpoint_dir; written at the
+        first of ``watch`` that exists) the moment it is closed, for the save of ``step`` by ``trainer``
+        (``rank``), under ``name`` as :meth:`open_stream`; None where directories cannot be watched (not
+        Linux). Raises :class:`StoreError` when this one cannot (it does not exist yet). Every backend: it
+        uses ``upload_file`` and ``delete_keys`` (:mod:`spotd.store.dirstream`)."""
+        if not watchable():
+            return None
+        created = datetime.now(UTC)
+        if name is None:
+            name = self.stream_name(trainer=trainer, step=step, rank=rank, now=created)
+        elif not valid_name(name):
+            raise StoreError(f"checkpoint name {name!r} is not a valid name; fix: use run_checkpoint_name")
+        # Background transfers yield to it from now on, as to an emergency commit, until it ends.
+        self.begin_emergency()
+        stream = DirectoryUpload(
+            watch=watch,
+            rel=rel,
+            prefix=f"{self.checkpoints_prefix}{name}/",
+            name=name,
+            created=created,
+            step=step,
+            trainer=trainer,
+            rank=rank,
+            upload=lambda f, key, priority: self.upload_file(f, key, priority, None),
+            delete=self.delete_keys,
+            hash=lambda path: self.run(hash_file, path, self.algo),
+            early_files=self.early_transfers,
+            on_close=self.end_emergency,
+        )
+        try:
+            await stream.start()
+        except OSError as exc:
+            await stream.abort()
+            raise StoreError(f"cannot watch {rel} for files closed in it: {exc}") from exc
+        return stream
+
+    @property
+    def early_transfers(self) -> int:
+        """Transfers at once while a checkpoint is still being written (:func:`early_parts`)."""
+        return early_parts(EARLY_DEFAULT_LIMIT)
 
     def stream_name(self, *, trainer: str, step: int | None, rank: int | None, now: datetime) -> str:
         """The name a commit of that save would get at ``now``: what a stream's key is made with."""
@@ -867,15 +922,16 @@ class BaseStore(ABC):
 def _adoptable(
     streams: Sequence[FileStream], files: Sequence[LocalFile], info: Provenance
 ) -> dict[str, FileStream]:
-    """The streams a commit of ``files`` for ``info`` finishes, by file: all of them, when each was opened
-    for this save, under one name, for a different file of it; else none (the commit uploads as always)."""
+    """The streams a commit of ``files`` for ``info`` finishes, by file: those of a file of it, when every
+    stream was opened for this save and under one name; else none (the commit uploads as always). A stream
+    of a file the commit does not hold (a directory's file deleted before saved) is left out: aborted."""
     rels = {f.rel for f in files}
-    if not streams or len({s.name for s in streams}) != 1:
+    if not streams or len({s.name for s in streams}) != 1 or not all(s.matches(info) for s in streams):
         return {}
-    if not all(s.matches(info) and s.rel in rels for s in streams):
-        return {}
-    adopted = {s.rel: s for s in streams}
-    return adopted if len(adopted) == len(streams) else {}
+    adopted = {s.rel: s for s in streams if s.rel in rels}
+    if len(adopted) != sum(1 for s in streams if s.rel in rels):
+        return {}  # two streams of one file: neither is trusted
+    return adopted
 
 
 def _part_streams(
@@ -883,13 +939,12 @@ def _part_streams(
 ) -> dict[str, FileStream]:
     """The streams a node part ``name`` of ``files`` finishes, by file: each opened under that name for one
     of its files (the first one per file); the others are not this part's (another step's, or a file the
-    rank did not report after all)."""
+    rank did not report after all). Two streams of one file are neither trusted: both are aborted (before
+    the file is uploaded plainly), since aborting a directory's file deletes its object."""
     rels = {f.rel for f in files}
-    adopted: dict[str, FileStream] = {}
-    for s in streams:
-        if s.name == name and s.rel in rels:
-            adopted.setdefault(s.rel, s)
-    return adopted
+    mine = [s for s in streams if s.name == name and s.rel in rels]
+    twice = {r for r in rels if sum(s.rel == r for s in mine) > 1}
+    return {s.rel: s for s in mine if s.rel not in twice}
 
 
 def _collect_sources(checkpoint_dir: Path, sources: Sequence[Path]) -> list[LocalFile]:

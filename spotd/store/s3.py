@@ -37,8 +37,8 @@ from spotd.store.localfs import LocalFile
 from spotd.store.pacing import BACKGROUND_NICE
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
 from spotd.store.selection import valid_name
-from spotd.store.stream import GrowingUpload, early_parts
-from spotd.store.transfer_pool import TransferPool
+from spotd.store.stream import GrowingUpload
+from spotd.store.transfer_pool import TransferPool, early_parts
 
 if TYPE_CHECKING:
     from spotd.config import Config
@@ -286,6 +286,10 @@ class S3Store(BaseStore):
     ) -> str | None:
         return await self._files.copy(self._full(src), self._full(key), size=size, priority=priority)
 
+    @property
+    def early_transfers(self) -> int:
+        return early_parts(self._pool.limit)
+
     async def open_stream(
         self,
         *,
@@ -317,7 +321,7 @@ class S3Store(BaseStore):
             trainer=trainer,
             rank=rank,
             on_close=self.end_emergency,
-            early_parts=early_parts(self._pool.limit),
+            early_parts=self.early_transfers,
         )
         try:
             await stream.start()

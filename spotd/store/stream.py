@@ -50,6 +50,7 @@ from spotd.store.s3_transfer import (
     parts_of,
     pread_exact,
 )
+from spotd.store.transfer_pool import early_parts
 
 __all__ = ["POLL_S", "GrowingUpload", "early_parts"]
 
@@ -57,19 +58,6 @@ log = get_logger("spotd.store")
 
 #: How often the size of a file being written is looked at (an fstat: microseconds).
 POLL_S: Final = 0.02
-#: Parts sent at once while the file is written, per core beyond the first two (see
-#: :func:`early_parts`).
-EARLY_PARTS_PER_CORE: Final = 0.5
-
-
-def early_parts(limit: int, cores: int | None = None) -> int:
-    """Parts in flight while a file is still being written: half a part per core, at least 2, at most the
-    pool's ``limit``. Sending competes with the writer for the CPU (reading, CRC, HTTP; and on a test box,
-    the S3 server itself); the rest is sent at full concurrency once the trainer says ``saved``."""
-    n = int((cores or os.cpu_count() or 2) * EARLY_PARTS_PER_CORE)
-    return max(1, min(limit, max(2, n)))
-
-
 #: S3's most parts of one upload; a file that would need more is uploaded plainly.
 MAX_PARTS: Final = 10_000
 

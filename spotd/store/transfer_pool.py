@@ -15,17 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from spotd.store.api import Priority
 from spotd.store.pacing import BACKGROUND_NICE, RateLimit, lower_thread_priority
 from spotd.store.tasks import settle_on_cancel
 
-__all__ = ["TransferPool"]
+__all__ = ["EARLY_PARTS_PER_CORE", "TransferPool", "early_parts"]
 
 T = TypeVar("T")
+
+
+#: Transfers at once while a checkpoint is still being written (the parts of a growing file, the closed
+#: files of a directory), per core (see :func:`early_parts`).
+EARLY_PARTS_PER_CORE: Final = 0.5
+
+
+def early_parts(limit: int, cores: int | None = None) -> int:
+    """Transfers in flight while a checkpoint is still being written: half a part per core, at least 2, at
+    most the pool's ``limit``. Sending competes with the writer for the CPU (reading, CRC, HTTP; and on a
+    test box, the S3 server itself); the rest is sent at full concurrency once the trainer says ``saved``."""
+    n = int((cores or os.cpu_count() or 2) * EARLY_PARTS_PER_CORE)
+    return max(1, min(limit, max(2, n)))
 
 
 class TransferPool:

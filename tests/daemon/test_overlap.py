@@ -25,7 +25,10 @@ def parts_sent(proxy: FaultProxy, key: str = "") -> int:
     return sum(
         1
         for action, method, path in proxy.log
-        if action == "delay" and method == "PUT" and path.split("?", 1)[0].endswith(key)
+        if action == "delay"
+        and method == "PUT"
+        and "partNumber" in path
+        and path.split("?", 1)[0].endswith(key)
     )
 
 
@@ -35,7 +38,7 @@ def uploads_open(bucket: S3Bucket) -> list[str]:
 
 def start(imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy) -> tuple[Any, Any]:
     """A daemon on S3 with 5 MiB parts, a connected trainer guard asked for a final checkpoint."""
-    s3_proxy.add("delay", method="PUT", query="partNumber", times=10**9)  # logs every UploadPart
+    s3_proxy.add("delay", method="PUT", times=10**9)  # logs every PUT (UploadPart, PutObject)
     d = spotd_daemon(
         imds_sim.url,
         store_uri=s3_bucket.uri(),
@@ -110,6 +113,89 @@ def test_a_trainer_that_announces_and_disconnects_leaves_nothing_committed(
     wait_until(lambda: d.logs.events("store.stream_aborted"), timeout_s=20, what="the stream aborted")
     wait_until(lambda: uploads_open(s3_bucket) == [], timeout_s=20, what="the multipart upload aborted")
     assert [k for k in s3_bucket.keys("pfx/test-job/") if "/checkpoints/" in k or k.endswith("LATEST")] == []
+
+
+def test_each_file_of_an_announced_directory_goes_up_as_it_is_closed(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """A trainer announces a directory (`writing` with `dir`): each file is uploaded as soon as it is closed,
+    before `saved`; the commit adopts them (nothing but the manifest and LATEST sent after `saved`), one
+    MANIFEST.json lists every file and the stored bytes are the final files'."""
+    d, guard = start(imds_sim, spotd_daemon, s3_bucket, s3_proxy)
+    root = d.checkpoint_dir / "solo" / "step-10.dcp"
+    bodies = {"__0_0.distcp": os.urandom(7 * MIB), "__1_0.distcp": os.urandom(2 * MIB), ".metadata": b"m"}
+    try:
+        assert guard.welcome is not None and guard.welcome["writing_dirs"] is True
+        root.mkdir()
+        assert guard.writing("solo/step-10.dcp", 10, directory=True, shared=True)
+        wait_until(lambda: d.logs.events("overlap.started"), timeout_s=20, what="the directory watched")
+        for name, body in bodies.items():
+            (root / name).write_bytes(body)
+        # Every file went up before saved: the 7 MiB file's two parts and the two small files (the proxy
+        # logs a request when its head arrives and counts its bytes once the body is in: wait for both).
+        total = sum(len(b) for b in bodies.values())
+        wait_until(
+            lambda: parts_sent(s3_proxy) >= 2 and puts_of(s3_proxy, "/.metadata") == 1,
+            timeout_s=20,
+            what="every file sent",
+        )
+        wait_until(lambda: s3_proxy.bytes_in >= total, timeout_s=20, what="every body received")
+        before = s3_proxy.bytes_in
+        guard.saved("solo/step-10.dcp", step=10, shared=True)
+        assert guard.wait_durable(timeout=30)
+    finally:
+        guard.close()
+    assert s3_proxy.bytes_in - before < 64 * 1024
+    (taken,) = d.logs.events("store.dir_stream_taken")
+    (committed,) = d.logs.events("store.committed")
+    assert taken["files_seen"] == 3 and committed["name"] == taken["name"]
+    base = f"pfx/test-job/checkpoints/{committed['name']}/"
+    manifest = json.loads(
+        s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=base + "MANIFEST.json")["Body"].read()
+    )
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(f"solo/step-10.dcp/{n}" for n in bodies)
+    for name, body in bodies.items():
+        stored = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"{base}solo/step-10.dcp/{name}")
+        assert stored["Body"].read() == body
+
+
+def test_an_announced_directory_whose_trainer_leaves_is_removed_from_the_store(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """Files of an announced directory went up, then the trainer disconnected without `saved`: every object
+    it uploaded is deleted, and no manifest or LATEST appears."""
+    d, guard = start(imds_sim, spotd_daemon, s3_bucket, s3_proxy)
+    root = d.checkpoint_dir / "solo" / "checkpoint-10"
+    try:
+        root.mkdir()
+        assert guard.writing("solo/checkpoint-10", 10, directory=True)
+        wait_until(lambda: d.logs.events("overlap.started"), timeout_s=20, what="the directory watched")
+        (root / "model.safetensors").write_bytes(os.urandom(100_000))
+        wait_until(
+            lambda: puts_of(s3_proxy, "/model.safetensors") == 1, timeout_s=20, what="the file uploaded"
+        )
+    finally:
+        guard.close()
+    wait_until(lambda: d.logs.events("store.dir_stream_aborted"), timeout_s=20, what="the stream aborted")
+    wait_until(
+        lambda: (
+            [k for k in s3_bucket.keys("pfx/test-job/") if "/checkpoints/" in k or k.endswith("LATEST")] == []
+        ),
+        timeout_s=20,
+        what="the uploaded file deleted",
+    )
+
+
+def puts_of(proxy: FaultProxy, suffix: str) -> int:
+    """PutObject requests (not parts) through the proxy for the object ending in ``suffix``."""
+    return sum(
+        1
+        for action, method, path in proxy.log
+        if action == "delay"
+        and method == "PUT"
+        and "partNumber" not in path
+        and path.split("?")[0].endswith(suffix)
+    )
 
 
 # ------------------------------------------------------------------------------------ ranks of one run
@@ -336,3 +422,46 @@ def test_ranks_stopped_for_a_peer_on_another_node_stream_their_final_saves(
     manifest = json.loads(get(s3_bucket, f"pfx/test-job/checkpoints/{name}/MANIFEST.json"))
     assert manifest["reason"] == "peer" and len(manifest["files"]) == 2
     assert uploads_open(s3_bucket) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_sharded_directory_of_two_ranks_streams_every_rank_s_files_into_the_node_part(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """Local rank 0 announces the step's DCP directory (dir, shared): the shards both ranks close in it go up
+    before `saved`, under the run's name for that step; rank 0's shared `saved` commits the node part with
+    them adopted (only the part, the manifest and LATEST sent after it), both ranks hear `durable`."""
+    d, guards = start_ranks(imds_sim, spotd_daemon, s3_bucket, s3_proxy)
+    s3_proxy.add("delay", method="PUT", times=10**9)  # and every PutObject
+    root = d.checkpoint_dir / "run" / "step-000000040.dcp"
+    bodies = {"__0_0.distcp": os.urandom(6 * MIB), "__1_0.distcp": os.urandom(6 * MIB), ".metadata": b"m"}
+    try:
+        assert all(g.welcome and g.welcome["writing_dirs"] is True for g in guards)
+        imds_sim.arm_instance_action("terminate", after_s=0, lead_s=120)
+        wait_until(lambda: all(g.checkpoint_requested for g in guards), timeout_s=20, what="both asked")
+        root.mkdir()
+        assert guards[0].writing("run/step-000000040.dcp", 40, directory=True, shared=True)
+        wait_until(lambda: d.logs.events("overlap.started"), timeout_s=20, what="the directory watched")
+        for name, body in bodies.items():
+            (root / name).write_bytes(body)
+        total = sum(len(b) for b in bodies.values())
+        wait_until(lambda: s3_proxy.bytes_in >= total, timeout_s=30, what="every file sent before saved")
+        before = s3_proxy.bytes_in
+        guards[0].saved("run/step-000000040.dcp", step=40, shared=True)
+        assert guards[0].wait_durable(timeout=30)
+    finally:
+        for g in guards:
+            g.close()
+    assert s3_proxy.bytes_in - before < 64 * 1024
+    name = run_checkpoint_name(RUN, 40)
+    (started,) = d.logs.events("overlap.started")
+    (taken,) = d.logs.events("store.dir_stream_taken")
+    assert started["name"] == taken["name"] == name and taken["files_seen"] == 3
+    base = f"pfx/test-job/checkpoints/{name}/"
+    manifest = json.loads(get(s3_bucket, base + "MANIFEST.json"))
+    assert manifest["world_size"] == 2
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(
+        f"run/step-000000040.dcp/{n}" for n in bodies
+    )
+    for n, body in bodies.items():
+        assert get(s3_bucket, f"{base}run/step-000000040.dcp/{n}") == body

@@ -123,6 +123,12 @@ def test_resumed_ranks_end_bitwise_where_an_uninterrupted_run_does(imds_sim, spo
     d1 = spotd_daemon(imds_sim.url, checkpoint_dir=tmp_path / "first")
     stop_step = interrupt(imds_sim, d1, barrier=False, extra=mode)
     wait_until(lambda: d1.logs.events("interruption.handled"), timeout_s=30, what="interruption handled")
+    if layout == "sharded-dcp":
+        # Local rank 0 announced the directory: the shards closed before `saved` went up early and the
+        # node part adopted them, under the run's name for that step.
+        [taken] = d1.logs.events("store.dir_stream_taken")
+        [durable] = d1.logs.events("checkpoint.durable")
+        assert taken["files_seen"] >= 2 and taken["name"] == durable["name"], (taken, durable)
     d1.stop()
     shutil.rmtree(tmp_path / "first")
 

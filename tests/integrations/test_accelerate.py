@@ -48,6 +48,9 @@ def test_a_notice_mid_epoch_resumes_at_the_saved_step_bitwise(imds_sim, spotd_da
     files = {f["path"] for f in manifest["files"]}
     assert f"accelerate/step-{step:09d}/spotd-node-0.json" in files
     assert any("random_states_0" in f for f in files), files
+    # The temp directory was announced: save_state's files went up as they were closed, through the rename.
+    [taken] = d1.logs.events("store.dir_stream_taken")
+    assert taken["files_seen"] >= 3 and taken["name"] == manifest["name"], taken
     new_instance(d1)
 
     imds_sim.clear()

@@ -66,6 +66,10 @@ def test_a_notice_resumes_at_the_saved_step_bitwise(imds_sim, spotd_daemon, tmp_
         "rng_state.pth",
         "trainer_state.json",
     } <= files
+    # The callback announced checkpoint-N/: its files went up as the Trainer closed them, and the commit
+    # adopted them.
+    [taken] = d1.logs.events("store.dir_stream_taken")
+    assert taken["files_seen"] >= 5 and taken["name"] == manifest["name"], taken
     new_instance(d1)
 
     imds_sim.clear()

@@ -63,7 +63,11 @@ async def test_parts_go_out_while_the_file_is_written_and_the_commit_sends_only_
         )
         assert stream is not None
         await append(temp, body[: 15 * MIB + 100])
-        await async_wait_until(lambda: parts_sent(s3_proxy) == 3, what="three parts sent before saved")
+        # The proxy logs a part once its head arrived: wait for the bodies as well.
+        await async_wait_until(
+            lambda: parts_sent(s3_proxy) == 3 and s3_proxy.bytes_in >= 15 * MIB,
+            what="three parts sent before saved",
+        )
         await append(temp, body[15 * MIB + 100 :])
         os.replace(temp, final)
         before = s3_proxy.bytes_in
@@ -245,7 +249,7 @@ async def test_a_node_part_that_fails_aborts_every_stream_it_was_given(
 
 def test_parts_in_flight_while_written_are_half_a_core_each_at_least_two_at_most_the_pool() -> None:
     """The early sends leave the writer its cores: 2 on a 2-core box, 4 on 8 cores, never past the pool."""
-    from spotd.store.stream import early_parts
+    from spotd.store.transfer_pool import early_parts
 
     assert [early_parts(16, cores=c) for c in (1, 2, 8, 96)] == [2, 2, 4, 16]
     assert early_parts(1, cores=8) == 1

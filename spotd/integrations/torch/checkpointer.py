@@ -471,6 +471,17 @@ class Checkpointer:
             # Asked again at a step already on disk (periodic save, then a request): report, don't rewrite.
             size = final_path.stat().st_size
         elif self._sharded:
+            # An asked-for (emergency) save's directory is announced by its reporter (local rank 0) before
+            # anything is written into it: spotd uploads each shard the moment it is closed. Other ranks'
+            # shards are written only after DCP's planning collective, which the reporter joins after this.
+            announce_dir: Callable[[], None] | None = None
+            if reason != "periodic" and self._topology.local_rank == 0:
+                final = reason == "sigterm" or (for_peer and reason == "final")
+
+                def _announce_dir() -> None:
+                    self._link.announce(final_path, None, step, final=final, directory=True, shared=True)
+
+                announce_dir = _announce_dir
             # Collective: every rank writes its shard, rank 0 the .metadata last.
             size = sharded.save(
                 final_path,
@@ -479,6 +490,7 @@ class Checkpointer:
                 rank=self._rank,
                 world_size=self._world_size,
                 saved_at=time.time(),
+                before_write=announce_dir,
             )
         else:
             # An asked-for (emergency) save is announced first: spotd uploads its parts while it is written.

@@ -184,9 +184,20 @@ class DaemonLink:
             return None
         return request
 
-    def announce(self, path: Path, temp: Path, step: int, *, final: bool = False) -> None:
-        """Tell spotd a save of ``step`` is about to be written to ``temp``, then renamed to ``path``: its
-        upload may start while it is written. Nothing when the daemon does not take it."""
+    def announce(
+        self,
+        path: Path,
+        temp: Path | None,
+        step: int,
+        *,
+        final: bool = False,
+        directory: bool = False,
+        shared: bool = False,
+    ) -> None:
+        """Tell spotd a save of ``step`` is about to be written to ``temp`` (then renamed to ``path``), or
+        straight to ``path`` when ``temp`` is None: its upload may start while it is written. A
+        ``directory`` (created already) has each of its files uploaded as it is closed. Nothing when the
+        daemon does not take it."""
         guard = self.guard
         writing = getattr(guard, "writing", None)
         daemon_dir = guard.checkpoint_dir if guard is not None else None
@@ -194,9 +205,14 @@ class DaemonLink:
             return
         root = Path(daemon_dir).resolve()
         try:
-            # The directory exists; the files do not yet.
+            # The directory holding it exists; the file itself may not yet.
             relative = path.parent.resolve().relative_to(root) / path.name
-            writing(str(relative), step, temp=str(relative.parent / temp.name), final=final)
+            flags: dict[str, Any] = {"final": final}
+            if temp is not None:
+                flags["temp"] = str(relative.parent / temp.name)
+            if directory:
+                flags.update(directory=True, shared=shared)
+            writing(str(relative), step, **flags)
         except Exception as exc:  # only a head start: report() still follows
             log.debug("telling spotd about the save of step %s failed: %s", step, exc)
 

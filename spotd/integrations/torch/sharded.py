@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,10 +52,21 @@ def _state(parts: Components) -> dict[str, Any]:
 
 
 def save(
-    directory: Path, parts: Components, *, step: int, rank: int, world_size: int, saved_at: float
+    directory: Path,
+    parts: Components,
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    saved_at: float,
+    before_write: Callable[[], None] | None = None,
 ) -> int:
-    """Every rank calls this with the same ``directory``; returns the bytes this rank wrote."""
+    """Every rank calls this with the same ``directory``; returns the bytes this rank wrote.
+    ``before_write()`` runs once the directory exists, before anything is written into it (the Checkpointer
+    announces the directory to spotd, which then uploads each file as it is closed)."""
     directory.mkdir(parents=True, exist_ok=True)
+    if before_write is not None:
+        before_write()
     extras = directory / _extras_name(rank)
     size = files.write_atomic(
         extras, extras_payload(parts, step=step, rank=rank, world_size=world_size, saved_at=saved_at)
