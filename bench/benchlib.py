@@ -1,5 +1,6 @@
-"""What the benchmarks share: test credentials, CPU accounting, progress lines on stderr, their JSON results,
-and the markdown tables (with each goal and whether it is met) of their reports.
+"""What the benchmarks share: test credentials, CPU accounting, the s3rver server, filesystem sync, progress
+lines on stderr, their JSON results, and the markdown tables (with each goal and whether it is met) of their
+reports.
 
 Standard library and spotd.tools.testing only: the trainer subprocesses of bench/e2e.py import this file
 beside a snapshot of spotd/.
@@ -11,12 +12,17 @@ import argparse
 import json
 import os
 import platform
+import resource
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from spotd.tools.testing import free_port
 
 BIN = Path(sys.executable).parent
 MB = 1024 * 1024
@@ -27,6 +33,13 @@ AWS_ENV = {
     "AWS_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+S3RVER_VERSION = "3.7.1"
+
+
+def self_cpu() -> float:
+    """CPU seconds of this process and its waited-for children (a CLI tool's, once it has exited)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def proc_cpu(pid: int) -> float:
@@ -49,6 +62,44 @@ def host() -> dict[str, Any]:
         "machine": platform.machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def sync_fs(path: Path) -> None:
+    """``sync -f``: syncfs(2) of the filesystem that holds ``path``; returns once its dirty pages are on disk.
+    The write-back itself is done by the kernel's flusher threads: their CPU is in no process's figure."""
+    subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+def start_s3rver(data_dir: Path, *, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], str]:
+    """s3rver (npm) on a free loopback port, installed into ~/.cache/spotd-bench on first use; objects are
+    kept on disk under ``data_dir``. The caller stops it (``kill()``, ``wait()``)."""
+    cache = Path.home() / ".cache" / "spotd-bench"
+    exe = cache / "node_modules" / ".bin" / "s3rver"
+    if not exe.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--silent", f"s3rver@{S3RVER_VERSION}"],
+            cwd=cache,
+            check=True,
+        )
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(exe), "-d", str(data_dir), "-a", "127.0.0.1", "-p", str(port), "--silent"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(10)
+                raise RuntimeError(f"s3rver did not start on port {port} (exit {proc.returncode})") from None
+            time.sleep(0.05)
 
 
 def empty_bucket(client: Any, bucket: str, prefix: str = "") -> None:
