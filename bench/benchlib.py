@@ -1,6 +1,6 @@
-"""What the benchmarks share: test credentials, CPU accounting, the s3rver server, filesystem sync, progress
-lines on stderr, their JSON results, and the markdown tables (with each goal and whether it is met) of their
-reports.
+"""What the benchmarks share: test credentials, CPU accounting, the s3rver server, core pinning, filesystem
+sync, progress lines on stderr, and the markdown tables (with each goal and whether it is met) of their
+reports. bench/run_all.py runs the benches and prints those same tables.
 
 Standard library and spotd.tools.testing only: the trainer subprocesses of bench/e2e.py import this file
 beside a snapshot of spotd/.
@@ -68,6 +68,17 @@ def sync_fs(path: Path) -> None:
     """``sync -f``: syncfs(2) of the filesystem that holds ``path``; returns once its dirty pages are on disk.
     The write-back itself is done by the kernel's flusher threads: their CPU is in no process's figure."""
     subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+def pin(pid: int, cpus: Iterable[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (sched_setaffinity is per thread; threads started later inherit
+    their creator's mask)."""
+    mask = set(cpus)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), mask)
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # a thread that ended meanwhile
 
 
 def start_s3rver(data_dir: Path, *, timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], str]:
