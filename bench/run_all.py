@@ -18,7 +18,7 @@ and finished) goes to stderr. ``--json FILE`` writes every repetition of every s
 * background: ``bench/background.py --placement both``: training step slowdown during a background upload,
   every process on every core and the S3 server pinned apart. Goal: <= 5 % slower.
 
-``--quick`` is the small-scale check that all of it works (a few minutes on an idle 2-core machine): 256 MiB,
+``--quick`` is the small-scale check that all of it works (7 min on a loaded 2-core VM): 256 MiB,
 16 x 16 MiB and 2 x 16 shards; 256 MB and 100 MB; 10 x 8 MiB; 64 MB; one repetition unless --repeat.
 """
 
