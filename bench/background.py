@@ -1,6 +1,7 @@
 """Training step time while spotd uploads a periodic checkpoint in the background, on this machine's cores.
 
     .venv/bin/python bench/background.py [--size-mb 256] [--reps 3] [--step-ms 50] [--rate 50MB]
+                                         [--placement shared|pinned|both] [--json-out FILE]
 
 A real torch training loop (CPU, an MLP whose batch is sized to --step-ms per step) runs in this process; an
 uploader subprocess (spotd's S3Store, as the daemon runs it: Nice=-5 when permitted, like spotd.service)
@@ -16,6 +17,14 @@ moves both alike):
 
 moto is the S3 server here and a remote one in production: it runs at nice 19 so that the figure is mostly
 the client's cost, and its CPU seconds are printed. Prints medians and each one's ratio to ``alone``.
+
+Where the processes run (``--placement``):
+
+* ``shared``: everything may run on every core (the OS decides). moto (about 4x the uploader's CPU) and the
+  loopback TCP compete with the training loop: what a machine that is also the S3 server would see.
+* ``pinned``: moto on one core, the training loop (``torch.set_num_threads(1)``, its batch sized again to
+  --step-ms under that pinning) and the uploader on another, and ``alone`` measured under the same pinning:
+  the ratio is what the client costs the training, as on an instance whose S3 server is remote.
 """
 
 from __future__ import annotations
@@ -37,26 +46,29 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import (  # noqa: E402
+    AWS_ENV,
+    MB,
+    commit_info,
+    finish,
+    median,
+    new_doc,
+    pin,
+    proc_cpu,
+    progress,
+    report_table,
+    verdict,
+)
+
 from spotd.tools.testing import LineReader, start_moto  # noqa: E402
 
 BUCKET = "bench"
-MB = 1024 * 1024
 CONFIGS = ("plain", "nice", "nice+cap")
+PLACEMENTS = {"shared": ("shared",), "pinned": ("pinned",), "both": ("shared", "pinned")}
 
 
 def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PYTHONPATH": str(ROOT),
-    }
-
-
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return {**os.environ, **AWS_ENV, "PYTHONPATH": str(ROOT)}
 
 
 # ------------------------------------------------------------------------------------------ the uploader
@@ -76,7 +88,6 @@ def uploader_main(argv: list[str]) -> int:
     except OSError:
         daemon_nice = os.getpriority(os.PRIO_PROCESS, 0)
     from spotd.config import parse_rate
-    from spotd.store import CommitInfo
     from spotd.store.pacing import BACKGROUND_NICE
     from spotd.store.s3 import S3Store
 
@@ -116,17 +127,7 @@ def uploader_main(argv: list[str]) -> int:
             # A new file each time: unchanged-file detection would otherwise copy it server-side.
             await asyncio.to_thread(_touch, ckdir / "model" / "model.pt")
             started, cpu0 = time.monotonic(), _self_cpu()
-            info = CommitInfo(
-                job_id="bg",
-                step=step,
-                trainer="bench",
-                rank=None,
-                world_size=None,
-                request_id=None,
-                reason="periodic",
-                instance_id="i-bench",
-                final=False,
-            )
+            info = commit_info(step, final=False, job_id="bg", reason="periodic")
             await stores[config].commit(ckdir / "model", checkpoint_dir=ckdir, info=info)
             print(
                 json.dumps(
@@ -211,19 +212,33 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=256, help="MB of the checkpoint uploaded")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of every configuration; medians")
     parser.add_argument("--step-ms", type=float, default=50.0, help="target training step, milliseconds")
     parser.add_argument("--rate", default="50MB", help="store.background_rate of the nice+cap runs")
     parser.add_argument("--batch", type=int, default=0, help="fixed batch size (default: sized to --step-ms)")
     parser.add_argument("--alone-steps", type=int, default=40, help="steps of the loop alone per repetition")
-    parser.add_argument("--json", action="store_true", help="also print every repetition as JSON")
+    parser.add_argument(
+        "--placement",
+        choices=sorted(PLACEMENTS),
+        default="shared",
+        help="shared: every process on every core; pinned: the S3 server on one core, the training loop "
+        "(one torch thread) and the uploader on another; both: each in turn",
+    )
+    parser.add_argument("--json", action="store_true", help="also print every repetition as JSON lines")
+    parser.add_argument("--json-out", type=Path, help="also write every repetition as JSON to this file")
     args = parser.parse_args(argv)
     if args.size_mb < 16 or args.reps < 1 or args.step_ms <= 0:
         parser.error("--size-mb at least 16, --reps at least 1, --step-ms > 0")
+    cores = sorted(os.sched_getaffinity(0))
+    placements = PLACEMENTS[args.placement]
+    if "pinned" in placements and len(cores) < 2:
+        parser.error(f"--placement {args.placement} needs 2 cores; this process may use {cores}")
+    doc = new_doc("background", args, argv)
     work = Path(tempfile.mkdtemp(prefix="spotd-bg-"))
     moto, endpoint = start_moto(env=env())
     os.setpriority(os.PRIO_PROCESS, moto.pid, 19)
     import boto3
+    import torch
 
     s3 = boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
@@ -234,40 +249,64 @@ def main(argv: list[str] | None = None) -> int:
     up = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env())
     assert up.stdin is not None and up.stdout is not None
     lines = LineReader(up.stdout)
-    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in ("alone", *CONFIGS)}
+    threads = torch.get_num_threads()
+
+    def place(placement: str) -> None:
+        if placement == "pinned":
+            server_core, client_core = {cores[0]}, {cores[1]}
+            doc["pinning"] = {"server": sorted(server_core), "trainer_and_uploader": sorted(client_core)}
+        else:
+            server_core = client_core = set(cores)
+        pin(moto.pid, server_core)
+        pin(up.pid, client_core)
+        pin(os.getpid(), client_core)
+        torch.set_num_threads(1 if placement == "pinned" else threads)
+
     try:
         (ready,) = lines.wait(
             lambda e: [x for x in e if x.get("event") == "ready"], timeout_s=60, what="ready"
         )
-        load_before = os.getloadavg()[0]
-        trainer = Trainer(args.step_ms, args.batch)
+        doc["uploader_nice"] = ready["daemon_nice"]
+        trainers = {}
+        for placement in placements:
+            place(placement)
+            trainers[placement] = Trainer(args.step_ms, args.batch)
+        doc["batch"] = {p: t.n for p, t in trainers.items()}
+        doc["torch_threads"] = {p: 1 if p == "pinned" else threads for p in placements}
         done = 0
         for rep in range(args.reps):
-            # Rotate the order so moto's growing bucket and the page cache favour no configuration.
-            order = CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]
-            for config in order:
-                # The loop alone right before each upload: the machine's other load moves both alike.
-                alone = statistics.median(trainer.steps_for(args.alone_steps))
-                rows["alone"].append({"step": alone})
-                moto_cpu = cpu_of(moto.pid)
-                up.stdin.write(f"go {config}\n")
-                up.stdin.flush()
-                done += 1
-                times = trainer.steps_while(lines, done)
-                result = lines.events("done")[done - 1]
-                step = statistics.median(times) if times else float("nan")
-                rows[config].append(
-                    {
+            for placement in placements if rep % 2 == 0 else placements[::-1]:
+                place(placement)
+                trainer = trainers[placement]
+                # Rotate the order so moto's growing bucket and the page cache favour no configuration.
+                for config in CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]:
+                    what = f"background: {placement} {config} rep {rep + 1}/{args.reps}"
+                    progress(f"{what} started")
+                    # The loop alone right before each upload: the machine's other load moves both alike.
+                    alone = statistics.median(trainer.steps_for(args.alone_steps))
+                    moto_cpu = proc_cpu(moto.pid)
+                    up.stdin.write(f"go {config}\n")
+                    up.stdin.flush()
+                    done += 1
+                    times = trainer.steps_while(lines, done)
+                    result = lines.events("done")[done - 1]
+                    step = statistics.median(times) if times else float("nan")
+                    row = {
+                        "rep": rep,
+                        "placement": placement,
+                        "config": config,
+                        "alone_step": alone,
                         "step": step,
                         "ratio": step / alone,
                         "steps": len(times),
                         "upload_s": result["seconds"],
                         "upload_cpu": result["cpu"],
-                        "moto_cpu": cpu_of(moto.pid) - moto_cpu,
+                        "moto_cpu": proc_cpu(moto.pid) - moto_cpu,
                     }
-                )
-            if args.json:
-                print(json.dumps({"rep": rep, **{c: r[-1] for c, r in rows.items()}}))
+                    doc["rows"].append(row)
+                    progress(f"{what} done: ratio {row['ratio']:.3f}, upload {row['upload_s']:.1f} s")
+                    if args.json:
+                        print(json.dumps(row))
     finally:
         up.stdin.close()
         try:
@@ -278,34 +317,62 @@ def main(argv: list[str] | None = None) -> int:
         moto.wait(10)
         s3.close()
         shutil.rmtree(work, ignore_errors=True)
+    return finish(doc, report, args.json_out)
 
-    def med(config: str, key: str) -> float:
-        return statistics.median(r[key] for r in rows[config])
 
-    alone = med("alone", "step")
-    print(
-        f"\nmedians of {args.reps} repetitions; {os.cpu_count()} cores; batch {trainer.n}; "
-        f"{args.size_mb} MB per upload; cap {args.rate}/s; uploader nice {ready['daemon_nice']}, "
-        f"moto nice 19; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+def report(doc: dict[str, Any]) -> str:
+    """Medians per placement and configuration; ratio to the loop alone beside the goal (<= 5 % slower)."""
+    params = doc["params"]
+    out = []
+    for placement in dict.fromkeys(r["placement"] for r in doc["rows"]):
+        rows = [r for r in doc["rows"] if r["placement"] == placement]
+        for config in CONFIGS:
+            got = [r for r in rows if r["config"] == config]
+            upload_s = median(got, "upload_s")
+            out.append(
+                [
+                    placement,
+                    config,
+                    median(got, "alone_step") * 1000,
+                    median(got, "step") * 1000,
+                    verdict(median(got, "ratio"), 1.05),
+                    f"{median(got, 'steps'):.0f}",
+                    upload_s,
+                    f"{params['size_mb'] / upload_s:.0f}",
+                    median(got, "upload_cpu"),
+                    median(got, "moto_cpu"),
+                ]
+            )
+    header = [
+        "placement",
+        "config",
+        "step ms alone",
+        "step ms during upload",
+        "ratio to alone (goal <= 1.05)",
+        "steps",
+        "upload s",
+        "MB/s",
+        "uploader CPU s",
+        "moto CPU s",
+    ]
+    pinning = doc.get("pinning")
+    pinned = (
+        f"moto on core {pinning['server']}, the loop (1 torch thread) and the uploader on core "
+        f"{pinning['trainer_and_uploader']}: what the client costs the training"
+        if pinning
+        else "not run"
     )
-    print(
-        f"{'config':>9} {'step ms':>8} {'ratio':>6} {'steps':>6} {'upload s':>9} {'MB/s':>6} "
-        f"{'cpu s':>6} {'moto cpu':>8}"
+    intro = (
+        f"Training step while one {params['size_mb']} MB background upload runs, medians of "
+        f"{params['reps']}; "
+        "ratio = median step during the upload / median step of the loop alone just before it (per "
+        "repetition, then the median of those ratios). plain = "
+        "background threads as nice as the daemon; nice = reniced (the default); nice+cap = reniced + "
+        f"store.background_rate = {params['rate']}. shared = every process on every core (moto, at nice "
+        f"19, competes with the loop); pinned = {pinned}. Batch {doc['batch']}, torch threads "
+        f"{doc['torch_threads']}, uploader nice {doc['uploader_nice']}."
     )
-    print(f"{'alone':>9} {alone * 1000:>8.1f} {1.0:>6.3f}")
-    for config in CONFIGS:
-        step, upload_s = med(config, "step"), med(config, "upload_s")
-        print(
-            f"{config:>9} {step * 1000:>8.1f} {med(config, 'ratio'):>6.3f} {med(config, 'steps'):>6.0f} "
-            f"{upload_s:>9.2f} {args.size_mb / upload_s:>6.0f} {med(config, 'upload_cpu'):>6.2f} "
-            f"{med(config, 'moto_cpu'):>8.2f}"
-        )
-    print(
-        "step ms: median training step while one upload runs; ratio: median over repetitions of that step "
-        "against the loop alone just before it; "
-        "cpu s: the uploader's CPU seconds for one upload; moto cpu: the S3 server's."
-    )
-    return 0
+    return report_table(intro, header, out, doc)
 
 
 if __name__ == "__main__":

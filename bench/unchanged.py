@@ -2,13 +2,15 @@
 server-side) vs a plain upload of every file (the same store with copying off, and s5cmd when installed).
 
     .venv/bin/python bench/unchanged.py [--files 10] [--file-mb 32] [--unchanged 0.8] [--repeat 3]
-                                        [--endpoint-url URL]
+                                        [--endpoint-url URL] [--json-out FILE]
 
 A first checkpoint is committed, then a second one in which ``--unchanged`` of the files are the same
 bytes (under the next step's directory, as a trainer writes them) and the others are new. Bytes sent are
 counted on the wire: the Content-Length of every request the client sends (botocore's before-send), the
 small objects (manifest, LATEST) included. Without --endpoint-url a local moto server is started. Prints
-medians of bytes sent and wall time of the second commit.
+medians of bytes sent and wall time of the second commit. The goal is that only the changed files go over
+the wire: spotd's bytes sent at most the changed files' bytes + 1 % of the checkpoint (manifest, LATEST and
+request overhead).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,26 +29,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3
+from benchlib import (
+    AWS_ENV,
+    BIN,
+    MB,
+    commit_info,
+    finish,
+    median,
+    new_doc,
+    progress,
+    report_table,
+    verdict,
+)
 
-from spotd.store import CommitInfo, Priority
+from spotd.store import Priority
 from spotd.store.s3 import S3Store
 from spotd.tools.testing import start_moto
-
-MB = 1024 * 1024
-
-
-def info(step: int) -> CommitInfo:
-    return CommitInfo(
-        job_id="bench",
-        step=step,
-        trainer="bench",
-        rank=None,
-        world_size=None,
-        request_id=None,
-        reason="bench",
-        instance_id="i-bench",
-        final=False,
-    )
 
 
 def make_steps(root: Path, files: int, size: int, unchanged: float) -> tuple[Path, Path]:
@@ -88,33 +85,33 @@ async def spotd_second(
     cls = S3Store if copy else PlainStore
     store = cls(uri=f"s3://bench/{prefix}", job_id="bench", endpoint_url=endpoint)
     try:
-        await store.commit(first, checkpoint_dir=first.parent, info=info(1))
+        await store.commit(first, checkpoint_dir=first.parent, info=commit_info(1, final=False))
         sent = count_sent(store._client)
         t0 = time.perf_counter()
         m = await store.commit(
-            second, checkpoint_dir=second.parent, info=info(2), priority=Priority.EMERGENCY
+            second,
+            checkpoint_dir=second.parent,
+            info=commit_info(2, final=False),
+            priority=Priority.EMERGENCY,
         )
         return sent[0], time.perf_counter() - t0, m.total_bytes
     finally:
         await store.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=10, help="files per checkpoint")
     ap.add_argument("--file-mb", type=int, default=32, help="size of each file in MiB")
     ap.add_argument("--unchanged", type=float, default=0.8, help="share of files unchanged in the second")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions; medians are reported")
     ap.add_argument("--endpoint-url", default="", help="an S3 server (default: start moto)")
-    args = ap.parse_args()
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
+    ap.add_argument("--json-out", type=Path, help="also write every repetition as JSON to this file")
+    args = ap.parse_args(argv)
+    if args.files < 1 or args.file_mb < 1 or not 0 <= args.unchanged <= 1 or args.repeat < 1:
+        ap.error("--files, --file-mb and --repeat at least 1; --unchanged between 0 and 1")
+    os.environ.update(AWS_ENV)
+    doc = new_doc("unchanged", args, argv)
     server = None
     endpoint = args.endpoint_url
     if not endpoint:
@@ -122,41 +119,65 @@ def main() -> None:
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="bench")
     work = Path(tempfile.mkdtemp(prefix="spotd-bench-unchanged-"))
-    rows: dict[str, list[tuple[int, float]]] = {}
-    committed = 0
-    local = Path(sys.executable).parent / "s5cmd"
-    s5cmd = str(local) if local.exists() else shutil.which("s5cmd")
+    s5cmd = str(BIN / "s5cmd") if (BIN / "s5cmd").exists() else shutil.which("s5cmd")
     try:
         first, second = make_steps(work / "data", args.files, args.file_mb * MB, args.unchanged)
+        doc["committed_bytes"] = sum(p.stat().st_size for p in second.iterdir())
+        doc["changed_bytes"] = (args.files - round(args.files * args.unchanged)) * args.file_mb * MB
         for rep in range(args.repeat):
             for tool, copy in (("spotd", True), ("spotd, copying off", False)):
-                sent, wall, committed = asyncio.run(
+                what = f"unchanged: {tool} rep {rep + 1}/{args.repeat}"
+                progress(f"{what} started")
+                sent, wall, _ = asyncio.run(
                     spotd_second(endpoint, f"{'c' if copy else 'n'}-{rep}", first, second, copy=copy)
                 )
-                rows.setdefault(tool, []).append((sent, wall))
+                doc["rows"].append({"rep": rep, "tool": tool, "sent_bytes": sent, "wall_s": wall})
+                progress(f"{what} done: {sent / 1e6:.1f} MB sent in {wall:.2f} s")
             if s5cmd:
-                env = {**os.environ}
+                progress(f"unchanged: s5cmd cp rep {rep + 1}/{args.repeat} started")
                 cmd = [s5cmd, "--endpoint-url", endpoint, "cp", f"{second}/*", f"s3://bench/s5-{rep}/"]
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+                subprocess.run(cmd, check=True, env={**os.environ}, stdout=subprocess.DEVNULL)
+                wall = time.perf_counter() - t0
                 # s5cmd sends every byte of every file: the wire count is the checkpoint's size.
-                rows.setdefault("s5cmd cp", []).append((committed, time.perf_counter() - t0))
+                doc["rows"].append(
+                    {"rep": rep, "tool": "s5cmd cp", "sent_bytes": doc["committed_bytes"], "wall_s": wall}
+                )
+                progress(f"unchanged: s5cmd cp rep {rep + 1}/{args.repeat} done in {wall:.2f} s")
     finally:
         client.close()
         shutil.rmtree(work, ignore_errors=True)
         if server:
             server.kill()
             server.wait()
-    print(
-        f"\nsecond checkpoint: {args.files} x {args.file_mb} MiB, {args.unchanged:.0%} unchanged, "
-        f"{committed / 1e6:.1f} MB committed; medians of {args.repeat}"
+    return finish(doc, report, args.json_out)
+
+
+def report(doc: dict[str, Any]) -> str:
+    """Medians per tool; spotd's bytes sent beside the goal (the changed files' bytes + 1 %)."""
+    params, committed = doc["params"], doc["committed_bytes"]
+    goal = (doc["changed_bytes"] + 0.01 * committed) / committed
+    out = []
+    for tool in dict.fromkeys(r["tool"] for r in doc["rows"]):
+        rows = [r for r in doc["rows"] if r["tool"] == tool]
+        share = median(rows, "sent_bytes") / committed
+        out.append(
+            [
+                tool,
+                f"{median(rows, 'sent_bytes') / 1e6:.1f}",
+                verdict(share, goal) if tool == "spotd" else f"{share:.2f}",
+                median(rows, "wall_s"),
+            ]
+        )
+    header = ["second checkpoint", "MB sent", f"sent / committed (goal <= {goal:.2f})", "wall s"]
+    intro = (
+        f"Second checkpoint, {params['files']} x {params['file_mb']} MiB, {params['unchanged']:.0%} of the "
+        f"files unchanged ({committed / 1e6:.1f} MB committed, {doc['changed_bytes'] / 1e6:.1f} MB changed); "
+        f"medians of {params['repeat']}. Bytes sent counted on the wire (every request's Content-Length); "
+        "copying off = the same store uploading every file."
     )
-    print("{:20} {:>12} {:>13} {:>8}".format("tool", "MB sent", "sent/commit", "wall s"))
-    for tool, got in rows.items():
-        sent = statistics.median(r[0] for r in got)
-        wall = statistics.median(r[1] for r in got)
-        print(f"{tool:20} {sent / 1e6:12.1f} {sent / committed:13.2f} {wall:8.2f}")
+    return report_table(intro, header, out, doc)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
