@@ -106,18 +106,82 @@ def trainer_baseline(args: argparse.Namespace) -> int:
                 continue
             raise
         seen = time.time()
-        torch.save(model.state_dict(), args.path)
+        if args.layout == "dir":
+            _save_dir(model, Path(args.path), fsync=False)
+        else:
+            torch.save(model.state_dict(), args.path)
         saved = time.time()
-        subprocess.run(
-            [str(BIN / "aws"), "--endpoint-url", args.endpoint, "s3", "cp", "--quiet", args.path, args.dest],
-            check=True,
-        )
+        recursive = ["--recursive"] if args.layout == "dir" else []
+        aws = [str(BIN / "aws"), "--endpoint-url", args.endpoint, "s3", "cp", "--quiet", *recursive]
+        subprocess.run([*aws, args.path, args.dest], check=True)
         _emit(event="durable", step=step, seen=seen, saved=saved, uploaded=time.time())
         return 0
 
 
+def _save_dir(model: Any, directory: Path, *, fsync: bool) -> int:
+    """A checkpoint of many files, as a sharded or framework save writes one: each 64 MB tensor of the
+    model in a file of its own, written one after the other. Returns the bytes written."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i, tensor in enumerate(model.state_dict().values()):
+        path = directory / f"part-{i:05d}.pt"
+        with open(path, "wb") as f:
+            torch.save({"t": tensor}, f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        total += path.stat().st_size
+    return total
+
+
+def trainer_spotd_dir(args: argparse.Namespace) -> int:
+    """The loop with the plain client and a checkpoint of many files (``--layout dir``): on a request the
+    directory is created and announced (``writing`` with ``directory=True``), its files written one by one
+    (each fsynced, as spotd.torch does for its own file), then reported; stop once durable."""
+    import spotd.client
+
+    model = _model(args.size_mb)
+    guard = spotd.client.connect(name="bench")
+    deadline = time.monotonic() + 30
+    while not guard.connected:
+        if time.monotonic() > deadline:
+            raise SystemExit("trainer: spotd did not answer within 30s")
+        time.sleep(0.01)
+    try:
+        assert guard.checkpoint_dir is not None
+        _emit(event="ready", spotd=spotd.client.__file__)
+        step = 0
+        while not guard.checkpoint_requested:
+            time.sleep(args.step_seconds)
+            step += 1
+        rel = f"bench/step-{step:09d}"
+        directory = Path(guard.checkpoint_dir) / rel
+        started = time.monotonic()
+        directory.mkdir(parents=True)
+        guard.writing(rel, step, directory=True)
+        size = _save_dir(model, directory, fsync=True)
+        save_seconds = time.monotonic() - started
+        guard.saved(rel, step=step)
+        durable = guard.wait_durable(timeout=600)
+        stopped = time.time()
+        _emit(
+            event="durable" if durable else "not-durable",
+            step=step,
+            stopped=stopped,
+            save_seconds=save_seconds,
+            bytes=size,
+        )
+    finally:
+        guard.close()
+    return 0
+
+
 def trainer_spotd(args: argparse.Namespace) -> int:
     """The same loop with spotd.torch: step() saves on the daemon's request and returns once durable."""
+    if args.layout == "dir":
+        return trainer_spotd_dir(args)
     import spotd.client
     from spotd.torch import Checkpointer, SaveInfo
 
@@ -230,7 +294,7 @@ class Bench:
     ) -> tuple[subprocess.Popen[str], LineReader, LineReader]:
         sock = kw.pop("socket", None)
         cmd = [sys.executable, __file__, "_trainer", mode, "--size-mb", str(size_mb)]
-        cmd += ["--step-seconds", str(self.args.step_seconds)]
+        cmd += ["--step-seconds", str(self.args.step_seconds), "--layout", self.args.layout]
         for key, value in kw.items():
             cmd += [f"--{key.replace('_', '-')}", value]
         proc = subprocess.Popen(
@@ -261,8 +325,9 @@ class Bench:
 
     def baseline(self, size_mb: int) -> dict[str, float]:
         self.sim.clear()
-        path = self.work / "baseline.pt"
-        dest = f"s3://{BUCKET}/baseline/model.pt"
+        layout_dir = self.args.layout == "dir"
+        path = self.work / ("baseline" if layout_dir else "baseline.pt")
+        dest = f"s3://{BUCKET}/baseline/" + ("" if layout_dir else "model.pt")
         proc, out, err = self.trainer(
             "baseline", size_mb, imds=self.sim.url, endpoint=self.endpoint, path=str(path), dest=dest
         )
@@ -293,21 +358,25 @@ class Bench:
             err.join()
         # The reference tool on the very same file and server.
         started = time.monotonic()
+        layout_dir = self.args.layout == "dir"
         subprocess.run(
             [
                 str(BIN / "s5cmd"),
                 "--endpoint-url",
                 self.endpoint,
                 "cp",
-                str(path),
-                f"s3://{BUCKET}/s5cmd/m.pt",
+                f"{path}/*" if layout_dir else str(path),
+                f"s3://{BUCKET}/s5cmd/" if layout_dir else f"s3://{BUCKET}/s5cmd/m.pt",
             ],
             check=True,
             env=env(),
             stdout=subprocess.DEVNULL,
         )
         s5cmd_s = time.monotonic() - started
-        path.unlink()
+        if layout_dir:
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         empty_bucket(self.s3, BUCKET)
         return {
             "served_to_durable": ev["uploaded"] - served,
@@ -410,6 +479,7 @@ class Bench:
             )
             rec = handled[0]
             streamed = logs.events("store.stream_completed")
+            taken = logs.events("store.dir_stream_taken")
         finally:
             if proc is not None:
                 stop(proc)
@@ -429,6 +499,8 @@ class Bench:
             "moto_cpu": moto_cpu,
             # Bytes of the checkpoint uploaded before the trainer said saved (0 without overlap).
             "sent_before_saved": float(sum(e.get("sent_before_saved", 0) for e in streamed)),
+            # Files of a directory checkpoint seen closed (and sent) before saved (--layout dir).
+            "files_before_saved": float(sum(e.get("files_seen", 0) for e in taken)),
         }
 
 
@@ -446,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["on", "off", "both"],
         default="on",
         help="spotd's store.overlap (upload while the save is written); both: a row for each",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=["file", "dir"],
+        default="file",
+        help="the checkpoint: one file (spotd.torch's Checkpointer), or a directory of one file per 64 MB "
+        "tensor announced with writing(directory=True) (a sharded or framework save)",
     )
     parser.add_argument("--json", action="store_true", help="also print every repetition as JSON lines")
     parser.add_argument("--json-out", type=Path, help="also write every repetition as JSON to this file")
@@ -508,7 +587,9 @@ def report(doc: dict[str, Any]) -> str:
                     verdict(ratio, 0.6) if overlap == "on" and size == largest else "",
                     median(s, "save_fsync"),
                     median(s, "daemon_notice_to_durable"),
-                    f"{median(s, 'sent_before_saved') / MB:.0f}",
+                    f"{median(s, 'sent_before_saved') / MB:.0f}"
+                    if params.get("layout", "file") == "file"
+                    else f"{median(s, 'files_before_saved'):.0f} files",
                     median(s, "moto_cpu"),
                 ]
             )
@@ -524,7 +605,7 @@ def report(doc: dict[str, Any]) -> str:
         "ratio, overlap moonshot at the largest size (goal <= 0.6 at 1 GB)",
         "spotd save (fsync) s",
         "daemon's notice_to_durable s",
-        "MiB sent before saved",
+        "MiB (file) or files (dir) sent before saved",
         "moto CPU s",
     ]
     intro = (
@@ -532,6 +613,12 @@ def report(doc: dict[str, Any]) -> str:
         f"{params['step_seconds']} s, spotd polls every {params['poll_interval']} s. baseline = poll IMDS "
         "every step, torch.save, aws s3 cp; ratio = spotd / (the baseline's torch.save + s5cmd cp of the "
         "same file); spotd's save includes its fsync; moto CPU = the S3 server's during spotd's upload."
+        + (
+            " Layout dir: the checkpoint is a directory of one file per 64 MB tensor (the baseline's aws "
+            "s3 cp --recursive, s5cmd cp 'dir/*'); spotd's trainer announces the directory, fsyncs each file."
+            if params.get("layout", "file") == "dir"
+            else ""
+        )
     )
     return report_table(intro, header, out, doc)
 
@@ -545,6 +632,7 @@ def trainer_main(argv: list[str]) -> int:
     p.add_argument("--endpoint", default="")
     p.add_argument("--path", default="")
     p.add_argument("--dest", default="")
+    p.add_argument("--layout", choices=["file", "dir"], default="file")
     args = p.parse_args(argv)
     return trainer_baseline(args) if args.mode == "baseline" else trainer_spotd(args)
 
