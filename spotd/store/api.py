@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointStore",
     "DirStream",
     "FileStream",
+    "Gate",
     "PartResult",
     "PartState",
     "Priority",
@@ -76,6 +78,11 @@ class Priority(enum.Enum):
 
     EMERGENCY = "emergency"
     BACKGROUND = "background"
+
+
+#: Entered around each request that sends a file's bytes (``upload_file(..., gate=)``): what holds a
+#: transfer back while a checkpoint is still being written.
+Gate = Callable[[], AbstractAsyncContextManager[None]]
 
 
 class FileStream(Protocol):

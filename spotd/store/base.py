@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from spotd.errors import CommitError, StoreError
 from spotd.events import InterruptionRecord
 from spotd.logs import get_logger
-from spotd.store.api import DirStream, FileStream, PartResult, PartState, Priority, RestoreResult
+from spotd.store.api import DirStream, FileStream, Gate, PartResult, PartState, Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
 from spotd.store.dirstream import DirectoryUpload, watchable
 from spotd.store.localfs import LocalFile, collect_files
@@ -123,8 +123,10 @@ class BaseStore(ABC):
     - ``get_tagged(key)``: the object and its version tag (:class:`Tagged`), or None.
     - ``list_keys(prefix)``: every key under ``prefix``, half-written temporaries excluded.
     - ``delete_keys(keys)``: remove them; a key already gone is not an error.
-    - ``upload_file(file, key, priority, progress)``: one local file to ``key``; returns its checksum
-      (algorithm :attr:`algo`) computed from the bytes it sent. ``progress(n)`` on the loop thread.
+    - ``upload_file(file, key, priority, progress, gate=None)``: one local file to ``key``; returns its
+      checksum (algorithm :attr:`algo`) computed from the bytes it sent. ``progress(n)`` on the loop
+      thread. ``gate``, when given, is entered around each request that sends the file's bytes (each
+      part): a directory being written lets only a few go at once (:mod:`spotd.store.dirstream`).
     - ``copy_object(src, key, size=, checksum=, priority=)`` (optional): a server-side copy of the stored
       object ``src`` to ``key``; returns the checksum the store reports for the copy (algorithm
       :attr:`algo`), or None when the backend cannot copy (the file is then uploaded).
@@ -245,7 +247,12 @@ class BaseStore(ABC):
     async def delete_keys(self, keys: Sequence[str]) -> None: ...
     @abstractmethod
     async def upload_file(
-        self, file: LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
+        self,
+        file: LocalFile,
+        key: str,
+        priority: Priority,
+        progress: Callable[[int], None] | None,
+        gate: Gate | None = None,
     ) -> str: ...
     @abstractmethod
     async def download_file(
@@ -311,7 +318,7 @@ class BaseStore(ABC):
             step=step,
             trainer=trainer,
             rank=rank,
-            upload=lambda f, key, priority: self.upload_file(f, key, priority, None),
+            upload=lambda f, key, priority, gate: self.upload_file(f, key, priority, None, gate),
             delete=self.delete_keys,
             hash=lambda path: self.run(hash_file, path, self.algo),
             early_files=self.early_transfers,

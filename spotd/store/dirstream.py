@@ -9,6 +9,10 @@ is only a temporary (``*.tmp``, ``.x.tmp-123``) is skipped: its rename brings it
 It follows a directory renamed into place (Accelerate's ``.tmp-step-N/`` → ``step-N/``): a watch belongs
 to the inode, not the path.
 
+Until ``saved``, at most a few requests carry its bytes at once (:attr:`DirectoryUpload.slots`, half a
+part per core: the writer keeps its cores); from ``saved`` on, what is still under way goes at the pool's
+full concurrency.
+
 Nothing is committed by it. When the trainer says ``saved``, :meth:`DirectoryUpload.take` stops watching
 and hands the commit one :class:`ClosedFile` per file seen; the commit finishes each
 (:meth:`ClosedFile.finish`: waits for its upload, then hashes the file as it is now, and only when size and
@@ -28,14 +32,14 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from spotd.errors import StoreError
 from spotd.logs import get_logger
-from spotd.store.api import Priority
+from spotd.store.api import Gate, Priority
 from spotd.store.localfs import LocalFile
 from spotd.store.manifest import Provenance
 
@@ -97,7 +101,7 @@ class ClosedFile:
         self.rel = rel  # relative to checkpoint_dir, as the manifest will list it
         self._key = key
         self._task: asyncio.Task[tuple[int, str] | None] | None = None
-        self._started = False  # an upload request may be on the wire: never cancel it from now on
+        self._started = False  # an upload began: an object may exist under its key
         self._again = False  # closed again while its upload ran: send it once more
         self._result: tuple[int, str] | None = None
         self._finished = False  # the commit took it: its key is the commit's now
@@ -124,24 +128,22 @@ class ClosedFile:
     async def _upload(self) -> tuple[int, str] | None:
         owner = self._owner
         while True:
-            async with owner.slots:
-                if owner.stopped:
-                    return None  # saved meanwhile: the commit sends it, at full concurrency
-                self._started = True
-                self._again = False
-                result = await owner.send(self.sub, self.rel, self._key)
+            if self._again and owner.stopped:
+                return None  # changed again and saved meanwhile: the commit sends it
+            self._started = True
+            self._again = False
+            result = await owner.send(self.sub, self.rel, self._key)
             if result is not None:
                 self._result = result
             if not self._again:
                 return self._result
 
     async def _settled(self) -> tuple[int, str] | None:
-        """What the last upload sent (size, checksum), or None: nothing (it never started, or failed)."""
+        """What the last upload sent (size, checksum), or None: nothing (it failed). An upload under way
+        is waited for (from ``saved`` on, its parts go at the pool's full concurrency)."""
         task = self._task
         if task is None:
             return None
-        if not self._started:
-            task.cancel()
         results = await asyncio.gather(task, return_exceptions=True)
         return results[0] if isinstance(results[0], tuple) else None
 
@@ -190,6 +192,7 @@ class DirectoryUpload:
         "_prefix",
         "_send",
         "_subdirs",
+        "_waiting",
         "created",
         "name",
         "rank",
@@ -211,7 +214,7 @@ class DirectoryUpload:
         step: int | None,
         trainer: str,
         rank: int | None,
-        upload: Callable[[LocalFile, str, Priority], Awaitable[str]],
+        upload: Callable[[LocalFile, str, Priority, Gate], Awaitable[str]],
         delete: Callable[[Sequence[str]], Awaitable[None]],
         hash: Callable[[Path], Awaitable[tuple[int, str]]],
         early_files: int,
@@ -234,8 +237,10 @@ class DirectoryUpload:
         self._hash = hash
         self._on_close = on_close
         self._ended = False
-        #: Files uploaded at once while the others are written: the writer keeps its cores.
+        #: Requests (parts) carrying bytes at once while the directory is written: the writer keeps its
+        #: cores. From ``saved`` on (:attr:`stopped`), no limit: the commit waits for them.
         self.slots = asyncio.Semaphore(early_files)
+        self._waiting = 0
         self.stopped = False
         self._files: dict[str, ClosedFile] = {}
         self._subdirs: dict[int, str] = {}  # watch descriptor → path inside the directory ("" the top)
@@ -313,6 +318,22 @@ class DirectoryUpload:
             entry = self._files[sub] = ClosedFile(owner=self, sub=sub, rel=rel, key=self._prefix + rel)
         entry.closed()
 
+    @contextlib.asynccontextmanager
+    async def gate(self) -> AsyncIterator[None]:
+        """Entered around each request of an early upload: at most ``early_files`` at once until ``saved``."""
+        if self.stopped:
+            yield
+            return
+        self._waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
+
     async def send(self, sub: str, rel: str, key: str) -> tuple[int, str] | None:
         """Upload the file ``sub`` now (its current bytes): (size, checksum sent), None if that failed."""
         for root in self._paths:
@@ -322,7 +343,9 @@ class DirectoryUpload:
             except OSError:
                 continue
             try:
-                checksum = await self._send(LocalFile(rel=rel, path=path, size=size), key, Priority.EMERGENCY)
+                checksum = await self._send(
+                    LocalFile(rel=rel, path=path, size=size), key, Priority.EMERGENCY, self.gate
+                )
             except (StoreError, OSError) as exc:  # only a head start: the commit uploads it
                 log.info("store.dir_file_deferred", rel=rel, error=str(exc))
                 return None
@@ -340,6 +363,8 @@ class DirectoryUpload:
 
     def _stop_watching(self) -> None:
         self.stopped = True
+        for _ in range(self._waiting):  # parts waiting for a slot go now (see gate)
+            self.slots.release()
         if self._inotify is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._inotify.fileno())

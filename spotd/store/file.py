@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -24,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from spotd.errors import StoreAccessError, StoreError, UploadError
 from spotd.logs import get_logger
-from spotd.store.api import Priority
+from spotd.store.api import Gate, Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.checksums import CHUNK, Hasher
 from spotd.store.localfs import LocalFile, fsync_dir
@@ -219,10 +220,16 @@ class FileStore(BaseStore):
         await self.run(self._unlink, list(keys))
 
     async def upload_file(
-        self, file: LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
+        self,
+        file: LocalFile,
+        key: str,
+        priority: Priority,
+        progress: Callable[[int], None] | None,
+        gate: Gate | None = None,
     ) -> str:
         try:
-            return await self.run(self._copy, file, key, _threadsafe(progress))
+            async with gate() if gate is not None else contextlib.nullcontext():
+                return await self.run(self._copy, file, key, _threadsafe(progress))
         except UploadError:
             raise
         except OSError as exc:

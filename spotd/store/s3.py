@@ -30,7 +30,7 @@ from spotd.aws.session import (
 )
 from spotd.errors import StoreAccessError, StoreError
 from spotd.logs import get_logger
-from spotd.store.api import FileStream, Priority
+from spotd.store.api import FileStream, Gate, Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.checksums import can_combine
 from spotd.store.localfs import LocalFile
@@ -277,9 +277,14 @@ class S3Store(BaseStore):
             )
 
     async def upload_file(
-        self, file: LocalFile, key: str, priority: Priority, progress: Callable[[int], None] | None
+        self,
+        file: LocalFile,
+        key: str,
+        priority: Priority,
+        progress: Callable[[int], None] | None,
+        gate: Gate | None = None,
     ) -> str:
-        return await self._files.upload(file, self._full(key), priority, progress)
+        return await self._files.upload(file, self._full(key), priority, progress, gate)
 
     async def copy_object(
         self, src: str, key: str, *, size: int, checksum: str, priority: Priority

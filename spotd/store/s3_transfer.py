@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import threading
@@ -42,7 +43,7 @@ import botocore.exceptions
 from spotd.aws.session import error_code, tries_made
 from spotd.errors import StoreError, UploadError
 from spotd.logs import get_logger
-from spotd.store.api import Priority
+from spotd.store.api import Gate, Priority
 from spotd.store.checksums import can_combine, crc_combine, crc_update, encode_crc, hash_file
 from spotd.store.localfs import LocalFile, start_writeback
 from spotd.store.tasks import gather_or_cancel
@@ -240,9 +241,15 @@ class FileTransfers:
     # ---- upload
 
     async def upload(
-        self, file: LocalFile, full: str, priority: Priority, progress: Callable[[int], None] | None
+        self,
+        file: LocalFile,
+        full: str,
+        priority: Priority,
+        progress: Callable[[int], None] | None,
+        gate: Gate | None = None,
     ) -> str:
-        """Upload ``file`` to the key ``full`` (bucket-relative); returns its checksum."""
+        """Upload ``file`` to the key ``full`` (bucket-relative); returns its checksum. ``gate`` is entered
+        around each request that carries its bytes (see ``BaseStore.upload_file``)."""
         what = f"upload {file.rel} to s3://{self._bucket}/{full}"
         loop = asyncio.get_running_loop()
         hashing: asyncio.Future[tuple[int, str]] | None = None
@@ -253,9 +260,9 @@ class FileTransfers:
         parts = _parts(file.size, self._part_size)
         try:
             if len(parts) == 1:
-                crcs = [await self._put_single(file, full, parts[0], priority, what)]
+                crcs = [await self._put_single(file, full, parts[0], priority, what, gate)]
             else:
-                crcs = await self._put_multipart(file, full, parts, priority, what, progress)
+                crcs = await self._put_multipart(file, full, parts, priority, what, progress, gate)
             stat = await loop.run_in_executor(self._executor, os.stat, file.path)
             if stat.st_size != file.size:
                 raise FileChanged(
@@ -293,7 +300,7 @@ class FileTransfers:
         return data
 
     async def _put_single(
-        self, file: LocalFile, full: str, part: _Part, priority: Priority, what: str
+        self, file: LocalFile, full: str, part: _Part, priority: Priority, what: str, gate: Gate | None
     ) -> int | None:
         def put() -> int | None:
             data = self.read_part(file, part)
@@ -301,7 +308,8 @@ class FileTransfers:
             self._client.put_object(Bucket=self._bucket, Key=full, Body=data, **arg)
             return crc
 
-        return await self._request(what, priority, put, nbytes=part.length)
+        async with gate() if gate is not None else contextlib.nullcontext():
+            return await self._request(what, priority, put, nbytes=part.length)
 
     async def _put_multipart(
         self,
@@ -311,6 +319,7 @@ class FileTransfers:
         priority: Priority,
         what: str,
         progress: Callable[[int], None] | None,
+        gate: Gate | None,
     ) -> list[int | None]:
         algorithm = S3_ALGORITHM[self._algo]
         # FULL_OBJECT makes S3 check the whole file's CRC on completion (it combines the parts' CRCs too).
@@ -329,9 +338,10 @@ class FileTransfers:
             def put() -> tuple[int | None, dict[str, Any]]:
                 return self.upload_part(full, upload_id, part, self.read_part(file, part))
 
-            out = await self._request(
-                f"{what} (part {part.number}/{len(parts)})", priority, put, nbytes=part.length
-            )
+            async with gate() if gate is not None else contextlib.nullcontext():
+                out = await self._request(
+                    f"{what} (part {part.number}/{len(parts)})", priority, put, nbytes=part.length
+                )
             if progress is not None:
                 progress(part.length)
             return out

@@ -12,6 +12,8 @@ import pytest
 
 from spotd.errors import StoreError
 from spotd.store import CheckpointStore, DirStream, Priority
+from spotd.store.api import Gate
+from spotd.store.localfs import LocalFile
 from spotd.store.s3 import S3Store
 from tests.fixtures.s3 import FaultProxy, S3Bucket
 from tests.store.helpers import JOB, Backend, info
@@ -206,3 +208,63 @@ async def test_files_written_before_the_watch_began_count_as_closed(
     m = await store.commit(ckdir / "run/step-9", checkpoint_dir=ckdir, info=info(3), streams=stream.take())
     assert m.name == stream.name
     assert {f.path for f in m.files} == {"run/step-9/a.bin", "run/step-9/sub/b.bin"}
+
+
+async def test_until_saved_only_a_few_requests_carry_bytes_then_all_of_them(tmp_path: Path) -> None:
+    """While the directory is written, at most ``early_files`` requests (parts) of its uploads run at once,
+    however many files are closed; once the commit takes it (`saved`), the parts still waiting go at once."""
+    from datetime import UTC, datetime
+
+    from spotd.store.dirstream import DirectoryUpload
+
+    release = asyncio.Event()
+    calls = running = most = entered = 0
+
+    async def upload(f: object, key: str, priority: Priority, gate: Gate) -> str:
+        """Three requests per file, each held until ``release``, counted as they enter the gate."""
+        nonlocal calls, running, most, entered
+        calls += 1
+        for _part in range(3):
+            async with gate():
+                running += 1
+                entered += 1
+                most = max(most, running)
+                await release.wait()
+                running -= 1
+        return "crc64nvme:AAAAAAAAAAA="
+
+    async def nothing(keys: object) -> None:
+        return None
+
+    async def hashed(path: Path) -> tuple[int, str]:
+        return 1, "crc64nvme:AAAAAAAAAAA="
+
+    root = tmp_path / "d"
+    root.mkdir()
+    stream = DirectoryUpload(
+        watch=[root],
+        rel="d",
+        prefix="job1/checkpoints/n/",
+        name="n",
+        created=datetime.now(UTC),
+        step=1,
+        trainer="t",
+        rank=None,
+        upload=upload,
+        delete=nothing,
+        hash=hashed,
+        early_files=2,
+        on_close=lambda: None,
+    )
+    await stream.start()
+    for i in range(4):
+        await write(root / f"f{i}", b"x")
+    await async_wait_until(lambda: calls == 4 and entered == 2, what="four uploads, two requests under way")
+    assert running == most == 2
+    files = stream.take()
+    assert len(files) == 4
+    await async_wait_until(lambda: running == 4, what="the waiting requests let go at saved")
+    release.set()
+    for f in files:
+        assert await f.finish(LocalFile(rel=f.rel, path=root / f.rel.split("/")[-1], size=1), None)
+    assert entered == 12
