@@ -118,6 +118,19 @@ def trainer_baseline(args: argparse.Namespace) -> int:
         return 0
 
 
+def _connected() -> Any:
+    """A spotd.client guard once the daemon answered (30 s at most)."""
+    import spotd.client
+
+    guard = spotd.client.connect(name="bench")
+    deadline = time.monotonic() + 30
+    while not guard.connected:
+        if time.monotonic() > deadline:
+            raise SystemExit("trainer: spotd did not answer within 30s")
+        time.sleep(0.01)
+    return guard
+
+
 def _save_dir(model: Any, directory: Path, *, fsync: bool) -> int:
     """A checkpoint of many files, as a sharded or framework save writes one: each 64 MB tensor of the
     model in a file of its own, written one after the other. Returns the bytes written."""
@@ -143,12 +156,7 @@ def trainer_spotd_dir(args: argparse.Namespace) -> int:
     import spotd.client
 
     model = _model(args.size_mb)
-    guard = spotd.client.connect(name="bench")
-    deadline = time.monotonic() + 30
-    while not guard.connected:
-        if time.monotonic() > deadline:
-            raise SystemExit("trainer: spotd did not answer within 30s")
-        time.sleep(0.01)
+    guard = _connected()
     try:
         assert guard.checkpoint_dir is not None
         _emit(event="ready", spotd=spotd.client.__file__)
@@ -187,12 +195,7 @@ def trainer_spotd(args: argparse.Namespace) -> int:
 
     model = _model(args.size_mb)
     saves: list[SaveInfo] = []
-    guard = spotd.client.connect(name="bench")
-    deadline = time.monotonic() + 30
-    while not guard.connected:
-        if time.monotonic() > deadline:
-            raise SystemExit("trainer: spotd did not answer within 30s")
-        time.sleep(0.01)
+    guard = _connected()
     try:
         ckpt = Checkpointer(model=model, guard=guard, name="bench", keep=1, on_save=saves.append)
         start = ckpt.restore()
