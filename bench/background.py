@@ -201,10 +201,13 @@ class Trainer:
     def steps_for(self, count: int) -> list[float]:
         return [self.step() for _ in range(count)]
 
-    def steps_while(self, busy: LineReader, seen: int) -> list[float]:
-        """Steps until the uploader says its commit is done (its ``seen``-th "done" line)."""
+    def steps_while(self, busy: LineReader, seen: int, uploader: subprocess.Popen[str]) -> list[float]:
+        """Steps until the uploader says its commit is done (its ``seen``-th "done" line); SystemExit with
+        its last words if it exits first (a failed upload must not leave the loop running forever)."""
         times = []
         while len(busy.events("done")) < seen:
+            if uploader.poll() is not None:
+                raise SystemExit(f"the uploader exited ({uploader.returncode}) before its commit was done")
             times.append(self.step())
         return times
 
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                     up.stdin.write(f"go {config}\n")
                     up.stdin.flush()
                     done += 1
-                    times = trainer.steps_while(lines, done)
+                    times = trainer.steps_while(lines, done, up)
                     result = lines.events("done")[done - 1]
                     step = statistics.median(times) if times else float("nan")
                     row = {

@@ -129,15 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="spotd store.concurrency (its default)")
     ap.add_argument("--checksum", default="auto", help="spotd store.checksum (auto = crc64nvme with awscrt)")
     ap.add_argument("--part-size-mb", type=int, default=16, help="spotd store.part_size in MiB (its default)")
+    ap.add_argument(
+        "--datasets",
+        default="big,many,dcp",
+        help="comma-separated: big (one file), many (16 MiB files), dcp (the DCP-like set)",
+    )
     ap.add_argument("--json-out", type=Path, help="also write every repetition as JSON to this file")
     args = ap.parse_args(argv)
+    wanted = [d for d in args.datasets.split(",") if d]
+    if not wanted or any(d not in ("big", "many", "dcp") for d in wanted):
+        ap.error("--datasets takes big, many and/or dcp")
     servers = ["external"] if args.endpoint_url else [s for s in args.servers.split(",") if s]
     if args.repeat < 1 or any(s not in ("moto", "s3rver", "external") for s in servers):
         ap.error("--repeat at least 1; --servers takes moto and/or s3rver")
     doc = new_doc("upload", args, argv)
     work = Path(tempfile.mkdtemp(prefix="spotd-bench-"))
     try:
-        data = make_data(work / "data", args.quick)
+        data = {
+            k: v
+            for (k, v), kind in zip(
+                make_data(work / "data", args.quick).items(), ("big", "many", "dcp"), strict=True
+            )
+            if kind in wanted
+        }
         doc["datasets"] = {
             k: {
                 "files": sum(1 for p in v.rglob("*") if p.is_file()),
