@@ -67,10 +67,20 @@ class Overlap:
         self, session: Session, frame: dict[str, Any], *, emergency: bool, name: str | None = None
     ) -> None:
         """A trainer is about to write ``frame["path"]`` (bytes at ``frame["temp"]`` first, if given), a
-        file, or with ``dir`` a directory it has created;
-        ``name``: the checkpoint it will be committed in, when that is known now (a rank's step), else the
-        store picks the one a single trainer's commit adopts."""
+        file, or with ``dir`` a directory it has created; ``name``: the checkpoint it will be committed in,
+        when that is known now (a rank's step), else the store picks the one a single trainer's commit
+        adopts."""
         if not self.enabled or not emergency or session.role != "trainer":
+            return
+        if name is not None and not await self._not_committed(name):
+            log.info(
+                "overlap.skipped",
+                trainer=session.name,
+                path=frame["path"],
+                name=name,
+                reason="that step is committed already (or the store cannot say): streaming a save of it "
+                "again would write over its objects",
+            )
             return
         try:
             final = await asyncio.to_thread(resolve_inside, self._checkpoint_dir, frame["path"])
@@ -113,6 +123,17 @@ class Overlap:
             name=opened.name,
             directory=bool(frame.get("dir")),
         )
+
+    async def _not_committed(self, name: str) -> bool:
+        """Whether the checkpoint ``name`` (a run's step: one name for every save of that step) is surely
+        not committed yet. A stream writes its files under that name before the commit; a second save of a
+        committed step (a rank re-saving it) must not touch the committed objects, nor its abort delete
+        them."""
+        try:
+            return await self._store.committed(name) is None
+        except StoreError as exc:
+            log.warning("overlap.committed_unknown", name=name, error=str(exc))
+            return False
 
     def take(self, session: Session, source: Path) -> tuple[FileStream, ...]:
         """The streams of the files of ``source`` (a file, or a directory) that ``session`` announced: now

@@ -465,3 +465,34 @@ def test_a_sharded_directory_of_two_ranks_streams_every_rank_s_files_into_the_no
     )
     for n, body in bodies.items():
         assert get(s3_bucket, f"{base}run/step-000000040.dcp/{n}") == body
+
+
+@pytest.mark.timeout(120)
+def test_a_step_already_committed_is_not_streamed_again(
+    imds_sim: Any, spotd_daemon: Any, s3_bucket: S3Bucket, s3_proxy: FaultProxy
+) -> None:
+    """Both ranks' periodic saves of step 40 are committed; an emergency announcement of step 40 again (a rank
+    re-saving that step) opens no stream: nothing would write over the committed objects, nor delete them."""
+    d, guards = start_ranks(imds_sim, spotd_daemon, s3_bucket, s3_proxy)
+    name = run_checkpoint_name(RUN, 40)
+    base = f"pfx/test-job/checkpoints/{name}/"
+    try:
+        bodies = []
+        for r, g in enumerate(guards):
+            body = os.urandom(1000)
+            (d.checkpoint_dir / rank_file(40, r)).write_bytes(body)
+            bodies.append(body)
+            g.saved(rank_file(40, r), step=40)
+        assert all(g.wait_durable(timeout=30) for g in guards)
+        imds_sim.arm_instance_action("terminate", after_s=0, lead_s=120)
+        wait_until(lambda: all(g.checkpoint_requested for g in guards), timeout_s=20, what="both asked")
+        for r, g in enumerate(guards):
+            assert g.writing(rank_file(40, r), 40, temp=f"run/.step-000040-rank{r}.pt.tmp-2", final=True)
+        wait_until(lambda: len(d.logs.events("overlap.skipped")) == 2, timeout_s=20, what="both skipped")
+    finally:
+        for g in guards:
+            g.close()
+    assert d.logs.events("overlap.started") == []
+    assert {e["name"] for e in d.logs.events("overlap.skipped")} == {name}
+    for r, body in enumerate(bodies):
+        assert get(s3_bucket, base + rank_file(40, r)) == body
