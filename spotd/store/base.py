@@ -123,10 +123,12 @@ class BaseStore(ABC):
     - ``get_tagged(key)``: the object and its version tag (:class:`Tagged`), or None.
     - ``list_keys(prefix)``: every key under ``prefix``, half-written temporaries excluded.
     - ``delete_keys(keys)``: remove them; a key already gone is not an error.
-    - ``upload_file(file, key, priority, progress, gate=None)``: one local file to ``key``; returns its
-      checksum (algorithm :attr:`algo`) computed from the bytes it sent. ``progress(n)`` on the loop
-      thread. ``gate``, when given, is entered around each request that sends the file's bytes (each
-      part): a directory being written lets only a few go at once (:mod:`spotd.store.dirstream`).
+    - ``upload_file(file, key, priority, progress, gate=None, siblings=1)``: one local file to ``key``;
+      returns its checksum (algorithm :attr:`algo`) computed from the bytes it sent. ``progress(n)`` on
+      the loop thread. ``gate``, when given, is entered around each request that sends the file's bytes
+      (each part): a directory being written lets only a few go at once (:mod:`spotd.store.dirstream`).
+      ``siblings``: how many files of the same commit are uploaded with it (a backend may send each of
+      many files whole, its parallelism then being across them).
     - ``copy_object(src, key, size=, checksum=, priority=)`` (optional): a server-side copy of the stored
       object ``src`` to ``key``; returns the checksum the store reports for the copy (algorithm
       :attr:`algo`), or None when the backend cannot copy (the file is then uploaded).
@@ -253,6 +255,7 @@ class BaseStore(ABC):
         priority: Priority,
         progress: Callable[[int], None] | None,
         gate: Gate | None = None,
+        siblings: int = 1,
     ) -> str: ...
     @abstractmethod
     async def download_file(
@@ -641,7 +644,7 @@ class BaseStore(ABC):
                     if progress is not None:
                         progress(f.size)
                     return checksum, True
-            return await self.upload_file(f, key, priority, progress), False
+            return await self.upload_file(f, key, priority, progress, siblings=len(files)), False
 
         started = time.monotonic()
         done = await gather_or_cancel([one(f) for f in files])

@@ -226,6 +226,7 @@ class FileStore(BaseStore):
         priority: Priority,
         progress: Callable[[int], None] | None,
         gate: Gate | None = None,
+        siblings: int = 1,
     ) -> str:
         try:
             async with gate() if gate is not None else contextlib.nullcontext():

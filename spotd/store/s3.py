@@ -35,7 +35,7 @@ from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.checksums import can_combine
 from spotd.store.localfs import LocalFile
 from spotd.store.pacing import BACKGROUND_NICE
-from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, FileTransfers, read_all
+from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, WHOLE_MAX, FileTransfers, read_all
 from spotd.store.selection import valid_name
 from spotd.store.stream import GrowingUpload
 from spotd.store.transfer_pool import TransferPool, early_parts
@@ -283,8 +283,15 @@ class S3Store(BaseStore):
         priority: Priority,
         progress: Callable[[int], None] | None,
         gate: Gate | None = None,
+        siblings: int = 1,
     ) -> str:
-        return await self._files.upload(file, self._full(key), priority, progress, gate)
+        # With files enough to fill every transfer slot (a DCP checkpoint's shards), a file of up to
+        # WHOLE_MAX goes in one PutObject: multipart's create and complete requests (and a server's
+        # concatenation of the parts) would buy no parallelism the other files do not give already. Every
+        # slot may then hold a whole file in memory: still at most BUFFER_CAP in all.
+        limit = self._pool.limit
+        whole_max = min(WHOLE_MAX, BUFFER_CAP // limit) if siblings >= limit else 0
+        return await self._files.upload(file, self._full(key), priority, progress, gate, whole_max)
 
     async def copy_object(
         self, src: str, key: str, *, size: int, checksum: str, priority: Priority

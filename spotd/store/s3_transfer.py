@@ -76,6 +76,10 @@ COPY_PART: Final = 1024**3
 _STREAM_CHUNK: Final = 256 * 1024
 #: Smallest ranged GET on restore.
 _MIN_RANGE: Final = 64 * 1024 * 1024
+#: Largest file sent whole, in one PutObject, when a commit has files enough to keep every transfer slot busy
+#: (``upload(..., whole_max=)``): the parallelism is across its files then, and each multipart upload is two
+#: more requests (and, on S3-compatible servers, a concatenation of its parts).
+WHOLE_MAX: Final = 64 * 1024 * 1024
 _REQUEST_ERRORS: Final = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
 #: What reading a response body raises when the connection breaks off mid-stream.
 _BODY_ERRORS: Final = (
@@ -247,9 +251,11 @@ class FileTransfers:
         priority: Priority,
         progress: Callable[[int], None] | None,
         gate: Gate | None = None,
+        whole_max: int = 0,
     ) -> str:
         """Upload ``file`` to the key ``full`` (bucket-relative); returns its checksum. ``gate`` is entered
-        around each request that carries its bytes (see ``BaseStore.upload_file``)."""
+        around each request that carries its bytes (see ``BaseStore.upload_file``); a file of at most
+        ``whole_max`` bytes goes in one request, a larger one in ``part_size`` parts."""
         what = f"upload {file.rel} to s3://{self._bucket}/{full}"
         loop = asyncio.get_running_loop()
         hashing: asyncio.Future[tuple[int, str]] | None = None
@@ -257,7 +263,7 @@ class FileTransfers:
             # No CRC combine for this algorithm: a sequential pass, overlapped with the upload.
             hashing = loop.run_in_executor(self._executor, hash_file, file.path, self._algo)
             hashing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        parts = _parts(file.size, self._part_size)
+        parts = _parts(file.size, self._part_size if file.size > whole_max else max(file.size, 1))
         try:
             if len(parts) == 1:
                 crcs = [await self._put_single(file, full, parts[0], priority, what, gate)]

@@ -284,3 +284,29 @@ async def test_check_access_names_missing_bucket(s3_bucket: S3Bucket) -> None:
             await store.check_access()
     finally:
         await store.close()
+
+
+async def test_files_enough_to_fill_every_slot_go_whole_and_a_few_go_in_parts(
+    s3_bucket: S3Bucket, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A commit of as many files as transfer slots (4 here) sends each 6 MiB file in one PutObject, with no
+    multipart upload: the parallelism is across the files. Two such files are still sent in 5 MiB parts; both
+    restore verified."""
+    s3_proxy.add("delay", method="PUT", times=10**9)  # logs every PUT
+    store = make(s3_bucket, endpoint_url=s3_proxy.endpoint_url)
+    try:
+        for n, step in ((4, 1), (2, 2)):
+            src = tmp_path / "ckpt" / f"s{step}"
+            src.mkdir(parents=True)
+            for i in range(n):
+                (src / f"shard{i}.bin").write_bytes(os.urandom(6 * MIB))
+            await store.commit(src, checkpoint_dir=tmp_path / "ckpt", info=info(step))
+        restored = tmp_path / "restored"
+        await store.restore(restored)
+    finally:
+        await store.close()
+    parts = [p for a, m, p in s3_proxy.log if a == "delay" and m == "PUT" and "partNumber" in p]
+    whole = [p for a, m, p in s3_proxy.log if a == "delay" and m == "PUT" and "partNumber" not in p]
+    assert sum("/s1/shard" in p for p in whole) == 4 and not any("/s1/" in p for p in parts)
+    assert sum("/s2/shard" in p for p in parts) == 4 and not any("/s2/shard" in p for p in whole)
+    assert sorted(p.name for p in (restored / "s2").iterdir()) == ["shard0.bin", "shard1.bin"]
