@@ -98,11 +98,11 @@ async def test_another_daemons_retention_never_deletes_a_commit_in_flight(
     class OtherCommitsMidway(real):  # type: ignore[misc, valid-type]
         __slots__ = ()
 
-        async def upload_file(self, file: Any, key: str, priority: Any, progress: Any) -> str:
+        async def upload_file(self, file: Any, key: str, priority: Any, progress: Any, **kw: Any) -> str:
             uploads.append(file.rel)
             if len(uploads) == 2:  # the first file is up, this one not yet
                 await b.commit(ckdir / "r1.pt", checkpoint_dir=ckdir, info=info(5, rank=1, world_size=2))
-            return await super().upload_file(file, key, priority, progress)
+            return await super().upload_file(file, key, priority, progress, **kw)
 
     a.__class__ = OtherCommitsMidway
     try:

@@ -178,11 +178,11 @@ async def test_a_failed_upload_leaves_no_global_commit_and_a_retry_completes_it(
     class FailsSecondFile(real):  # type: ignore[misc, valid-type]
         __slots__ = ()
 
-        async def upload_file(self, file: Any, key: str, priority: Any, progress: Any) -> str:
+        async def upload_file(self, file: Any, key: str, priority: Any, progress: Any, **kw: Any) -> str:
             if sent:
                 raise UploadError(f"upload {file.rel} failed after 3 tries: injected")
             sent.append(key)
-            return await super().upload_file(file, key, priority, progress)
+            return await super().upload_file(file, key, priority, progress, **kw)
 
     broken.__class__ = FailsSecondFile
     try:
