@@ -17,6 +17,16 @@ pytest_plugins = sorted(
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (scripts/test: ``-n 2 --dist loadgroup``) the slow end-to-end tests share one
+    worker and run one after another: each is several torch processes, and two of them side by side on a
+    2-core machine would time each other out. The other tests run on the other worker meanwhile."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("slow"))
+
+
 @pytest.fixture(autouse=True)
 def _no_real_imds(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach 169.254.169.254 or AWS: the default endpoints are replaced by a closed loopback port."""
