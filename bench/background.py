@@ -1,19 +1,24 @@
 """Training step time while spotd uploads a periodic checkpoint in the background, on this machine's cores.
 
     .venv/bin/python bench/background.py [--size-mb 256] [--reps 3] [--step-ms 50] [--rate 50MB]
-                                         [--placement shared|pinned|both] [--json-out FILE]
+                                         [--placement shared|pinned|both] [--configs plain,nice,...]
+                                         [--json-out FILE]
 
 A real torch training loop (CPU, an MLP whose batch is sized to --step-ms per step) runs in this process; an
 uploader subprocess (spotd's S3Store, as the daemon runs it: Nice=-5 when permitted, like spotd.service)
 commits a --size-mb checkpoint at BACKGROUND priority to moto's S3 server on loopback each time it is told
 to. For every configuration and repetition the loop's step times are taken while one upload runs, and the
 median step is compared with the median step of the loop alone just before it (the machine's other load
-moves both alike):
+moves both alike), and so is the share of time the loop's threads waited for a core (the scheduler's
+run_delay: the part of the slowdown the upload's CPU causes, free of the VM's speed swings):
 
 * ``alone``: no upload (measured right before every upload);
 * ``plain``: background threads as nice as the daemon, no cap (what spotd did before item 5);
-* ``nice``: background threads reniced (spotd's default now), no cap;
-* ``nice+cap``: reniced and ``store.background_rate = --rate``.
+* ``nice5``: background threads at nice 5 (10 nicer than the daemon: spotd's default until 2026-12-07);
+* ``nice``: background threads at nice 19 (spotd's default, ``store.background_nice``), no cap;
+* ``nice+cap``: at nice 19 and ``store.background_rate = --rate``;
+* ``idle``: SCHED_IDLE (``store.background_nice = "idle"``; not in the default --configs: pinned to the
+  loop's core it waits for the loop, which never rests, and one upload takes minutes).
 
 moto is the S3 server here and a remote one in production: it runs at nice 19 so that the figure is mostly
 the client's cost, and its CPU seconds are printed. Prints medians and each one's ratio to ``alone``.
@@ -63,7 +68,8 @@ from benchlib import (  # noqa: E402
 from spotd.tools.testing import LineReader, start_moto  # noqa: E402
 
 BUCKET = "bench"
-CONFIGS = ("plain", "nice", "nice+cap")
+CONFIGS = ("plain", "nice5", "nice", "nice+cap", "idle")
+DEFAULT_CONFIGS = "plain,nice5,nice,nice+cap"
 PLACEMENTS = {"shared": ("shared",), "pinned": ("pinned",), "both": ("shared", "pinned")}
 
 
@@ -88,7 +94,7 @@ def uploader_main(argv: list[str]) -> int:
     except OSError:
         daemon_nice = os.getpriority(os.PRIO_PROCESS, 0)
     from spotd.config import parse_rate
-    from spotd.store.pacing import BACKGROUND_NICE
+    from spotd.store.pacing import BACKGROUND_IDLE, BACKGROUND_NICE
     from spotd.store.s3 import S3Store
 
     ckdir = Path(args.work) / "ckpt"
@@ -102,7 +108,10 @@ def uploader_main(argv: list[str]) -> int:
     async def run() -> None:
         stores = {
             "plain": S3Store(
-                uri=f"s3://{BUCKET}/plain", job_id="bg", endpoint_url=args.endpoint, background_nice=0
+                uri=f"s3://{BUCKET}/plain", job_id="bg", endpoint_url=args.endpoint, background_nice=None
+            ),
+            "nice5": S3Store(
+                uri=f"s3://{BUCKET}/nice5", job_id="bg", endpoint_url=args.endpoint, background_nice=5
             ),
             "nice": S3Store(
                 uri=f"s3://{BUCKET}/nice",
@@ -116,6 +125,12 @@ def uploader_main(argv: list[str]) -> int:
                 endpoint_url=args.endpoint,
                 background_rate=rate,
                 background_nice=BACKGROUND_NICE,
+            ),
+            "idle": S3Store(
+                uri=f"s3://{BUCKET}/idle",
+                job_id="bg",
+                endpoint_url=args.endpoint,
+                background_nice=BACKGROUND_IDLE,
             ),
         }
         print(json.dumps({"event": "ready", "daemon_nice": daemon_nice}), flush=True)
@@ -150,6 +165,32 @@ def uploader_main(argv: list[str]) -> int:
 def _touch(path: Path) -> None:
     with open(path, "r+b") as fh:
         fh.write(os.urandom(4096))
+
+
+def run_delay() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a core, summed: the second field
+    of /proc/<tid>/schedstat (run_delay, kept whether or not the schedstats sysctl is on)."""
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
+class Window:
+    """Wall time and run-queue wait over a span of steps: ``wait`` is the share of the span the loop's
+    threads spent ready to run but without a core (what another process's CPU costs the loop)."""
+
+    __slots__ = ("_delay0", "_t0", "wait")
+
+    def __enter__(self) -> Window:
+        self._t0, self._delay0 = time.perf_counter(), run_delay()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait = (run_delay() - self._delay0) / max(time.perf_counter() - self._t0, 1e-9)
 
 
 def _self_cpu() -> float:
@@ -218,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every configuration; medians")
     parser.add_argument("--step-ms", type=float, default=50.0, help="target training step, milliseconds")
     parser.add_argument("--rate", default="50MB", help="store.background_rate of the nice+cap runs")
+    parser.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma-separated, of {', '.join(CONFIGS)} (default {DEFAULT_CONFIGS})",
+    )
     parser.add_argument("--batch", type=int, default=0, help="fixed batch size (default: sized to --step-ms)")
     parser.add_argument("--alone-steps", type=int, default=40, help="steps of the loop alone per repetition")
     parser.add_argument(
@@ -232,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size_mb < 16 or args.reps < 1 or args.step_ms <= 0:
         parser.error("--size-mb at least 16, --reps at least 1, --step-ms > 0")
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    if not configs or set(configs) - set(CONFIGS):
+        parser.error(f"--configs {args.configs!r}: choose from {', '.join(CONFIGS)}")
     cores = sorted(os.sched_getaffinity(0))
     placements = PLACEMENTS[args.placement]
     if "pinned" in placements and len(cores) < 2:
@@ -282,16 +331,19 @@ def main(argv: list[str] | None = None) -> int:
                 place(placement)
                 trainer = trainers[placement]
                 # Rotate the order so moto's growing bucket and the page cache favour no configuration.
-                for config in CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]:
+                turn = rep % len(configs)
+                for config in configs[turn:] + configs[:turn]:
                     what = f"background: {placement} {config} rep {rep + 1}/{args.reps}"
                     progress(f"{what} started")
                     # The loop alone right before each upload: the machine's other load moves both alike.
-                    alone = statistics.median(trainer.steps_for(args.alone_steps))
+                    with Window() as quiet:
+                        alone = statistics.median(trainer.steps_for(args.alone_steps))
                     moto_cpu = proc_cpu(moto.pid)
                     up.stdin.write(f"go {config}\n")
                     up.stdin.flush()
                     done += 1
-                    times = trainer.steps_while(lines, done, up)
+                    with Window() as busy:
+                        times = trainer.steps_while(lines, done, up)
                     result = lines.events("done")[done - 1]
                     step = statistics.median(times) if times else float("nan")
                     row = {
@@ -301,13 +353,20 @@ def main(argv: list[str] | None = None) -> int:
                         "alone_step": alone,
                         "step": step,
                         "ratio": step / alone,
+                        "alone_wait": quiet.wait,
+                        "wait": busy.wait,
+                        # The step's slowdown that waiting for a core explains: on-CPU share alone / during.
+                        "wait_ratio": (1 - quiet.wait) / max(1 - busy.wait, 1e-9),
                         "steps": len(times),
                         "upload_s": result["seconds"],
                         "upload_cpu": result["cpu"],
                         "moto_cpu": proc_cpu(moto.pid) - moto_cpu,
                     }
                     doc["rows"].append(row)
-                    progress(f"{what} done: ratio {row['ratio']:.3f}, upload {row['upload_s']:.1f} s")
+                    progress(
+                        f"{what} done: ratio {row['ratio']:.3f}, waiting for a core {quiet.wait:.1%} alone, "
+                        f"{busy.wait:.1%} during; upload {row['upload_s']:.1f} s"
+                    )
                     if args.json:
                         print(json.dumps(row))
     finally:
@@ -331,6 +390,8 @@ def report(doc: dict[str, Any]) -> str:
         rows = [r for r in doc["rows"] if r["placement"] == placement]
         for config in CONFIGS:
             got = [r for r in rows if r["config"] == config]
+            if not got:
+                continue
             upload_s = median(got, "upload_s")
             out.append(
                 [
@@ -339,6 +400,8 @@ def report(doc: dict[str, Any]) -> str:
                     median(got, "alone_step") * 1000,
                     median(got, "step") * 1000,
                     verdict(median(got, "ratio"), 1.05),
+                    f"{median(got, 'alone_wait'):.1%} / {median(got, 'wait'):.1%}",
+                    verdict(median(got, "wait_ratio"), 1.05),
                     f"{median(got, 'steps'):.0f}",
                     upload_s,
                     f"{params['size_mb'] / upload_s:.0f}",
@@ -352,6 +415,8 @@ def report(doc: dict[str, Any]) -> str:
         "step ms alone",
         "step ms during upload",
         "ratio to alone (goal <= 1.05)",
+        "waiting for a core, alone / during",
+        "on-CPU share ratio (goal <= 1.05)",
         "steps",
         "upload s",
         "MB/s",
@@ -370,10 +435,14 @@ def report(doc: dict[str, Any]) -> str:
         f"{params['reps']}; "
         "ratio = median step during the upload / median step of the loop alone just before it (per "
         "repetition, then the median of those ratios). plain = "
-        "background threads as nice as the daemon; nice = reniced (the default); nice+cap = reniced + "
+        "background threads as nice as the daemon; nice5 = at nice 5 (the default before); nice = at nice "
+        "19 (the default); idle = SCHED_IDLE; nice+cap = nice 19 + "
         f"store.background_rate = {params['rate']}. shared = every process on every core (moto, at nice "
         f"19, competes with the loop); pinned = {pinned}. Batch {doc['batch']}, torch threads "
-        f"{doc['torch_threads']}, uploader nice {doc['uploader_nice']}."
+        f"{doc['torch_threads']}, uploader nice {doc['uploader_nice']}. Waiting for a core = the share "
+        "of the loop's time its threads were runnable without a core (run_delay in /proc/<tid>/schedstat); "
+        "on-CPU share ratio = (1 - waiting alone) / (1 - waiting during): the slowdown the upload's CPU "
+        "explains, which the VM's own speed swings (the step ratio's noise) do not move."
     )
     return report_table(intro, header, out, doc)
 

@@ -13,13 +13,21 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from spotd.errors import ConfigError
 from spotd.protocol import DEFAULT_SOCKET
 
-__all__ = ["DEFAULT_CONFIG_PATH", "NOTIFY_FIELDS", "ON_COMPLETE", "Config", "load_config", "parse_rate"]
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "NOTIFY_FIELDS",
+    "ON_COMPLETE",
+    "Config",
+    "load_config",
+    "parse_nice",
+    "parse_rate",
+]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/spotd/spotd.toml")
 #: sun_path is 108 bytes including the terminating NUL.
@@ -46,6 +54,22 @@ _UNITS: Final = {
     "gib": 1024**3,
 }
 _RATE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/\s*s)?\s*$", re.IGNORECASE)
+
+
+def parse_nice(value: int | str) -> int | Literal["idle"]:
+    """``store.background_nice``: 0-19 (a number, or its digits from the environment) or "idle";
+    ValueError saying what is wrong otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "idle":
+            return "idle"
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f'{value!r} is neither a nice value nor "idle"') from None
+    if isinstance(value, bool) or not 0 <= value <= 19:
+        raise ValueError(f"{value!r} is not a nice value from 0 to 19")
+    return value
 
 
 def parse_rate(value: int | str) -> int | None:
@@ -95,6 +119,9 @@ class StoreConfig:
     #: Bytes/s every BACKGROUND (periodic) transfer together may send: 50000000, "50MB", "400MiB"; 0 or ""
     #: is no cap. Emergency uploads are never capped. s3:// only (a file:// store is a local copy).
     background_rate: int | str = 0
+    #: The nice value (0-19) periodic transfer threads run at, or "idle" (SCHED_IDLE: a core only when
+    #: nothing else wants one). Emergency uploads run at the daemon's own priority. s3:// only.
+    background_nice: int | str = 19
     #: Upload an emergency checkpoint's parts while the trainer writes it (it announces the file first):
     #: s3:// only; the commit still waits for ``saved`` and checks every byte against the final file.
     overlap: bool = True
@@ -103,6 +130,11 @@ class StoreConfig:
     def background_bytes_per_second(self) -> int | None:
         """``background_rate`` in bytes/s, or None for no cap (validated when the config was built)."""
         return parse_rate(self.background_rate)
+
+    @property
+    def background_niceness(self) -> int | Literal["idle"]:
+        """``background_nice`` as the store takes it (validated when the config was built)."""
+        return parse_nice(self.background_nice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +253,10 @@ def _a(kind: str) -> str:
     return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
+#: What a value of an ``int | str`` key looks like, for the fix of a wrong type.
+_EXAMPLES: Final = {"store.background_rate": '"50MB"', "store.background_nice": '19 (or "idle")'}
+
+
 def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
     """Check (or, for environment strings, convert) a value against its declared type."""
     if kind == "int | str":  # a number, or a number with a unit ("50MB"): the field parses it
@@ -229,7 +265,7 @@ def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
         raise ConfigError(
             key,
             f"expected a number or a string, got {type(value).__name__} {value!r}",
-            f'write e.g. {key} = "50MB"',
+            f"write e.g. {key} = {_EXAMPLES.get(key, '1')}",
         )
     if from_text and isinstance(value, str):
         try:
@@ -399,6 +435,14 @@ def _validate(cfg: Config) -> None:
             "store.background_rate",
             str(exc),
             'use bytes per second such as "50MB" (10^6), "400MiB" (2^20) or 50000000; 0 or "" for no cap',
+        ) from None
+    try:
+        parse_nice(cfg.store.background_nice)
+    except ValueError as exc:
+        raise ConfigError(
+            "store.background_nice",
+            str(exc),
+            'use 19 (the default: lowest priority that still runs), 10, 0, or "idle" (SCHED_IDLE)',
         ) from None
     need(
         cfg.store.checksum in {"auto", "crc64nvme", "crc32c", "crc32", "sha256"},

@@ -95,6 +95,10 @@ def test_client_variables_are_not_config_keys():
         ("[store]\nbackground_rate = -5\n", "store.background_rate", '0 or "" for no cap'),
         ("[store]\nbackground_rate = 1.5\n", "store.background_rate", '"50MB"'),
         ("[store]\nbackground_rate = true\n", "store.background_rate", '"50MB"'),
+        ("[store]\nbackground_nice = 20\n", "store.background_nice", '"idle"'),
+        ("[store]\nbackground_nice = -5\n", "store.background_nice", "19"),
+        ("[store]\nbackground_nice = 'lowest'\n", "store.background_nice", '"idle"'),
+        ("[store]\nbackground_nice = true\n", "store.background_nice", "19"),
     ],
 )
 def test_every_mistake_names_the_key_and_the_fix(tmp_path, text, key, fix_mentions):
@@ -175,3 +179,15 @@ def test_background_rate_takes_bytes_per_second_with_a_unit(tmp_path, value, exp
     assert load_config(write(tmp_path, text), environ={}).store.background_bytes_per_second == expected
     env = {"SPOTD_STORE_BACKGROUND_RATE": str(value)}
     assert load_config(environ=env).store.background_bytes_per_second == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(19, 19), (0, 0), ("10", 10), ("idle", "idle"), ("IDLE", "idle")]
+)
+def test_background_nice_takes_a_nice_value_or_idle(tmp_path, value, expected):
+    """store.background_nice is 0-19 or "idle", from the file or the environment; 19 when not given."""
+    assert load_config(environ={}).store.background_niceness == 19
+    text = f"[store]\nbackground_nice = {value!r}\n".replace("'", '"')
+    assert load_config(write(tmp_path, text), environ={}).store.background_niceness == expected
+    env = {"SPOTD_STORE_BACKGROUND_NICE": str(value)}
+    assert load_config(environ=env).store.background_niceness == expected

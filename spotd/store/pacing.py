@@ -6,9 +6,10 @@ shared by all background threads and waits for its turn, so over any span ``t`` 
 at most ``rate * t`` bytes plus one part. Credit does not build up while nothing is sent (no burst after an
 idle hour). EMERGENCY transfers never see it.
 
-:func:`lower_thread_priority` renices the calling thread (Linux: ``setpriority`` on the thread id). Raising
-a nice value needs no privilege but lowering it back does (CAP_SYS_NICE), so a reniced thread is never
-handed emergency work: background transfers run on threads of their own (:mod:`.transfer_pool`).
+:func:`lower_thread_priority` renices the calling thread to nice 19 (Linux: ``setpriority`` on the thread
+id), or puts it under SCHED_IDLE. Raising a nice value needs no privilege but lowering it back does
+(CAP_SYS_NICE), so a reniced thread is never handed emergency work: background transfers run on threads of
+their own (:mod:`.transfer_pool`).
 """
 
 from __future__ import annotations
@@ -18,17 +19,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 from spotd.logs import get_logger
 
-__all__ = ["BACKGROUND_NICE", "RateLimit", "lower_thread_priority"]
+__all__ = ["BACKGROUND_IDLE", "BACKGROUND_NICE", "Niceness", "RateLimit", "lower_thread_priority"]
 
 log = get_logger("spotd.store")
 
-#: How much nicer than the daemon a background transfer thread runs: under CFS a thread at +10 against
-#: the trainer's 0 gets about a tenth of a core the trainer wants, and all of one it does not.
-BACKGROUND_NICE: Final = 10
+#: The nice value background transfer threads run at, whatever the daemon's own. Absolute, not relative:
+#: spotd.service runs the daemon at Nice=-5, where a relative +10 left them at nice 5 (CFS weight 335
+#: against a nice-0 trainer's 1024: a quarter of any core both want; bench/background.py measured the
+#: trainer waiting 16 % of its time). At 19 (weight 15) they get 1.4 % of a core the trainer wants, and all
+#: of one it does not. ``store.background_nice`` changes it.
+BACKGROUND_NICE: Final = 19
+
+#: Instead of a nice value: the SCHED_IDLE policy, a core only when nothing else wants it (weight 3). A
+#: trainer that keeps every core busy then holds periodic uploads back indefinitely.
+BACKGROUND_IDLE: Final = "idle"
+
+#: A nice value (0-19), or BACKGROUND_IDLE.
+Niceness = int | Literal["idle"]
 
 
 class RateLimit:
@@ -70,16 +81,23 @@ class RateLimit:
 _warned = False
 
 
-def lower_thread_priority(increment: int = BACKGROUND_NICE) -> bool:
-    """Renice the calling thread ``increment`` steps (capped at 19); False where that is not possible
-    (not Linux, or refused), said once in the log. Call it on the thread itself (an executor initializer)."""
+def lower_thread_priority(nice: Niceness | None = BACKGROUND_NICE) -> bool:
+    """Lower the calling thread's CPU priority to nice value ``nice`` (never raise it: a thread already
+    nicer stays), or with BACKGROUND_IDLE put it under SCHED_IDLE; None leaves it. False where nothing
+    changed or it is not possible (not Linux, or refused; said once in the log). Call it on the thread
+    itself (an executor initializer)."""
     global _warned
-    if sys.platform != "linux" or increment <= 0:
+    if sys.platform != "linux" or nice is None:
         return False
     tid = threading.get_native_id()
     try:
+        if nice == BACKGROUND_IDLE:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return True
         current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+        if current >= nice:
+            return False
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, int(nice)))
     except OSError as exc:
         if not _warned:
             _warned = True

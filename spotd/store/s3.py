@@ -34,7 +34,7 @@ from spotd.store.api import FileStream, Gate, Priority
 from spotd.store.base import AlreadyExists, BaseStore, Changed, Tagged
 from spotd.store.checksums import can_combine
 from spotd.store.localfs import LocalFile
-from spotd.store.pacing import BACKGROUND_NICE
+from spotd.store.pacing import BACKGROUND_NICE, Niceness
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, WHOLE_MAX, FileTransfers, read_all
 from spotd.store.selection import valid_name
 from spotd.store.stream import GrowingUpload
@@ -72,14 +72,14 @@ class S3Store(BaseStore):
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 60.0,
         background_rate: int | None = None,
-        background_nice: int = BACKGROUND_NICE,
+        background_nice: Niceness | None = BACKGROUND_NICE,
     ) -> None:
         """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
         retry there is). ``body_read_attempts``: GETs of one object or range whose answer broke off
         mid-body (see :mod:`spotd.store.s3_transfer`). ``background_rate``: bytes/s all BACKGROUND
         transfers together may send (``store.background_rate``; None: no cap); EMERGENCY ones are never
-        capped. ``background_nice``: how much nicer than the daemon background transfer threads run
-        (0: as nice as the daemon; benchmarks compare)."""
+        capped. ``background_nice``: the nice value background transfer threads run at
+        (``store.background_nice``; "idle": SCHED_IDLE; None: the daemon's own, which benchmarks compare)."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -148,6 +148,7 @@ class S3Store(BaseStore):
             metrics=metrics,
             request_attempts=request_attempts_from_env(),
             background_rate=s.background_bytes_per_second,
+            background_nice=s.background_niceness,
         )
 
     def _full(self, key: str) -> str:

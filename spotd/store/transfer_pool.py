@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from spotd.store.api import Priority
-from spotd.store.pacing import BACKGROUND_NICE, RateLimit, lower_thread_priority
+from spotd.store.pacing import BACKGROUND_NICE, Niceness, RateLimit, lower_thread_priority
 from spotd.store.tasks import settle_on_cancel
 
 __all__ = ["EARLY_PARTS_PER_CORE", "TransferPool", "early_parts"]
@@ -45,7 +45,7 @@ def early_parts(limit: int, cores: int | None = None) -> int:
 class TransferPool:
     """Transfer slots with priorities, and the threads the transfers run on: emergency parts use their own
     ``limit`` slots and threads; background parts share what is left, start none while an emergency runs,
-    and run on ``limit`` threads of their own, reniced by ``background_nice`` and paced by
+    and run on ``limit`` threads of their own, reniced to ``background_nice`` and paced by
     ``background_rate`` (bytes/s, None: no cap). The slot bookkeeping is single-threaded (event loop only)."""
 
     __slots__ = (
@@ -66,7 +66,7 @@ class TransferPool:
         limit: int,
         thread_name: str = "spotd-transfer",
         background_rate: int | None = None,
-        background_nice: int = BACKGROUND_NICE,
+        background_nice: Niceness | None = BACKGROUND_NICE,
     ) -> None:
         self._limit = limit
         self._em = 0

@@ -1,6 +1,6 @@
 """Background transfers give training the cores (issue 13 item 5): ``store.background_rate`` caps what
-BACKGROUND transfers send per second, their threads run reniced, and EMERGENCY transfers are neither capped
-nor run on a reniced thread."""
+BACKGROUND transfers send per second, their threads run at ``store.background_nice`` (nice 19, or
+SCHED_IDLE), and EMERGENCY transfers are neither capped nor run on a reniced thread."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from spotd.config import load_config
 from spotd.store import Priority
-from spotd.store.pacing import BACKGROUND_NICE, RateLimit
+from spotd.store.pacing import BACKGROUND_NICE, RateLimit, lower_thread_priority
 from spotd.store.s3 import S3Store
 from spotd.store.transfer_pool import TransferPool
 from tests.store.helpers import info
@@ -78,9 +79,57 @@ async def test_background_threads_are_reniced_emergency_threads_are_not() -> Non
         em = await asyncio.gather(*(pool.run(Priority.EMERGENCY, nice) for _ in range(4)))
     finally:
         await asyncio.to_thread(pool.shutdown)
-    assert {n for _, n in bg} == {min(19, base + BACKGROUND_NICE)}
+    assert BACKGROUND_NICE == 19
+    assert {n for _, n in bg} == {max(base, BACKGROUND_NICE)}
     assert {n for _, n in em} == {base}
     assert not {name for name, _ in bg} & {name for name, _ in em}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE and thread niceness are Linux's")
+@pytest.mark.parametrize(
+    ("text", "policy", "nice"),
+    [('background_nice = "idle"', "idle", None), ("background_nice = 12", "other", 12), ("", "other", 19)],
+)
+async def test_store_background_nice_sets_the_background_threads_only(
+    tmp_path: Path, text, policy, nice
+) -> None:
+    """store.background_nice from the config file reaches the S3 store's background threads: a nice value
+    (absolute, whatever the daemon's own) or SCHED_IDLE; emergency threads keep the daemon's priority."""
+    cfg_file = tmp_path / "spotd.toml"
+    cfg_file.write_text(f'[store]\nuri = "s3://bucket/prefix"\n{text}\n')
+    store = S3Store.from_config(load_config(cfg_file, environ={}))
+
+    def where() -> tuple[str, int]:
+        tid = threading.get_native_id()
+        idle = os.sched_getscheduler(tid) == os.SCHED_IDLE
+        return ("idle" if idle else "other"), os.getpriority(os.PRIO_PROCESS, tid)
+
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        bg = await asyncio.gather(*(store._pool.run(Priority.BACKGROUND, where) for _ in range(3)))
+        em = await asyncio.gather(*(store._pool.run(Priority.EMERGENCY, where) for _ in range(3)))
+    finally:
+        await store.close()
+    assert {p for p, _ in bg} == {policy}
+    if nice is not None:
+        assert {n for _, n in bg} == {max(base, nice)}
+    assert set(em) == {("other", base)}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread niceness is Linux's")
+def test_a_thread_already_nicer_is_left_as_it_is() -> None:
+    """lower_thread_priority never raises a thread's priority: one at nice 19 asked for 10 stays at 19."""
+    got: list[tuple[bool, int]] = []
+
+    def run() -> None:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        got.append((lower_thread_priority(10), os.getpriority(os.PRIO_PROCESS, tid)))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert got == [(False, 19)]
 
 
 async def test_background_commit_is_capped_emergency_commit_is_not(s3_bucket, tmp_path: Path) -> None:
