@@ -78,8 +78,8 @@ class Overlap:
                 trainer=session.name,
                 path=frame["path"],
                 name=name,
-                reason="that step is committed already (or the store cannot say): streaming a save of it "
-                "again would write over its objects",
+                reason="that step is committed or a node's part of it stored already (or the store cannot "
+                "say): streaming a save of it again would write over its objects",
             )
             return
         try:
@@ -125,12 +125,12 @@ class Overlap:
         )
 
     async def _not_committed(self, name: str) -> bool:
-        """Whether the checkpoint ``name`` (a run's step: one name for every save of that step) is surely
-        not committed yet. A stream writes its files under that name before the commit; a second save of a
-        committed step (a rank re-saving it) must not touch the committed objects, nor its abort delete
-        them."""
+        """Whether nothing of the checkpoint ``name`` (a run's step: one name for every save of that step)
+        is surely durable yet, neither committed nor a node's part. A stream writes its files under that
+        name before the commit; a second save of a stored step (a rank re-saving it) must not touch the
+        objects a manifest or part lists, nor its abort delete them."""
         try:
-            return await self._store.committed(name) is None
+            return not await self._store.stored(name)
         except StoreError as exc:
             log.warning("overlap.committed_unknown", name=name, error=str(exc))
             return False

@@ -101,6 +101,26 @@ class _Put:
         return {"bytes_sent": self.sent, "bytes_copied": self.copied, "files_copied": self.files_copied}
 
 
+def _same_shape(
+    where: str,
+    stored: Manifest,
+    files: Sequence[LocalFile],
+    info: CommitInfo,
+    nodes: int,
+    ranks: Sequence[int],
+) -> None:
+    """A node's part already stored may be met by a new save of the same step (other bytes, the same files);
+    CommitError when it is not that: another step, node count, set of ranks or of files."""
+    want = (info.step, nodes, tuple(sorted(set(ranks))), sorted(f.rel for f in files))
+    have = (stored.step, stored.nodes, stored.ranks, sorted(f.path for f in stored.files))
+    if want != have:
+        raise CommitError(
+            f"{where} already exists with other content (step, nodes, ranks, files: stored {have[:3]}, "
+            f"{len(have[3])} files; this save {want[:3]}, {len(want[3])} files); not overwritten (do two "
+            "daemons claim this node?)"
+        )
+
+
 class BaseStore(ABC):
     """:class:`~spotd.store.api.CheckpointStore` over storage primitives; a backend subclasses this and
     implements them.
@@ -543,24 +563,52 @@ class BaseStore(ABC):
         base = f"{self.checkpoints_prefix}{name}/"
         with self._committing(name, priority, failed="store.part_failed", node=node_rank, nodes=nodes):
             try:
-                put = await self._put_files(files, base, priority, progress, ("nodes",), adopted)
-                part = Manifest.of_commit(
-                    info,
-                    name=name,
-                    created_at=datetime.now(UTC),
-                    files=put.entries(files),
-                    nodes=nodes,
-                    node=node_rank,
-                    ranks=tuple(sorted(set(ranks))),
+                # Names are the same for every save of a step, so a step saved again (a re-sent save, a
+                # retry) would write over objects a committed manifest, or this node's durable part,
+                # already lists, with bytes that need not match: what is there stays, nothing is sent.
+                earlier, mine = await asyncio.gather(
+                    self._read_manifest(name), self._stored_part(base, node_rank)
                 )
-                part = await self._put_part(base, part)
-                state, manifest, missing = await self._commit_global(name, nodes)
-                if manifest is not None:
-                    self._newest["nodes",] = manifest
+                if mine is not None:
+                    _same_shape(self.url(base + part_key(node_rank)), mine, files, info, nodes, ranks)
+                if earlier is not None:  # the streams are aborted below
+                    await self._advance_latest(name)  # whoever committed it may have died before LATEST
+                    self._newest["nodes",] = earlier
+                    state = PartState.ALREADY_COMMITTED
+                    manifest: Manifest | None = earlier
+                    missing: tuple[int, ...] = ()
+                    put, part = _Put([], 0, 0, 0), mine or earlier
+                else:
+                    if mine is not None:
+                        put, part = _Put([], 0, 0, 0), mine
+                    else:
+                        put = await self._put_files(files, base, priority, progress, ("nodes",), adopted)
+                        part = Manifest.of_commit(
+                            info,
+                            name=name,
+                            created_at=datetime.now(UTC),
+                            files=put.entries(files),
+                            nodes=nodes,
+                            node=node_rank,
+                            ranks=tuple(sorted(set(ranks))),
+                        )
+                        part = await self._put_part(base, part)
+                    state, manifest, missing = await self._commit_global(name, nodes)
+                    if manifest is not None:
+                        self._newest["nodes",] = manifest
             finally:
                 for s in streams:
                     await s.abort()  # a no-op for each one finished
         seconds = time.monotonic() - started
+        if earlier is not None or mine is not None:
+            log.info(
+                "store.part_already_stored",
+                name=name,
+                node=node_rank,
+                step=info.step,
+                committed=earlier is not None,
+                note="this step's files are in the store already; the new save of it is not uploaded",
+            )
         self._count(put, seconds)
         log.info(
             "store.part_committed",
@@ -686,6 +734,15 @@ class BaseStore(ABC):
             self._metrics.upload_bytes_copied.inc(put.copied)
             self._metrics.upload_seconds.observe(seconds)
 
+    async def stored(self, name: str) -> bool:
+        """Whether a save of the checkpoint ``name`` would meet durable files of it: its global manifest,
+        or any node's part (which lists files the global manifest will). A multi-rank step has one name for
+        every save of it, so what streams a second save must ask this first."""
+        base = f"{self.checkpoints_prefix}{name}/"
+        if await self._read_manifest(name) is not None:
+            return True
+        return bool(await self.list_keys(f"{base}{PARTS_DIR}/"))
+
     async def committed(self, name: str, *, nodes: int | None = None) -> Manifest | None:
         """The global manifest of ``name`` once it is committed, else None.
 
@@ -806,6 +863,16 @@ class BaseStore(ABC):
         except StoreError as exc:
             raise CommitError(f"writing {self.url(key)} failed: {exc}") from exc
         raise CommitError(f"writing {self.url(key)} met a concurrent write {LATEST_TRIES} times in a row")
+
+    async def _stored_part(self, base: str, node: int) -> Manifest | None:
+        """This node's part of the checkpoint under ``base`` when one is stored and readable, else None."""
+        body = await self.get_bytes(base + part_key(node))
+        if body is None:
+            return None
+        try:
+            return Manifest.from_json(body)
+        except StoreError:
+            return None  # the commit's own _put_part says what is wrong with it
 
     async def _read_manifest(self, name: str) -> Manifest | None:
         body = await self.get_bytes(f"{self.checkpoints_prefix}{name}/{MANIFEST}")

@@ -220,14 +220,14 @@ async def test_committed_finishes_a_commit_whose_last_node_died_after_its_part(
     assert [m.step for m in await nodes[1].store.list()] == [200, 100]
 
 
-async def test_a_retried_part_is_idempotent_and_a_different_one_refused(
+async def test_a_retried_part_is_idempotent_and_another_shape_refused(
     backend: Backend, nodes: list[Node]
 ) -> None:
-    """Node 0 committing the same part again finds its own part (ALREADY_COMMITTED once the step is committed); a part of other content for the same node is refused and the stored one kept."""
+    """Node 0 committing the same part again finds its own part (ALREADY_COMMITTED once the step is committed); a part of other ranks for the same node is refused, and neither touches what is stored."""
     await asyncio.gather(*(n.commit(100) for n in nodes))
     name = run_checkpoint_name(RUN, 100)
     key = f"{JOB}/checkpoints/{name}/parts/node-0.json"
-    before = backend.read(key)
+    before = {k: backend.read(k) for k in backend.objects()}
     same = await nodes[0].store.commit_part(
         [nodes[0].ckdir / "step-000100"],
         checkpoint_dir=nodes[0].ckdir,
@@ -237,10 +237,60 @@ async def test_a_retried_part_is_idempotent_and_a_different_one_refused(
         ranks=nodes[0].ranks,
         info=part_info(100),
     )
-    assert same.state is PartState.ALREADY_COMMITTED and backend.read(key) == before
+    assert same.state is PartState.ALREADY_COMMITTED and backend.read(key) == before[key]
     with pytest.raises(CommitError, match="already exists with other content"):
-        await nodes[0].commit(100)  # saves new random shards under the same step
-    assert backend.read(key) == before
+        await nodes[0].store.commit_part(
+            [nodes[0].ckdir / "step-000100"],
+            checkpoint_dir=nodes[0].ckdir,
+            name=name,
+            node_rank=0,
+            nodes=NODES,
+            ranks=[*nodes[0].ranks, 7],
+            info=part_info(100),
+        )
+    assert {k: backend.read(k) for k in backend.objects()} == before
+
+
+@pytest.mark.parametrize("when", ["committed", "part-stored"])
+async def test_a_step_saved_again_with_other_bytes_never_changes_what_is_stored(
+    backend: Backend, nodes: list[Node], tmp_path: Path, when: str
+) -> None:
+    """A step's name is the same for every save of it, so a second save of step 100 (a re-sent save, a retry; here other random bytes) once the step is committed, or once this node's part is stored and the other node's not yet, sends nothing and writes over nothing: the first save is what is committed and restored, byte for byte (it used to be sent again over the listed objects, and the restore then failed its checksums)."""
+    name = run_checkpoint_name(RUN, 100)
+    if when == "committed":
+        await asyncio.gather(*(n.commit(100) for n in nodes))
+    else:
+        assert (await nodes[0].commit(100)).state is PartState.WAITING
+    first = {f.name: f.read_bytes() for f in (nodes[0].ckdir / "step-000100").iterdir()}
+    stored = {k: backend.read(k) for k in backend.objects()}
+
+    again = await nodes[0].commit(100)  # new random shards under the same step
+
+    assert {k: backend.read(k) for k in backend.objects()} == stored
+    assert again.part.node == 0 and again.part.ranks == tuple(nodes[0].ranks)
+    if when == "committed":
+        assert again.state is PartState.ALREADY_COMMITTED and again.manifest is not None
+    else:
+        assert again.state is PartState.WAITING and again.missing == (1,)
+        assert (await nodes[1].commit(100)).state is PartState.COMMITTED
+    result = await nodes[1].store.restore(tmp_path / "fresh")
+    assert result.manifest.name == name
+    for fname, data in first.items():
+        assert (tmp_path / "fresh" / "step-000100" / fname).read_bytes() == data
+
+
+async def test_stored_says_whether_a_save_would_meet_durable_files(
+    backend: Backend, nodes: list[Node]
+) -> None:
+    """stored(name), which the daemon asks before streaming a rank's emergency save under a step's name:
+    False before any node's part, True once one part is there (not yet committed), and once committed."""
+    name = run_checkpoint_name(RUN, 100)
+    assert await nodes[1].store.stored(name) is False
+    assert (await nodes[0].commit(100)).state is PartState.WAITING
+    assert await nodes[1].store.committed(name) is None
+    assert await nodes[1].store.stored(name) is True
+    await nodes[1].commit(100)
+    assert await nodes[0].store.stored(name) is True
 
 
 async def test_parts_that_do_not_make_one_checkpoint_are_never_committed(
