@@ -175,9 +175,12 @@ class BaseStore(ABC):
       on :class:`Changed` or :class:`AlreadyExists` read it again, up to :data:`LATEST_TRIES` times.
     - ``commit_part``, one node's share of a multi-node checkpoint (every node's daemon calls it with the
       same ``name`` and ``nodes``, concurrently, each once its own ranks have saved that step): collect
-      the files of every source → ``begin_emergency()`` if EMERGENCY → every file as in ``commit`` (a
-      stream opened under this name for it finished, else copied or ``upload_file``) →
-      ``put_bytes`` ``parts/node-<k>.json`` with ``if_absent`` (files, sizes, checksums, the ranks it
+      the files of every source → ``begin_emergency()`` if EMERGENCY → ``get_bytes`` MANIFEST.json and
+      this node's part at once: the manifest there = ALREADY_COMMITTED, nothing sent (a step has one name
+      for every save of it; a second save never writes over what is listed); the part there (of the same
+      step, nodes, ranks and files, else CommitError) = on to the global commit, nothing sent → every
+      file as in ``commit`` (a stream opened under this name for it finished, else copied or
+      ``upload_file``) → ``put_bytes`` ``parts/node-<k>.json`` with ``if_absent`` (files, sizes, checksums, the ranks it
       covers; written only after its files, so a part present means that node's data is durable) →
       ``list_keys`` of ``parts/`` → if some node's part is missing: WAITING, nothing global is written
       (the node that writes the last part finds all of them, as listing follows writes) → else
