@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -428,22 +428,25 @@ def _validate(cfg: Config) -> None:
         "use 16777216 (16 MiB)",
     )
     need(cfg.store.concurrency >= 1, "store.concurrency", "must be >= 1", "use 16")
-    try:
-        parse_rate(cfg.store.background_rate)
-    except ValueError as exc:
-        raise ConfigError(
+    parsed: tuple[tuple[str, Callable[[Any], object], Any, str], ...] = (
+        (
             "store.background_rate",
-            str(exc),
+            parse_rate,
+            cfg.store.background_rate,
             'use bytes per second such as "50MB" (10^6), "400MiB" (2^20) or 50000000; 0 or "" for no cap',
-        ) from None
-    try:
-        parse_nice(cfg.store.background_nice)
-    except ValueError as exc:
-        raise ConfigError(
+        ),
+        (
             "store.background_nice",
-            str(exc),
+            parse_nice,
+            cfg.store.background_nice,
             'use 19 (the default: lowest priority that still runs), 10, 0, or "idle" (SCHED_IDLE)',
-        ) from None
+        ),
+    )
+    for key, parse, value, fix in parsed:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc), fix) from None
     need(
         cfg.store.checksum in {"auto", "crc64nvme", "crc32c", "crc32", "sha256"},
         "store.checksum",

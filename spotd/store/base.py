@@ -180,8 +180,9 @@ class BaseStore(ABC):
       for every save of it; a second save never writes over what is listed); the part there (of the same
       step, nodes, ranks and files, else CommitError) = on to the global commit, nothing sent → every
       file as in ``commit`` (a stream opened under this name for it finished, else copied or
-      ``upload_file``) → ``put_bytes`` ``parts/node-<k>.json`` with ``if_absent`` (files, sizes, checksums, the ranks it
-      covers; written only after its files, so a part present means that node's data is durable) →
+      ``upload_file``) → ``put_bytes`` ``parts/node-<k>.json`` with ``if_absent`` (files, sizes,
+      checksums, the ranks it covers; written only after its files, so a part present means that node's
+      data is durable) →
       ``list_keys`` of ``parts/`` → if some node's part is missing: WAITING, nothing global is written
       (the node that writes the last part finds all of them, as listing follows writes) → else
       ``get_bytes`` every part → build the global manifest (the union, deterministic: the same bytes
