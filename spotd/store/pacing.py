@@ -30,7 +30,7 @@ log = get_logger("spotd.store")
 #: The nice value background transfer threads run at, whatever the daemon's own. Absolute, not relative:
 #: spotd.service runs the daemon at Nice=-5, where a relative +10 left them at nice 5 (CFS weight 335
 #: against a nice-0 trainer's 1024: a quarter of any core both want; bench/background.py measured the
-#: trainer waiting 16 % of its time). At 19 (weight 15) they get 1.4 % of a core the trainer wants, and all
+#: trainer waiting 17 % of its time). At 19 (weight 15) they get 1.4 % of a core the trainer wants, and all
 #: of one it does not. ``store.background_nice`` changes it.
 BACKGROUND_NICE: Final = 19
 
