@@ -72,7 +72,7 @@ class Overlap:
         adopts."""
         if not self.enabled or not emergency or session.role != "trainer":
             return
-        if name is not None and not await self._not_committed(name):
+        if name is not None and not await self._not_stored(name):
             log.info(
                 "overlap.skipped",
                 trainer=session.name,
@@ -124,7 +124,7 @@ class Overlap:
             directory=bool(frame.get("dir")),
         )
 
-    async def _not_committed(self, name: str) -> bool:
+    async def _not_stored(self, name: str) -> bool:
         """Whether nothing of the checkpoint ``name`` (a run's step: one name for every save of that step)
         is surely durable yet, neither committed nor a node's part. A stream writes its files under that
         name before the commit; a second save of a stored step (a rank re-saving it) must not touch the

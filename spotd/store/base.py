@@ -575,19 +575,14 @@ class BaseStore(ABC):
                 )
                 if mine is not None:
                     _same_shape(self.url(base + part_key(node_rank)), mine, files, info, nodes, ranks)
-                if earlier is not None:  # the streams are aborted below
-                    await self._advance_latest(name)  # whoever committed it may have died before LATEST
-                    self._newest["nodes",] = earlier
-                    state = PartState.ALREADY_COMMITTED
-                    manifest: Manifest | None = earlier
-                    missing: tuple[int, ...] = ()
-                    put, part = _Put([], 0, 0, 0), mine or earlier
-                else:
-                    if mine is not None:
-                        put, part = _Put([], 0, 0, 0), mine
-                    else:
-                        put = await self._put_files(files, base, priority, progress, ("nodes",), adopted)
-                        part = Manifest.of_commit(
+                part: Manifest
+                manifest: Manifest | None
+                missing: tuple[int, ...]
+                if earlier is None and mine is None:
+                    put = await self._put_files(files, base, priority, progress, ("nodes",), adopted)
+                    part = await self._put_part(
+                        base,
+                        Manifest.of_commit(
                             info,
                             name=name,
                             created_at=datetime.now(UTC),
@@ -595,11 +590,17 @@ class BaseStore(ABC):
                             nodes=nodes,
                             node=node_rank,
                             ranks=tuple(sorted(set(ranks))),
-                        )
-                        part = await self._put_part(base, part)
+                        ),
+                    )
+                else:  # the streams are aborted below
+                    put, part = _Put([], 0, 0, 0), next(m for m in (mine, earlier) if m is not None)
+                if earlier is not None:
+                    await self._advance_latest(name)  # whoever committed it may have died before LATEST
+                    state, manifest, missing = PartState.ALREADY_COMMITTED, earlier, ()
+                else:
                     state, manifest, missing = await self._commit_global(name, nodes)
-                    if manifest is not None:
-                        self._newest["nodes",] = manifest
+                if manifest is not None:
+                    self._newest["nodes",] = manifest
             finally:
                 for s in streams:
                     await s.abort()  # a no-op for each one finished
@@ -780,11 +781,7 @@ class BaseStore(ABC):
             pass
         except StoreError as exc:
             raise CommitError(f"writing {self.url(key)} failed: {exc}") from exc
-        body = await self.get_bytes(key)
-        try:
-            stored = Manifest.from_json(body) if body is not None else None
-        except StoreError:
-            stored = None
+        stored = await self._stored_part(base, part.node)
         same = stored is not None and (stored.files, stored.ranks, stored.nodes, stored.step) == (
             part.files,
             part.ranks,
@@ -876,7 +873,7 @@ class BaseStore(ABC):
         try:
             return Manifest.from_json(body)
         except StoreError:
-            return None  # the commit's own _put_part says what is wrong with it
+            return None  # unreadable: _put_part then refuses to write over it
 
     async def _read_manifest(self, name: str) -> Manifest | None:
         body = await self.get_bytes(f"{self.checkpoints_prefix}{name}/{MANIFEST}")
