@@ -72,6 +72,22 @@ def start_moto(
             time.sleep(0.05)
 
 
+def _trailing_object(line: str) -> dict[str, Any] | None:
+    """The JSON object that ``line`` is, or that ends it after another writer's text; None if neither."""
+    decoder = json.JSONDecoder()
+    start = 0
+    while (start := line.find("{", start)) != -1:
+        try:
+            value, end = decoder.raw_decode(line, start)
+        except ValueError:
+            start += 1
+            continue
+        if isinstance(value, dict) and not line[end:].strip():
+            return value
+        start += 1
+    return None
+
+
 class LineReader:
     """Reads a text pipe on a daemon thread, so a waiter never blocks on read() and every wait has a deadline.
 
@@ -99,14 +115,15 @@ class LineReader:
         stream.close()
 
     def json(self) -> list[dict[str, Any]]:
-        """Every line that is a JSON object, in order; other lines (tracebacks, prints) are skipped."""
+        """Every line that ends in a JSON object, in order; other lines (tracebacks, prints) are skipped.
+
+        "Ends in": processes that share one pipe (torchrun's ranks) interleave their writes, and a print()
+        is two of them, the text and its newline. An event written in one write() after another process's
+        text but before that text's newline lands at the end of that line."""
         out = []
         for line in list(self.lines):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
+            value = _trailing_object(line)
+            if value is not None:
                 out.append(value)
         return out
 
