@@ -94,7 +94,7 @@ def uploader_main(argv: list[str]) -> int:
     except OSError:
         daemon_nice = os.getpriority(os.PRIO_PROCESS, 0)
     from spotd.config import parse_rate
-    from spotd.store.pacing import BACKGROUND_IDLE, BACKGROUND_NICE
+    from spotd.store.pacing import BACKGROUND_IDLE, BACKGROUND_NICE, CoreWait
     from spotd.store.s3 import S3Store
 
     ckdir = Path(args.work) / "ckpt"
@@ -141,9 +141,11 @@ def uploader_main(argv: list[str]) -> int:
             step += 1
             # A new file each time: unchanged-file detection would otherwise copy it server-side.
             await asyncio.to_thread(_touch, ckdir / "model" / "model.pt")
-            started, cpu0 = time.monotonic(), _self_cpu()
+            store = stores[config]
+            started, cpu0, waited0 = time.monotonic(), _self_cpu(), store.background_core_wait()
             info = commit_info(step, final=False, job_id="bg", reason="periodic")
-            await stores[config].commit(ckdir / "model", checkpoint_dir=ckdir, info=info)
+            await store.commit(ckdir / "model", checkpoint_dir=ckdir, info=info)
+            estimate = store.estimate_seconds(args.size_mb * MB)
             print(
                 json.dumps(
                     {
@@ -151,6 +153,10 @@ def uploader_main(argv: list[str]) -> int:
                         "config": config,
                         "seconds": time.monotonic() - started,
                         "cpu": _self_cpu() - cpu0,
+                        # What the deadline estimate would use: the moving median of this store's uploads,
+                        # their threads' wait for a core left out.
+                        "core_wait": CoreWait.share(waited0, store.background_core_wait()),
+                        "estimate_mbps": None if estimate is None else args.size_mb / estimate,
                     }
                 ),
                 flush=True,
@@ -360,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                         "steps": len(times),
                         "upload_s": result["seconds"],
                         "upload_cpu": result["cpu"],
+                        "core_wait": result["core_wait"],
+                        "estimate_mbps": result["estimate_mbps"],
                         "moto_cpu": proc_cpu(moto.pid) - moto_cpu,
                     }
                     doc["rows"].append(row)
@@ -405,6 +413,8 @@ def report(doc: dict[str, Any]) -> str:
                     f"{median(got, 'steps'):.0f}",
                     upload_s,
                     f"{params['size_mb'] / upload_s:.0f}",
+                    f"{median(got, 'core_wait'):.0%}",
+                    f"{median(got, 'estimate_mbps'):.0f}",
                     median(got, "upload_cpu"),
                     median(got, "moto_cpu"),
                 ]
@@ -420,6 +430,8 @@ def report(doc: dict[str, Any]) -> str:
         "steps",
         "upload s",
         "MB/s",
+        "upload threads waiting for a core",
+        "MB/s the deadline estimate uses",
         "uploader CPU s",
         "moto CPU s",
     ]
@@ -442,7 +454,10 @@ def report(doc: dict[str, Any]) -> str:
         f"{doc['torch_threads']}, uploader nice {doc['uploader_nice']}. Waiting for a core = the share "
         "of the loop's time its threads were runnable without a core (run_delay in /proc/<tid>/schedstat); "
         "on-CPU share ratio = (1 - waiting alone) / (1 - waiting during): the slowdown the upload's CPU "
-        "explains, which the VM's own speed swings (the step ratio's noise) do not move."
+        "explains, which the VM's own speed swings (the step ratio's noise) do not move. Upload threads "
+        "waiting = the share of the background transfer threads' time they were runnable without a core; "
+        "MB/s the deadline estimate uses = the store's moving median after the upload, that wait left out "
+        "(compare with plain's MB/s: an emergency upload runs at the daemon's priority)."
     )
     return report_table(intro, header, out, doc)
 

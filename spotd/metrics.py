@@ -97,6 +97,7 @@ class Metrics:
     """Every spotd metric. Labels stay low-cardinality: no request ids, paths or instance ids."""
 
     __slots__ = (
+        "background_core_wait",
         "checkpoint_failures",
         "checkpoint_requests",
         "checkpoint_seconds",
@@ -231,6 +232,12 @@ class Metrics:
         self.upload_throughput = Gauge(
             "spotd_upload_throughput_bytes_per_second",
             "Moving median of the bytes/s background uploads sent (0 until one was measured).",
+            registry=r,
+        )
+        self.background_core_wait = Gauge(
+            "spotd_background_core_wait_ratio",
+            "Share of the last background upload's transfer-thread time spent runnable without a core "
+            "(store.background_nice yields to the trainer); the throughput above leaves it out.",
             registry=r,
         )
         self.emergency_upload_estimate = Gauge(

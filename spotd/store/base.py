@@ -35,6 +35,7 @@ from spotd.store.checksums import choose_checksum, hash_file
 from spotd.store.dirstream import DirectoryUpload, watchable
 from spotd.store.localfs import LocalFile, collect_files
 from spotd.store.manifest import MANIFEST, PARTS_DIR, CommitInfo, FileEntry, Manifest, Provenance
+from spotd.store.pacing import CoreWait
 from spotd.store.restore import restore as restore_checkpoint
 from spotd.store.selection import (
     checkpoint_name,
@@ -90,6 +91,8 @@ class _Put:
     sent: int
     copied: int
     files_copied: int
+    #: BACKGROUND only: the share of its transfer threads' time spent waiting for a core.
+    core_wait: float | None = None
 
     def entries(self, files: Sequence[LocalFile]) -> tuple[FileEntry, ...]:
         """The manifest's entries of ``files``, with the checksums the put reported."""
@@ -97,8 +100,15 @@ class _Put:
             FileEntry(path=f.rel, size=f.size, checksum=c) for f, c in zip(files, self.checksums, strict=True)
         )
 
-    def log_fields(self) -> dict[str, int]:
-        return {"bytes_sent": self.sent, "bytes_copied": self.copied, "files_copied": self.files_copied}
+    def log_fields(self) -> dict[str, int | float]:
+        fields: dict[str, int | float] = {
+            "bytes_sent": self.sent,
+            "bytes_copied": self.copied,
+            "files_copied": self.files_copied,
+        }
+        if self.core_wait is not None:
+            fields["core_wait"] = round(self.core_wait, 3)
+        return fields
 
 
 def _same_shape(
@@ -400,8 +410,15 @@ class BaseStore(ABC):
 
     def estimate_seconds(self, nbytes: int) -> float | None:
         """How long sending ``nbytes`` would take at the moving median of this store's background uploads
-        (bytes sent per second of each periodic commit's file transfers); None before one was measured."""
+        (bytes sent per second of each periodic commit's file transfers, less the share of their time the
+        transfer threads waited for a core: :meth:`background_core_wait`); None before one was measured."""
         return self._throughput.estimate(nbytes)
+
+    def background_core_wait(self) -> tuple[float, float]:
+        """(busy, waited) seconds of background transfers so far, summed over their threads: wall time, and
+        the part of it spent runnable without a core (:class:`~spotd.store.pacing.CoreWait`). (0, 0) for a
+        backend without background threads of its own."""
+        return 0.0, 0.0
 
     @property
     def background_rate(self) -> int | None:
@@ -699,17 +716,23 @@ class BaseStore(ABC):
                     return checksum, True
             return await self.upload_file(f, key, priority, progress, siblings=len(files)), False
 
-        started = time.monotonic()
+        started, waited0 = time.monotonic(), self.background_core_wait()
         done = await gather_or_cancel([one(f) for f in files])
         copied = [f for f, (_, c) in zip(files, done, strict=True) if c]
         nbytes = sum(f.size for f in files)
         ncopied = sum(f.size for f in copied)
         if any(f.size in by_size for f in files):
             self._copy_paid[kind] = bool(copied)
+        core_wait = None
         if priority is Priority.BACKGROUND:
-            self._measured(nbytes - ncopied, time.monotonic() - started)
+            core_wait = CoreWait.share(waited0, self.background_core_wait())
+            self._measured(nbytes - ncopied, time.monotonic() - started, core_wait)
         return _Put(
-            checksums=[c for c, _ in done], sent=nbytes - ncopied, copied=ncopied, files_copied=len(copied)
+            checksums=[c for c, _ in done],
+            sent=nbytes - ncopied,
+            copied=ncopied,
+            files_copied=len(copied),
+            core_wait=core_wait,
         )
 
     async def _copied(self, src: str, key: str, f: LocalFile, checksum: str, priority: Priority) -> bool:
@@ -724,10 +747,16 @@ class BaseStore(ABC):
             return False
         return got is not None
 
-    def _measured(self, sent: int, seconds: float) -> None:
-        """A background commit's files went out: its rate joins the moving median (EMERGENCY ones are left
-        out: they take every slot and preempt the rest, so they would overstate what a periodic gets)."""
-        if self._throughput.record(sent, seconds) and self._metrics is not None:
+    def _measured(self, sent: int, seconds: float, core_wait: float) -> None:
+        """A background commit's files went out in ``seconds``, its transfer threads waiting for a core a
+        ``core_wait`` share of their time: the rate without that waiting joins the moving median. At
+        ``store.background_nice`` a trainer that keeps every core busy holds a periodic upload back, while an
+        emergency one runs at the daemon's priority once the trainer has stopped to save; counting the wait
+        would make every estimate pessimistic. EMERGENCY commits are not measured: they take every slot and
+        preempt the rest, so they would overstate what a periodic gets."""
+        if self._metrics is not None:
+            self._metrics.background_core_wait.set(core_wait)
+        if self._throughput.record(sent, seconds * (1.0 - core_wait)) and self._metrics is not None:
             rate = self._throughput.bytes_per_second()
             if rate is not None:
                 self._metrics.upload_throughput.set(rate)

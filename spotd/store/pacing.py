@@ -10,6 +10,11 @@ idle hour). EMERGENCY transfers never see it.
 id), or puts it under SCHED_IDLE. Raising a nice value needs no privilege but lowering it back does
 (CAP_SYS_NICE), so a reniced thread is never handed emergency work: background transfers run on threads of
 their own (:mod:`.transfer_pool`).
+
+:class:`CoreWait` keeps the price of that in view: how much of the background threads' time went to waiting
+for a core (the scheduler's run_delay). A periodic upload that a busy trainer held back says so, and the
+deadline estimate leaves that waiting out (:meth:`CoreWait.share`): an emergency upload runs at the daemon's
+priority, and by then the trainer has stopped to save.
 """
 
 from __future__ import annotations
@@ -19,11 +24,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 from spotd.logs import get_logger
 
-__all__ = ["BACKGROUND_IDLE", "BACKGROUND_NICE", "Niceness", "RateLimit", "lower_thread_priority"]
+__all__ = [
+    "BACKGROUND_IDLE",
+    "BACKGROUND_NICE",
+    "CoreWait",
+    "Niceness",
+    "RateLimit",
+    "lower_thread_priority",
+    "thread_run_delay",
+]
+
+T = TypeVar("T")
 
 log = get_logger("spotd.store")
 
@@ -108,3 +123,50 @@ def lower_thread_priority(nice: Niceness | None = BACKGROUND_NICE) -> bool:
             )
         return False
     return True
+
+
+def thread_run_delay() -> float | None:
+    """Seconds the calling thread has spent runnable but without a core: run_delay, the second field of
+    ``/proc/thread-self/schedstat`` (kept whether or not the schedstats sysctl is on). None where there is
+    no such file (not Linux, or a kernel built without it)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CoreWait:
+    """Wall seconds of calls run through :meth:`timed` and the part of them their threads spent waiting for
+    a core, summed over threads. Thread-safe."""
+
+    __slots__ = ("_lock", "busy_s", "waited_s")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.busy_s = 0.0
+        self.waited_s = 0.0
+
+    def timed(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the calling thread, its wall time and run-queue wait added to the totals."""
+        t0, d0 = time.monotonic(), thread_run_delay()
+        try:
+            return fn()
+        finally:
+            d1 = thread_run_delay()
+            wall = time.monotonic() - t0
+            waited = 0.0 if d0 is None or d1 is None else min(max(d1 - d0, 0.0), wall)
+            with self._lock:
+                self.busy_s += wall
+                self.waited_s += waited
+
+    def totals(self) -> tuple[float, float]:
+        """(busy, waited) seconds so far; two of them give :meth:`share` over the span between."""
+        with self._lock:
+            return self.busy_s, self.waited_s
+
+    @staticmethod
+    def share(before: tuple[float, float], after: tuple[float, float]) -> float:
+        """The share of the threads' time between two :meth:`totals` that went to waiting for a core."""
+        busy = after[0] - before[0]
+        return 0.0 if busy <= 0 else min(1.0, max(0.0, (after[1] - before[1]) / busy))

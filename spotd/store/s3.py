@@ -163,6 +163,9 @@ class S3Store(BaseStore):
         """Bytes background transfers sent through the ``background_rate`` cap so far (0 without one)."""
         return 0 if self._pool.pace is None else self._pool.pace.granted
 
+    def background_core_wait(self) -> tuple[float, float]:
+        return self._pool.core_wait.totals()
+
     @property
     def pauses(self) -> int:
         """Background parts held back by an emergency so far."""

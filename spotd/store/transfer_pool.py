@@ -8,20 +8,22 @@ The two classes also run on threads of their own. Background threads are reniced
 (:func:`~spotd.store.pacing.lower_thread_priority`), and paced by ``background_rate``
 (:class:`~spotd.store.pacing.RateLimit`) before each part: hashing and sending a periodic checkpoint give
 the training process the cores it wants. An emergency transfer never lands on one of those threads (an
-unprivileged thread cannot get its priority back), and is never paced.
+unprivileged thread cannot get its priority back), and is never paced. How long background transfers
+waited for a core is counted (:class:`~spotd.store.pacing.CoreWait`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from spotd.store.api import Priority
-from spotd.store.pacing import BACKGROUND_NICE, Niceness, RateLimit, lower_thread_priority
+from spotd.store.pacing import BACKGROUND_NICE, CoreWait, Niceness, RateLimit, lower_thread_priority
 from spotd.store.tasks import settle_on_cancel
 
 __all__ = ["EARLY_PARTS_PER_CORE", "TransferPool", "early_parts"]
@@ -55,6 +57,7 @@ class TransferPool:
         "_em_threads",
         "_limit",
         "_waiters",
+        "core_wait",
         "emergencies",
         "pace",
         "pauses",
@@ -84,6 +87,8 @@ class TransferPool:
         )
         #: The background cap (None: none); its ``granted`` counts the bytes it let through.
         self.pace = None if background_rate is None else RateLimit(bytes_per_second=background_rate)
+        #: Background transfers' wall time and the part of it their threads waited for a core.
+        self.core_wait = CoreWait()
         self.emergencies = 0
         self.pauses = 0  # background parts held back by an emergency (tests, status)
 
@@ -139,20 +144,19 @@ class TransferPool:
         await self._acquire(priority)
         try:
             loop = asyncio.get_running_loop()
-            threads, call = self._em_threads, fn
-            if priority is not Priority.EMERGENCY:
-                threads = self._bg_threads
-                pace = self.pace
-                if pace is not None and nbytes > 0:
-
-                    def call() -> T:
-                        pace.take(nbytes)
-                        return fn()
-
-            fut = loop.run_in_executor(threads, call)
+            if priority is Priority.EMERGENCY:
+                fut = loop.run_in_executor(self._em_threads, fn)
+            else:
+                paced = functools.partial(self._paced, fn, nbytes)
+                fut = loop.run_in_executor(self._bg_threads, self.core_wait.timed, paced)
             return await (fut if stop is None else settle_on_cancel(fut, stop))
         finally:
             self._release(priority)
+
+    def _paced(self, fn: Callable[[], T], nbytes: int) -> T:
+        if self.pace is not None and nbytes > 0:
+            self.pace.take(nbytes)
+        return fn()
 
     def detach(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on a background transfer thread without a slot and without waiting for it."""

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from spotd.config import load_config
+from spotd.metrics import Metrics
 from spotd.store import Priority
-from spotd.store.pacing import BACKGROUND_NICE, RateLimit, lower_thread_priority
+from spotd.store.pacing import BACKGROUND_NICE, CoreWait, RateLimit, lower_thread_priority, thread_run_delay
 from spotd.store.s3 import S3Store
 from spotd.store.transfer_pool import TransferPool
 from tests.store.helpers import info
@@ -169,3 +170,49 @@ async def test_background_commit_is_capped_emergency_commit_is_not(s3_bucket, tm
         assert store.background_rate == rate
     finally:
         await store.close()
+
+
+def test_core_wait_share_between_two_totals() -> None:
+    assert CoreWait.share((1.0, 0.5), (1.0, 0.5)) == 0.0  # nothing ran between
+    assert CoreWait.share((1.0, 0.5), (5.0, 2.5)) == 0.5
+    w = CoreWait()
+    assert w.timed(lambda: 7) == 7
+    busy, waited = w.totals()
+    assert busy > 0 and 0 <= waited <= busy
+
+
+@pytest.mark.skipif(thread_run_delay() is None, reason="no /proc/thread-self/schedstat on this kernel")
+async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_alone(
+    s3_bucket, tmp_path: Path
+) -> None:
+    """A trainer keeps the daemon's core busy (a spinning process pinned to it): the background threads, at
+    nice 19, wait for that core most of the time, and the 9 MiB periodic upload takes far longer than its
+    work. The commit says how much of its threads' time went to waiting (the gauge), and the throughput the
+    deadline is estimated from leaves that waiting out: estimating the same bytes gives the upload's time
+    less the waited share, not the time the busy trainer made it take."""
+    ckdir = tmp_path / "ckpt"
+    (ckdir / "a").mkdir(parents=True)
+    (ckdir / "a" / "model.pt").write_bytes(os.urandom(9 * MIB))
+    core = max(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+    metrics = Metrics()
+    try:
+        os.sched_setaffinity(spinner.pid, {core})
+        os.sched_setaffinity(0, {core})  # this thread; the store's threads, started below, inherit it
+        store = S3Store(uri=s3_bucket.uri(), job_id="job1", endpoint_url=s3_bucket.endpoint_url)
+        store._metrics = metrics  # type: ignore[attr-defined]
+        try:
+            started = time.monotonic()
+            await store.commit(ckdir / "a", checkpoint_dir=ckdir, info=info(1))
+            elapsed = time.monotonic() - started
+            estimate = store.estimate_seconds(9 * MIB)
+        finally:
+            await store.close()
+    finally:
+        os.sched_setaffinity(0, mine)
+        spinner.kill()
+        await spinner.wait()
+    waited = metrics.registry.get_sample_value("spotd_background_core_wait_ratio")
+    assert waited is not None and waited > 0.5, f"the threads waited {waited} of their time"
+    assert estimate is not None and estimate <= elapsed * (1 - waited) + 0.01, (estimate, elapsed, waited)
