@@ -142,7 +142,7 @@ def uploader_main(argv: list[str]) -> int:
             # A new file each time: unchanged-file detection would otherwise copy it server-side.
             await asyncio.to_thread(_touch, ckdir / "model" / "model.pt")
             store = stores[config]
-            started, cpu0, waited0 = time.monotonic(), _self_cpu(), store.background_core_wait()
+            started, cpu0, waited0 = time.monotonic(), _self_cpu(), store.core_wait_totals()
             info = commit_info(step, final=False, job_id="bg", reason="periodic")
             await store.commit(ckdir / "model", checkpoint_dir=ckdir, info=info)
             estimate = store.estimate_seconds(args.size_mb * MB)
@@ -155,7 +155,7 @@ def uploader_main(argv: list[str]) -> int:
                         "cpu": _self_cpu() - cpu0,
                         # What the deadline estimate would use: the moving median of this store's uploads,
                         # their threads' wait for a core left out.
-                        "core_wait": CoreWait.share(waited0, store.background_core_wait()),
+                        "core_wait": CoreWait.share(waited0, store.core_wait_totals()),
                         "estimate_mbps": None if estimate is None else args.size_mb / estimate,
                     }
                 ),

@@ -135,6 +135,10 @@ def render_status(s: dict[str, Any]) -> str:
         upload = req.get("upload")
         if upload and upload.get("estimate_seconds") is not None:
             verdict = "fits" if upload.get("fits") else "AT RISK: will not fit"
+            if upload.get("rate_capped"):
+                verdict += " (rate measured under store.background_rate)"
+            if upload.get("rate_cpu_starved"):
+                verdict += " (rate measured while the trainer held the cores)"
             rows.append(
                 (
                     "upload",

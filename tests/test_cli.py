@@ -45,7 +45,9 @@ def test_a_request_shows_whether_its_upload_fits():
     fits = render_status(
         status(**common, outstanding=["train"], upload={**upload, "estimate_seconds": 20.0, "fits": True})
     )
-    assert "110.0 s left: fits" in fits
+    assert "110.0 s left: fits" in fits and "rate measured" not in fits
+    held = render_status(status(**common, outstanding=["train"], upload={**upload, "rate_cpu_starved": True}))
+    assert "AT RISK: will not fit (rate measured while the trainer held the cores)" in held
     unknown = render_status(
         status(**common, outstanding=["train"], upload={**upload, "estimate_seconds": None})
     )

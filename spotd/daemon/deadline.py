@@ -37,6 +37,9 @@ AT_RISK_FIX: Final = (
 )
 #: A rate measured under ``store.background_rate`` at this share of the cap or above was held by the cap.
 _CAPPED_SHARE: Final = 0.9
+#: Periodic uploads whose threads waited for a core this share of their time or more were held back by the
+#: trainer (``store.background_nice``); the rate leaves the waiting out only as an average over threads.
+_STARVED_SHARE: Final = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,14 @@ class UploadEstimate:
     #: The rate was measured under ``store.background_rate``: an emergency upload (never capped) may be
     #: faster than this says.
     capped: bool = False
+    #: The median share of their time the measured uploads' threads waited for a core (None: unknown).
+    core_wait: float | None = None
+
+    @property
+    def cpu_starved(self) -> bool:
+        """The periodic uploads the rate comes from were held back by a busy trainer: an emergency upload
+        (the daemon's priority, the trainer stopped to save) may be faster than this says."""
+        return self.core_wait is not None and self.core_wait >= _STARVED_SHARE
 
     @property
     def fits(self) -> bool | None:
@@ -66,6 +77,7 @@ class UploadEstimate:
             "upload_bytes_per_second": None if rate is None else round(rate),
             "fits": self.fits,
             "rate_capped": self.capped,
+            "rate_core_wait": None if self.core_wait is None else round(self.core_wait, 3),
         }
 
     def frame_fields(self) -> dict[str, Any]:
@@ -83,6 +95,7 @@ class UploadEstimate:
             "bytes_per_second": None if self.bytes_per_second is None else round(self.bytes_per_second),
             "fits": self.fits,
             "rate_capped": self.capped,
+            "rate_cpu_starved": self.cpu_starved,
         }
 
 
@@ -135,6 +148,7 @@ class UploadBudget:
             seconds_left=max(0.0, seconds_left),
             bytes_per_second=rate,
             capped=bool(cap and rate and rate >= _CAPPED_SHARE * cap),
+            core_wait=self._store.background_core_wait,
         )
         if seconds is not None:
             self._metrics.request_upload_estimate.set(seconds)
@@ -150,6 +164,13 @@ class UploadBudget:
             fix += (
                 "; the rate was measured under store.background_rate, which emergency uploads are not held "
                 "to: raise the cap if this warning is wrong"
+            )
+        if estimate.cpu_starved:
+            fix += (
+                f"; the periodic uploads the rate comes from waited for a core {estimate.core_wait:.0%} of "
+                "their time (store.background_nice gives the trainer the cores first), and an emergency "
+                "upload runs at the daemon's priority: lower store.background_nice (e.g. 10) if this warning "
+                "is wrong"
             )
         log.warning(
             "checkpoint.deadline_at_risk",

@@ -411,10 +411,20 @@ class BaseStore(ABC):
     def estimate_seconds(self, nbytes: int) -> float | None:
         """How long sending ``nbytes`` would take at the moving median of this store's background uploads
         (bytes sent per second of each periodic commit's file transfers, less the share of their time the
-        transfer threads waited for a core: :meth:`background_core_wait`); None before one was measured."""
+        transfer threads waited for a core: :meth:`core_wait_totals`); None before one was measured."""
         return self._throughput.estimate(nbytes)
 
-    def background_core_wait(self) -> tuple[float, float]:
+    @property
+    def background_core_wait(self) -> float | None:
+        """The median share of their time the background uploads :meth:`estimate_seconds` is measured from
+        spent waiting for a core (None before one was measured). Left out of the rate, but only as an
+        average over threads, and a thread waiting for the GIL that a thread without a core holds does not
+        count: when it is high the uploads were held back by a busy trainer, and an emergency upload (daemon
+        priority, trainer stopped) may be faster than the estimate (bench/background.py: 12 MB/s estimated
+        where an unstarved upload made 58)."""
+        return self._throughput.core_wait()
+
+    def core_wait_totals(self) -> tuple[float, float]:
         """(busy, waited) seconds of background transfers so far, summed over their threads: wall time, and
         the part of it spent runnable without a core (:class:`~spotd.store.pacing.CoreWait`). (0, 0) for a
         backend without background threads of its own."""
@@ -716,7 +726,7 @@ class BaseStore(ABC):
                     return checksum, True
             return await self.upload_file(f, key, priority, progress, siblings=len(files)), False
 
-        started, waited0 = time.monotonic(), self.background_core_wait()
+        started, waited0 = time.monotonic(), self.core_wait_totals()
         done = await gather_or_cancel([one(f) for f in files])
         copied = [f for f, (_, c) in zip(files, done, strict=True) if c]
         nbytes = sum(f.size for f in files)
@@ -725,7 +735,7 @@ class BaseStore(ABC):
             self._copy_paid[kind] = bool(copied)
         core_wait = None
         if priority is Priority.BACKGROUND:
-            core_wait = CoreWait.share(waited0, self.background_core_wait())
+            core_wait = CoreWait.share(waited0, self.core_wait_totals())
             self._measured(nbytes - ncopied, time.monotonic() - started, core_wait)
         return _Put(
             checksums=[c for c, _ in done],
@@ -756,7 +766,7 @@ class BaseStore(ABC):
         preempt the rest, so they would overstate what a periodic gets."""
         if self._metrics is not None:
             self._metrics.background_core_wait.set(core_wait)
-        if self._throughput.record(sent, seconds * (1.0 - core_wait)) and self._metrics is not None:
+        if self._throughput.record(sent, seconds, core_wait) and self._metrics is not None:
             rate = self._throughput.bytes_per_second()
             if rate is not None:
                 self._metrics.upload_throughput.set(rate)

@@ -163,7 +163,7 @@ class S3Store(BaseStore):
         """Bytes background transfers sent through the ``background_rate`` cap so far (0 without one)."""
         return 0 if self._pool.pace is None else self._pool.pace.granted
 
-    def background_core_wait(self) -> tuple[float, float]:
+    def core_wait_totals(self) -> tuple[float, float]:
         return self._pool.core_wait.totals()
 
     @property

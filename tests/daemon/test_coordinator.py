@@ -153,8 +153,31 @@ async def test_an_upload_that_cannot_fit_is_a_warning_at_once(make):
     assert warning["log_level"] == "warning" and warning["request_id"] == episode.request_id
     assert warning["seconds_left"] == 0 and warning["short_by_seconds"] > 0
     assert "emergency_exclude" in warning["fix"] and "store.concurrency" in warning["fix"]
+    assert "store.background_nice" not in warning["fix"]  # measured on an idle core
+    assert warning["rate_core_wait"] is not None and warning["rate_core_wait"] < 0.1
     assert h.coordinator.status()["request"]["upload"]["fits"] is False
     assert h.metric("spotd_deadline_at_risk_total", reason="spot-terminate") == 1
+
+
+async def test_a_rate_from_uploads_held_back_by_the_trainer_says_so(make):
+    """The periodic uploads the rate comes from waited for a core most of their time (a busy trainer, the
+    background threads at nice 19; tests/store/test_pacing.py makes that happen for real): the request's
+    estimate says so, and the at-risk warning adds that an emergency upload runs at the daemon's priority and
+    how to change the trade-off."""
+    h = make()
+    trainer = h.channel.connect("rank0", rank=0)
+    await measured(h, trainer)
+    for _ in range(2):  # the median of the window: two of three samples held back
+        assert h.store._throughput.record(16 * 1024 * 1024, 4.0, core_wait=0.6)
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=3))
+    assert episode is not None and episode.upload is not None and episode.upload.cpu_starved
+    (line,) = [e for e in logs if e["event"] == "checkpoint.requested"]
+    assert line["rate_core_wait"] == 0.6
+    (warning,) = [e for e in logs if e["event"] == "checkpoint.deadline_at_risk"]
+    assert "waited for a core 60% of their time" in warning["fix"]
+    assert "store.background_nice" in warning["fix"]
+    assert h.coordinator.status()["request"]["upload"]["rate_cpu_starved"] is True
 
 
 async def test_every_trainer_is_sized_by_its_own_newest_checkpoint(make):

@@ -207,6 +207,7 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
             await store.commit(ckdir / "a", checkpoint_dir=ckdir, info=info(1))
             elapsed = time.monotonic() - started
             estimate = store.estimate_seconds(9 * MIB)
+            held_back = store.background_core_wait
         finally:
             await store.close()
     finally:
@@ -216,3 +217,4 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
     waited = metrics.registry.get_sample_value("spotd_background_core_wait_ratio")
     assert waited is not None and waited > 0.5, f"the threads waited {waited} of their time"
     assert estimate is not None and estimate <= elapsed * (1 - waited) + 0.01, (estimate, elapsed, waited)
+    assert held_back == waited  # what a request's estimate says of the rate (the median of one upload)

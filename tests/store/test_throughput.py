@@ -31,6 +31,19 @@ def test_median_of_the_window_and_small_uploads_ignored() -> None:
     assert t.samples == 3
 
 
+def test_time_spent_waiting_for_a_core_is_left_out() -> None:
+    """An upload whose threads waited for a core a share of their time is measured over the rest of it,
+    and the window's median of those shares is kept beside the rate."""
+    t = Throughput(window=3, min_bytes=MIB)
+    assert t.core_wait() is None
+    assert t.record(100 * MIB, 4.0, core_wait=0.75)  # 1 s of it was the upload's own
+    assert t.bytes_per_second() == 100 * MIB
+    t.record(100 * MIB, 1.0)
+    t.record(100 * MIB, 2.0, core_wait=0.5)
+    assert t.core_wait() == 0.5
+    assert not t.record(100 * MIB, 1.0, core_wait=1.0)  # nothing left to measure over
+
+
 async def test_background_commits_measure_emergency_ones_do_not(
     backend: Backend, ckdir: Path, tmp_path: Path
 ) -> None:
