@@ -16,6 +16,7 @@ run_delay: the part of the slowdown the upload's CPU causes, free of the VM's sp
 * ``plain``: background threads as nice as the daemon, no cap (what spotd did before item 5);
 * ``nice5``: background threads at nice 5 (10 nicer than the daemon: spotd's default until 2026-12-07);
 * ``nice``: background threads at nice 19 (spotd's default, ``store.background_nice``), no cap;
+* ``cap``: as nice as the daemon, and ``store.background_rate = --rate``;
 * ``nice+cap``: at nice 19 and ``store.background_rate = --rate``;
 * ``idle``: SCHED_IDLE (``store.background_nice = "idle"``; not in the default --configs: pinned to the
   loop's core it waits for the loop, which never rests, and one upload takes minutes).
@@ -68,7 +69,7 @@ from benchlib import (  # noqa: E402
 from spotd.tools.testing import LineReader, start_moto  # noqa: E402
 
 BUCKET = "bench"
-CONFIGS = ("plain", "nice5", "nice", "nice+cap", "idle")
+CONFIGS = ("plain", "nice0", "cap", "nice5", "nice", "nice+cap", "idle")
 DEFAULT_CONFIGS = "plain,nice5,nice,nice+cap"
 PLACEMENTS = {"shared": ("shared",), "pinned": ("pinned",), "both": ("shared", "pinned")}
 
@@ -110,6 +111,9 @@ def uploader_main(argv: list[str]) -> int:
             "plain": S3Store(
                 uri=f"s3://{BUCKET}/plain", job_id="bg", endpoint_url=args.endpoint, background_nice=None
             ),
+            "nice0": S3Store(
+                uri=f"s3://{BUCKET}/nice0", job_id="bg", endpoint_url=args.endpoint, background_nice=0
+            ),
             "nice5": S3Store(
                 uri=f"s3://{BUCKET}/nice5", job_id="bg", endpoint_url=args.endpoint, background_nice=5
             ),
@@ -125,6 +129,13 @@ def uploader_main(argv: list[str]) -> int:
                 endpoint_url=args.endpoint,
                 background_rate=rate,
                 background_nice=BACKGROUND_NICE,
+            ),
+            "cap": S3Store(
+                uri=f"s3://{BUCKET}/plaincap",
+                job_id="bg",
+                endpoint_url=args.endpoint,
+                background_rate=rate,
+                background_nice=None,
             ),
             "idle": S3Store(
                 uri=f"s3://{BUCKET}/idle",
@@ -144,8 +155,14 @@ def uploader_main(argv: list[str]) -> int:
             store = stores[config]
             started, cpu0, waited0 = time.monotonic(), _self_cpu(), store.core_wait_totals()
             info = commit_info(step, final=False, job_id="bg", reason="periodic")
-            await store.commit(ckdir / "model", checkpoint_dir=ckdir, info=info)
+            lags: list[float] = []
+            ticker = asyncio.ensure_future(_tick(lags))
+            try:
+                await store.commit(ckdir / "model", checkpoint_dir=ckdir, info=info)
+            finally:
+                ticker.cancel()
             estimate = store.estimate_seconds(args.size_mb * MB)
+            lags.sort()
             print(
                 json.dumps(
                     {
@@ -157,6 +174,8 @@ def uploader_main(argv: list[str]) -> int:
                         # their threads' wait for a core left out.
                         "core_wait": CoreWait.share(waited0, store.core_wait_totals()),
                         "estimate_mbps": None if estimate is None else args.size_mb / estimate,
+                        "loop_lag_p99": lags[int(len(lags) * 0.99)] if lags else 0.0,
+                        "loop_lag_max": lags[-1] if lags else 0.0,
                     }
                 ),
                 flush=True,
@@ -166,6 +185,20 @@ def uploader_main(argv: list[str]) -> int:
 
     asyncio.run(run())
     return 0
+
+
+#: How often the uploader's event loop is asked to wake during a commit (its lateness is the lag).
+TICK_S = 0.01
+
+
+async def _tick(lags: list[float]) -> None:
+    """How late the event loop wakes from a TICK_S sleep, for ever: the daemon's loop polls IMDS and answers
+    trainers, and a background thread that holds the GIL while it waits for a core holds the loop too."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(TICK_S)
+        lags.append(max(0.0, loop.time() - t - TICK_S))
 
 
 def _touch(path: Path) -> None:
@@ -264,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=256, help="MB of the checkpoint uploaded")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every configuration; medians")
     parser.add_argument("--step-ms", type=float, default=50.0, help="target training step, milliseconds")
-    parser.add_argument("--rate", default="50MB", help="store.background_rate of the nice+cap runs")
+    parser.add_argument("--rate", default="50MB", help="store.background_rate of the cap and nice+cap runs")
     parser.add_argument(
         "--configs",
         default=DEFAULT_CONFIGS,
@@ -368,12 +401,15 @@ def main(argv: list[str] | None = None) -> int:
                         "upload_cpu": result["cpu"],
                         "core_wait": result["core_wait"],
                         "estimate_mbps": result["estimate_mbps"],
+                        "loop_lag_p99": result["loop_lag_p99"],
+                        "loop_lag_max": result["loop_lag_max"],
                         "moto_cpu": proc_cpu(moto.pid) - moto_cpu,
                     }
                     doc["rows"].append(row)
                     progress(
                         f"{what} done: ratio {row['ratio']:.3f}, waiting for a core {quiet.wait:.1%} alone, "
-                        f"{busy.wait:.1%} during; upload {row['upload_s']:.1f} s"
+                        f"{busy.wait:.1%} during; upload {row['upload_s']:.1f} s; event loop late up to "
+                        f"{row['loop_lag_max'] * 1000:.0f} ms"
                     )
                     if args.json:
                         print(json.dumps(row))
@@ -415,6 +451,7 @@ def report(doc: dict[str, Any]) -> str:
                     f"{params['size_mb'] / upload_s:.0f}",
                     f"{median(got, 'core_wait'):.0%}",
                     f"{median(got, 'estimate_mbps'):.0f}",
+                    f"{median(got, 'loop_lag_p99') * 1000:.0f} / {median(got, 'loop_lag_max') * 1000:.0f}",
                     median(got, "upload_cpu"),
                     median(got, "moto_cpu"),
                 ]
@@ -432,6 +469,7 @@ def report(doc: dict[str, Any]) -> str:
         "MB/s",
         "upload threads waiting for a core",
         "MB/s the deadline estimate uses",
+        "uploader's event loop late, p99 / max ms",
         "uploader CPU s",
         "moto CPU s",
     ]
@@ -457,7 +495,10 @@ def report(doc: dict[str, Any]) -> str:
         "explains, which the VM's own speed swings (the step ratio's noise) do not move. Upload threads "
         "waiting = the share of the background transfer threads' time they were runnable without a core; "
         "MB/s the deadline estimate uses = the store's moving median after the upload, that wait left out "
-        "(compare with plain's MB/s: an emergency upload runs at the daemon's priority)."
+        "(compare with plain's MB/s: an emergency upload runs at the daemon's priority). Event loop late = "
+        f"how late the uploader's asyncio loop woke from {TICK_S * 1000:.0f} ms sleeps during the upload "
+        "(the daemon's loop polls IMDS and answers trainers; a background thread that holds the GIL while it "
+        "waits for a core holds the loop up with it)."
     )
     return report_table(intro, header, out, doc)
 
