@@ -14,12 +14,18 @@ run_delay: the part of the slowdown the upload's CPU causes, free of the VM's sp
 
 * ``alone``: no upload (measured right before every upload);
 * ``plain``: background threads as nice as the daemon, no cap (what spotd did before item 5);
-* ``nice5``: background threads at nice 5 (10 nicer than the daemon: spotd's default until 2026-12-07);
-* ``nice``: background threads at nice 19 (spotd's default, ``store.background_nice``), no cap;
+* ``default``: what spotd does unconfigured: threads at nice 0, held to ``store.background_cpu`` (5 % of one
+  core) while they find the cores busy;
+* ``nice0``: at nice 0 without that governor;
+* ``nice5``: at nice 5 (10 nicer than the daemon: spotd's default before item 5 was worked);
+* ``nice``: at nice 19 (``store.background_nice = 19``), no governor, no cap;
 * ``cap``: as nice as the daemon, and ``store.background_rate = --rate``;
 * ``nice+cap``: at nice 19 and ``store.background_rate = --rate``;
 * ``idle``: SCHED_IDLE (``store.background_nice = "idle"``; not in the default --configs: pinned to the
   loop's core it waits for the loop, which never rests, and one upload takes minutes).
+
+Beside the step time it prints how late the uploader's own event loop woke during the upload (the daemon's
+loop polls IMDS, answers trainers and pings the systemd watchdog).
 
 moto is the S3 server here and a remote one in production: it runs at nice 19 so that the figure is mostly
 the client's cost, and its CPU seconds are printed. Prints medians and each one's ratio to ``alone``.
@@ -69,8 +75,8 @@ from benchlib import (  # noqa: E402
 from spotd.tools.testing import LineReader, start_moto  # noqa: E402
 
 BUCKET = "bench"
-CONFIGS = ("plain", "nice0", "cap", "nice5", "nice", "nice+cap", "idle")
-DEFAULT_CONFIGS = "plain,nice5,nice,nice+cap"
+CONFIGS = ("plain", "default", "nice0", "nice5", "nice", "cap", "nice+cap", "idle")
+DEFAULT_CONFIGS = "plain,default,nice,cap"
 PLACEMENTS = {"shared": ("shared",), "pinned": ("pinned",), "both": ("shared", "pinned")}
 
 
@@ -95,7 +101,7 @@ def uploader_main(argv: list[str]) -> int:
     except OSError:
         daemon_nice = os.getpriority(os.PRIO_PROCESS, 0)
     from spotd.config import parse_rate
-    from spotd.store.pacing import BACKGROUND_IDLE, BACKGROUND_NICE, CoreWait
+    from spotd.store.pacing import BACKGROUND_CPU, BACKGROUND_IDLE, BACKGROUND_NICE, CoreWait, Niceness
     from spotd.store.s3 import S3Store
 
     ckdir = Path(args.work) / "ckpt"
@@ -107,42 +113,27 @@ def uploader_main(argv: list[str]) -> int:
     rate = parse_rate(args.rate)
 
     async def run() -> None:
+        # (nice, background_cpu, rate) of every configuration; "default" is what spotd does unconfigured.
+        settings: dict[str, tuple[Niceness | None, float | None, int | None]] = {
+            "plain": (None, None, None),
+            "default": (BACKGROUND_NICE, BACKGROUND_CPU, None),
+            "nice0": (0, None, None),
+            "nice5": (5, None, None),
+            "nice": (19, None, None),
+            "nice+cap": (19, None, rate),
+            "cap": (None, None, rate),
+            "idle": (BACKGROUND_IDLE, None, None),
+        }
         stores = {
-            "plain": S3Store(
-                uri=f"s3://{BUCKET}/plain", job_id="bg", endpoint_url=args.endpoint, background_nice=None
-            ),
-            "nice0": S3Store(
-                uri=f"s3://{BUCKET}/nice0", job_id="bg", endpoint_url=args.endpoint, background_nice=0
-            ),
-            "nice5": S3Store(
-                uri=f"s3://{BUCKET}/nice5", job_id="bg", endpoint_url=args.endpoint, background_nice=5
-            ),
-            "nice": S3Store(
-                uri=f"s3://{BUCKET}/nice",
+            name: S3Store(
+                uri=f"s3://{BUCKET}/{name.replace('+', '-')}",
                 job_id="bg",
                 endpoint_url=args.endpoint,
-                background_nice=BACKGROUND_NICE,
-            ),
-            "nice+cap": S3Store(
-                uri=f"s3://{BUCKET}/cap",
-                job_id="bg",
-                endpoint_url=args.endpoint,
-                background_rate=rate,
-                background_nice=BACKGROUND_NICE,
-            ),
-            "cap": S3Store(
-                uri=f"s3://{BUCKET}/plaincap",
-                job_id="bg",
-                endpoint_url=args.endpoint,
-                background_rate=rate,
-                background_nice=None,
-            ),
-            "idle": S3Store(
-                uri=f"s3://{BUCKET}/idle",
-                job_id="bg",
-                endpoint_url=args.endpoint,
-                background_nice=BACKGROUND_IDLE,
-            ),
+                background_nice=nice,
+                background_cpu=cpu,
+                background_rate=cap,
+            )
+            for name, (nice, cpu, cap) in settings.items()
         }
         print(json.dumps({"event": "ready", "daemon_nice": daemon_nice}), flush=True)
         step = 0
@@ -485,9 +476,10 @@ def report(doc: dict[str, Any]) -> str:
         f"{params['reps']}; "
         "ratio = median step during the upload / median step of the loop alone just before it (per "
         "repetition, then the median of those ratios). plain = "
-        "background threads as nice as the daemon; nice5 = at nice 5 (the default before); nice = at nice "
-        "19 (the default); idle = SCHED_IDLE; nice+cap = nice 19 + "
-        f"store.background_rate = {params['rate']}. shared = every process on every core (moto, at nice "
+        "background threads as nice as the daemon; default = nice 0 and the CPU governor (5 % of one core "
+        "while the cores are busy); nice0 / nice5 / nice = at nice 0 / 5 / 19 without it; idle = "
+        "SCHED_IDLE; cap = plain + store.background_rate, nice+cap = nice 19 + it, at "
+        f"{params['rate']}. shared = every process on every core (moto, at nice "
         f"19, competes with the loop); pinned = {pinned}. Batch {doc['batch']}, torch threads "
         f"{doc['torch_threads']}, uploader nice {doc['uploader_nice']}. Waiting for a core = the share "
         "of the loop's time its threads were runnable without a core (run_delay in /proc/<tid>/schedstat); "

@@ -77,6 +77,10 @@ async def test_closed_files_go_up_before_saved_and_are_not_sent_again(
             lambda: all(puts(s3_proxy, f"/run/step-3.dcp/{n}") for n in bodies), timeout_s=30, what="uploaded"
         )
         await async_wait_until(lambda: puts(s3_proxy, "/__0_0.distcp") == 3, what="all three parts")
+        # The proxy logs a PUT before it counts its body: wait for the bodies too (a run under load read `before`
+        # between the two and counted a part as sent after saved).
+        total = sum(len(b) for b in bodies.values())
+        await async_wait_until(lambda: s3_proxy.bytes_in >= total, what="every body received")
         before = s3_proxy.bytes_in
         m = await store.commit(root, checkpoint_dir=ckdir, info=info(3), streams=stream.take())
     finally:
