@@ -14,11 +14,10 @@ run_delay: the part of the slowdown the upload's CPU causes, free of the VM's sp
 
 * ``alone``: no upload (measured right before every upload);
 * ``plain``: background threads as nice as the daemon, no cap (what spotd did before item 5);
-* ``default``: what spotd does unconfigured: threads at nice 0, held to ``store.background_cpu`` (5 % of one
-  core) while they find the cores busy;
-* ``nice0``: at nice 0 without that governor;
+* ``default``: what spotd does unconfigured (``store.background_nice = 0``: threads at nice 0, as nice as
+  a trainer started plainly, below the daemon's -5);
 * ``nice5``: at nice 5 (10 nicer than the daemon: spotd's default before item 5 was worked);
-* ``nice``: at nice 19 (``store.background_nice = 19``), no governor, no cap;
+* ``nice``: at nice 19 (``store.background_nice = 19``), no cap;
 * ``cap``: as nice as the daemon, and ``store.background_rate = --rate``;
 * ``nice+cap``: at nice 19 and ``store.background_rate = --rate``;
 * ``idle``: SCHED_IDLE (``store.background_nice = "idle"``; not in the default --configs: pinned to the
@@ -75,7 +74,7 @@ from benchlib import (  # noqa: E402
 from spotd.tools.testing import LineReader, start_moto  # noqa: E402
 
 BUCKET = "bench"
-CONFIGS = ("plain", "default", "nice0", "nice5", "nice", "cap", "nice+cap", "idle")
+CONFIGS = ("plain", "default", "nice5", "nice", "cap", "nice+cap", "idle")
 DEFAULT_CONFIGS = "plain,default,nice,cap"
 PLACEMENTS = {"shared": ("shared",), "pinned": ("pinned",), "both": ("shared", "pinned")}
 
@@ -101,7 +100,7 @@ def uploader_main(argv: list[str]) -> int:
     except OSError:
         daemon_nice = os.getpriority(os.PRIO_PROCESS, 0)
     from spotd.config import parse_rate
-    from spotd.store.pacing import BACKGROUND_CPU, BACKGROUND_IDLE, BACKGROUND_NICE, CoreWait, Niceness
+    from spotd.store.pacing import BACKGROUND_IDLE, BACKGROUND_NICE, CoreWait, Niceness
     from spotd.store.s3 import S3Store
 
     ckdir = Path(args.work) / "ckpt"
@@ -113,16 +112,15 @@ def uploader_main(argv: list[str]) -> int:
     rate = parse_rate(args.rate)
 
     async def run() -> None:
-        # (nice, background_cpu, rate) of every configuration; "default" is what spotd does unconfigured.
-        settings: dict[str, tuple[Niceness | None, float | None, int | None]] = {
-            "plain": (None, None, None),
-            "default": (BACKGROUND_NICE, BACKGROUND_CPU, None),
-            "nice0": (0, None, None),
-            "nice5": (5, None, None),
-            "nice": (19, None, None),
-            "nice+cap": (19, None, rate),
-            "cap": (None, None, rate),
-            "idle": (BACKGROUND_IDLE, None, None),
+        # (nice, rate) of every configuration; "default" is what spotd does unconfigured.
+        settings: dict[str, tuple[Niceness | None, int | None]] = {
+            "plain": (None, None),
+            "default": (BACKGROUND_NICE, None),
+            "nice5": (5, None),
+            "nice": (19, None),
+            "nice+cap": (19, rate),
+            "cap": (None, rate),
+            "idle": (BACKGROUND_IDLE, None),
         }
         stores = {
             name: S3Store(
@@ -130,10 +128,9 @@ def uploader_main(argv: list[str]) -> int:
                 job_id="bg",
                 endpoint_url=args.endpoint,
                 background_nice=nice,
-                background_cpu=cpu,
                 background_rate=cap,
             )
-            for name, (nice, cpu, cap) in settings.items()
+            for name, (nice, cap) in settings.items()
         }
         print(json.dumps({"event": "ready", "daemon_nice": daemon_nice}), flush=True)
         step = 0
@@ -476,9 +473,8 @@ def report(doc: dict[str, Any]) -> str:
         f"{params['reps']}; "
         "ratio = median step during the upload / median step of the loop alone just before it (per "
         "repetition, then the median of those ratios). plain = "
-        "background threads as nice as the daemon; default = nice 0 and the CPU governor (5 % of one core "
-        "while the cores are busy); nice0 / nice5 / nice = at nice 0 / 5 / 19 without it; idle = "
-        "SCHED_IDLE; cap = plain + store.background_rate, nice+cap = nice 19 + it, at "
+        "background threads as nice as the daemon; default = at nice 0 (spotd's default); nice5 / nice = "
+        "at nice 5 / 19; idle = SCHED_IDLE; cap = plain + store.background_rate, nice+cap = nice 19 + it, at "
         f"{params['rate']}. shared = every process on every core (moto, at nice "
         f"19, competes with the loop); pinned = {pinned}. Batch {doc['batch']}, torch threads "
         f"{doc['torch_threads']}, uploader nice {doc['uploader_nice']}. Waiting for a core = the share "

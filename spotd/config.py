@@ -121,7 +121,7 @@ class StoreConfig:
     background_rate: int | str = 0
     #: The nice value (0-19) periodic transfer threads run at, or "idle" (SCHED_IDLE: a core only when
     #: nothing else wants one). Emergency uploads run at the daemon's own priority. s3:// only.
-    background_nice: int | str = 19
+    background_nice: int | str = 0
     #: Upload an emergency checkpoint's parts while the trainer writes it (it announces the file first):
     #: s3:// only; the commit still waits for ``saved`` and checks every byte against the final file.
     overlap: bool = True
@@ -254,7 +254,7 @@ def _a(kind: str) -> str:
 
 
 #: What a value of an ``int | str`` key looks like, for the fix of a wrong type.
-_EXAMPLES: Final = {"store.background_rate": '"50MB"', "store.background_nice": '19 (or "idle")'}
+_EXAMPLES: Final = {"store.background_rate": '"50MB"', "store.background_nice": '0, 19 or "idle"'}
 
 
 def _coerce(key: str, kind: str, value: Any, *, from_text: bool) -> Any:
@@ -439,7 +439,8 @@ def _validate(cfg: Config) -> None:
             "store.background_nice",
             parse_nice,
             cfg.store.background_nice,
-            'use 19 (the default: lowest priority that still runs), 10, 0, or "idle" (SCHED_IDLE)',
+            "use 0 (the default: a plainly started trainer's), 10, 19 (the lowest that still runs), or "
+            '"idle" (SCHED_IDLE)',
         ),
     )
     for key, parse, value, fix in parsed:

@@ -185,8 +185,8 @@ def test_background_rate_takes_bytes_per_second_with_a_unit(tmp_path, value, exp
     ("value", "expected"), [(19, 19), (0, 0), ("10", 10), ("idle", "idle"), ("IDLE", "idle")]
 )
 def test_background_nice_takes_a_nice_value_or_idle(tmp_path, value, expected):
-    """store.background_nice is 0-19 or "idle", from the file or the environment; 19 when not given."""
-    assert load_config(environ={}).store.background_niceness == 19
+    """store.background_nice is 0-19 or "idle", from the file or the environment; 0 when not given."""
+    assert load_config(environ={}).store.background_niceness == 0
     text = f"[store]\nbackground_nice = {value!r}\n".replace("'", '"')
     assert load_config(write(tmp_path, text), environ={}).store.background_niceness == expected
     env = {"SPOTD_STORE_BACKGROUND_NICE": str(value)}

@@ -169,8 +169,8 @@ class UploadBudget:
             fix += (
                 f"; the periodic uploads the rate comes from waited for a core {estimate.core_wait:.0%} of "
                 "their time (store.background_nice gives the trainer the cores first), and an emergency "
-                "upload runs at the daemon's priority: lower store.background_nice (e.g. 10) if this warning "
-                "is wrong"
+                "upload runs at the daemon's priority: lower store.background_nice (0 is the default) if "
+                "this warning is wrong"
             )
         log.warning(
             "checkpoint.deadline_at_risk",

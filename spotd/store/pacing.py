@@ -6,10 +6,10 @@ shared by all background threads and waits for its turn, so over any span ``t`` 
 at most ``rate * t`` bytes plus one part. Credit does not build up while nothing is sent (no burst after an
 idle hour). EMERGENCY transfers never see it.
 
-:func:`lower_thread_priority` renices the calling thread to nice 19 (Linux: ``setpriority`` on the thread
-id), or puts it under SCHED_IDLE. Raising a nice value needs no privilege but lowering it back does
-(CAP_SYS_NICE), so a reniced thread is never handed emergency work: background transfers run on threads of
-their own (:mod:`.transfer_pool`).
+:func:`lower_thread_priority` renices the calling thread (Linux: ``setpriority`` on the thread id: nice 0 by
+default, below the daemon's -5; up to 19), or puts it under SCHED_IDLE. Raising a nice value needs no
+privilege but lowering it back does (CAP_SYS_NICE), so a reniced thread is never handed emergency work:
+background transfers run on threads of their own (:mod:`.transfer_pool`).
 
 :class:`CoreWait` keeps the price of that in view: how much of the background threads' time went to waiting
 for a core (the scheduler's run_delay). A periodic upload that a busy trainer held back says so, and the
@@ -42,12 +42,15 @@ T = TypeVar("T")
 
 log = get_logger("spotd.store")
 
-#: The nice value background transfer threads run at, whatever the daemon's own. Absolute, not relative:
-#: spotd.service runs the daemon at Nice=-5, where a relative +10 left them at nice 5 (CFS weight 335
-#: against a nice-0 trainer's 1024: a quarter of any core both want; bench/background.py measured the
-#: trainer waiting 17 % of its time). At 19 (weight 15) they get 1.4 % of a core the trainer wants, and all
-#: of one it does not. ``store.background_nice`` changes it.
-BACKGROUND_NICE: Final = 19
+#: The nice value background transfer threads run at, whatever the daemon's own: that of a trainer started
+#: plainly. spotd.service runs the daemon at Nice=-5, which emergency transfers keep; background ones get no
+#: more of a core than a trainer thread does. ``store.background_nice`` changes it. At 19 (CFS weight 15
+#: against a nice-0 trainer's 1024) they get 1.4 % of a core the trainer wants and the trainer waits 5 %
+#: of its time instead of 20 % (bench/background.py), but a nice-19 thread that holds the GIL while it
+#: waits for a core holds the daemon's event loop with it: late by 1.8 s at p99 and up to 5-10 s during
+#: one upload beside a busy trainer (at nice 0: 40 ms and 0.2-0.6 s), and the systemd watchdog kills the
+#: daemon at 30 s.
+BACKGROUND_NICE: Final = 0
 
 #: Instead of a nice value: the SCHED_IDLE policy, a core only when nothing else wants it (weight 3). A
 #: trainer that keeps every core busy then holds periodic uploads back indefinitely.

@@ -66,9 +66,9 @@ def test_rate_limit_refuses_a_rate_of_nothing() -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="thread niceness is Linux's")
 async def test_background_threads_are_reniced_emergency_threads_are_not() -> None:
-    """A BACKGROUND transfer runs on a thread BACKGROUND_NICE nicer than the daemon; an EMERGENCY one, even
-    right after, on a thread at the daemon's own priority."""
-    pool = TransferPool(limit=2)
+    """A BACKGROUND transfer runs on a thread at the pool's background_nice (19 here); an EMERGENCY one,
+    even right after, on a thread at the daemon's own priority."""
+    pool = TransferPool(limit=2, background_nice=19)
 
     def nice() -> tuple[str, int]:
         tid = threading.get_native_id()
@@ -80,8 +80,7 @@ async def test_background_threads_are_reniced_emergency_threads_are_not() -> Non
         em = await asyncio.gather(*(pool.run(Priority.EMERGENCY, nice) for _ in range(4)))
     finally:
         await asyncio.to_thread(pool.shutdown)
-    assert BACKGROUND_NICE == 19
-    assert {n for _, n in bg} == {max(base, BACKGROUND_NICE)}
+    assert {n for _, n in bg} == {max(base, 19)}
     assert {n for _, n in em} == {base}
     assert not {name for name, _ in bg} & {name for name, _ in em}
 
@@ -89,7 +88,11 @@ async def test_background_threads_are_reniced_emergency_threads_are_not() -> Non
 @pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE and thread niceness are Linux's")
 @pytest.mark.parametrize(
     ("text", "policy", "nice"),
-    [('background_nice = "idle"', "idle", None), ("background_nice = 12", "other", 12), ("", "other", 19)],
+    [
+        ('background_nice = "idle"', "idle", None),
+        ("background_nice = 12", "other", 12),
+        ("", "other", BACKGROUND_NICE),
+    ],
 )
 async def test_store_background_nice_sets_the_background_threads_only(
     tmp_path: Path, text, policy, nice
@@ -186,7 +189,7 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
     s3_bucket, tmp_path: Path
 ) -> None:
     """A trainer keeps the daemon's core busy (a spinning process pinned to it): the background threads, at
-    nice 19, wait for that core most of the time, and the 9 MiB periodic upload takes far longer than its
+    nice 19 (store.background_nice), wait for that core most of the time, and the 9 MiB periodic upload takes far longer than its
     work. The commit says how much of its threads' time went to waiting (the gauge), and the throughput the
     deadline is estimated from leaves that waiting out: estimating the same bytes gives the upload's time
     less the waited share, not the time the busy trainer made it take."""
@@ -200,7 +203,9 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
     try:
         os.sched_setaffinity(spinner.pid, {core})
         os.sched_setaffinity(0, {core})  # this thread; the store's threads, started below, inherit it
-        store = S3Store(uri=s3_bucket.uri(), job_id="job1", endpoint_url=s3_bucket.endpoint_url)
+        store = S3Store(
+            uri=s3_bucket.uri(), job_id="job1", endpoint_url=s3_bucket.endpoint_url, background_nice=19
+        )
         store._metrics = metrics  # type: ignore[attr-defined]
         try:
             started = time.monotonic()
