@@ -420,8 +420,8 @@ class BaseStore(ABC):
         spent waiting for a core (None before one was measured). Left out of the rate, but only as an
         average over threads, and a thread waiting for the GIL that a thread without a core holds does not
         count: when it is high the uploads were held back by a busy trainer, and an emergency upload (daemon
-        priority, trainer stopped) may be faster than the estimate (bench/background.py: 12 MB/s estimated
-        where an unstarved upload made 58)."""
+        priority, trainer stopped) may be faster than the estimate (bench/background.py, threads at nice 19:
+        12 MB/s estimated where an unstarved upload made 58)."""
         return self._throughput.core_wait()
 
     def core_wait_totals(self) -> tuple[float, float]:
