@@ -236,8 +236,9 @@ class Metrics:
         )
         self.background_core_wait = Gauge(
             "spotd_background_core_wait_ratio",
-            "Share of the last background upload's transfer-thread time spent runnable without a core "
-            "(store.background_nice yields to the trainer); the throughput above leaves it out.",
+            "Share of the last background upload's transfer-thread time spent runnable without a core (a "
+            "trainer keeping the cores busy; more at a high store.background_nice). "
+            "spotd_upload_throughput_bytes_per_second leaves it out.",
             registry=r,
         )
         self.emergency_upload_estimate = Gauge(
