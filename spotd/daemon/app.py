@@ -43,6 +43,7 @@ from spotd.metrics import Metrics
 from spotd.store import CheckpointStore, open_store
 from spotd.store.ledger import Ledger, session_name
 from spotd.store.marker import read_disk_marker
+from spotd.store.pacing import warn_if_stalling
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -129,6 +130,8 @@ class Daemon:
         store = self._store = await asyncio.to_thread(
             open_store, cfg, executor=self._executor, metrics=self._metrics
         )
+        if cfg.store.uri.startswith("s3://"):
+            warn_if_stalling(cfg.store.background_niceness)
         job, sinks = self._job(store, identity)
         coordinator = self._coordinator = Coordinator(
             config=cfg,

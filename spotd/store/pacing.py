@@ -31,11 +31,13 @@ from spotd.logs import get_logger
 __all__ = [
     "BACKGROUND_IDLE",
     "BACKGROUND_NICE",
+    "STALLING_NICE",
     "CoreWait",
     "Niceness",
     "RateLimit",
     "lower_thread_priority",
     "thread_run_delay",
+    "warn_if_stalling",
 ]
 
 T = TypeVar("T")
@@ -51,6 +53,8 @@ log = get_logger("spotd.store")
 #: one upload beside a busy trainer (at nice 0: 40 ms and 0.2-0.6 s), and the systemd watchdog kills the
 #: daemon at 30 s.
 BACKGROUND_NICE: Final = 0
+#: From this nice value on (and under SCHED_IDLE) the daemon says at start that its event loop may stall.
+STALLING_NICE: Final = 15
 
 #: Instead of a nice value: the SCHED_IDLE policy, a core only when nothing else wants it (weight 3). A
 #: trainer that keeps every core busy then holds periodic uploads back indefinitely.
@@ -94,6 +98,23 @@ class RateLimit:
         if wait > 0:
             self._sleep(wait)
         return wait
+
+
+def warn_if_stalling(nice: Niceness) -> bool:
+    """Say (a warning) when ``store.background_nice`` is one that can hold the daemon's event loop: a
+    background thread at nice 15-19 or under SCHED_IDLE that holds the GIL while a busy trainer has its core
+    keeps every other thread of the daemon waiting. True when it said so. The daemon calls it at start."""
+    if nice != BACKGROUND_IDLE and int(nice) < STALLING_NICE:
+        return False
+    log.warning(
+        "store.background_nice_stalls",
+        background_nice=nice,
+        note="a background thread this nice that holds the GIL while a busy trainer has its core holds the "
+        "daemon's event loop with it (seconds late at a notice; the watchdog kills the daemon past 30 s)",
+        fix='to spread periodic uploads without that, set store.background_rate (e.g. "20MB") and leave '
+        "store.background_nice at 0",
+    )
+    return True
 
 
 _warned = False

@@ -12,11 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 from spotd.config import load_config
 from spotd.metrics import Metrics
 from spotd.store import Priority
-from spotd.store.pacing import BACKGROUND_NICE, CoreWait, RateLimit, lower_thread_priority, thread_run_delay
+from spotd.store.pacing import (
+    BACKGROUND_NICE,
+    CoreWait,
+    RateLimit,
+    lower_thread_priority,
+    thread_run_delay,
+    warn_if_stalling,
+)
 from spotd.store.s3 import S3Store
 from spotd.store.transfer_pool import TransferPool
 from tests.store.helpers import info
@@ -223,3 +231,18 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
     assert waited is not None and waited > 0.5, f"the threads waited {waited} of their time"
     assert estimate is not None and estimate <= elapsed * (1 - waited) + 0.01, (estimate, elapsed, waited)
     assert held_back == waited  # what a request's estimate says of the rate (the median of one upload)
+
+
+@pytest.mark.parametrize(
+    ("nice", "warned"), [(0, False), (10, False), (14, False), (15, True), (19, True), ("idle", True)]
+)
+def test_a_nice_value_that_can_stall_the_daemon_is_said(nice, warned) -> None:
+    """store.background_nice at 15-19 or "idle" can hold the daemon's event loop for seconds (a thread that
+    nice holding the GIL without a core): the daemon says so at start, with the setting that spreads uploads
+    without it; the default and moderate values say nothing."""
+    with structlog.testing.capture_logs() as logs:
+        assert warn_if_stalling(nice) is warned
+    said = [e for e in logs if e["event"] == "store.background_nice_stalls"]
+    assert len(said) == int(warned)
+    if warned:
+        assert said[0]["log_level"] == "warning" and "store.background_rate" in said[0]["fix"]
