@@ -78,6 +78,7 @@ class UploadEstimate:
             "fits": self.fits,
             "rate_capped": self.capped,
             "rate_core_wait": None if self.core_wait is None else round(self.core_wait, 3),
+            "rate_cpu_starved": self.cpu_starved,
         }
 
     def frame_fields(self) -> dict[str, Any]:

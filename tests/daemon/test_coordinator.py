@@ -173,7 +173,7 @@ async def test_a_rate_from_uploads_held_back_by_the_trainer_says_so(make):
         episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=3))
     assert episode is not None and episode.upload is not None and episode.upload.cpu_starved
     (line,) = [e for e in logs if e["event"] == "checkpoint.requested"]
-    assert line["rate_core_wait"] == 0.6
+    assert line["rate_core_wait"] == 0.6 and line["rate_cpu_starved"] is True
     (warning,) = [e for e in logs if e["event"] == "checkpoint.deadline_at_risk"]
     assert "waited for a core 60% of their time" in warning["fix"]
     assert "store.background_nice" in warning["fix"]
