@@ -14,8 +14,10 @@ run_delay: the part of the slowdown the upload's CPU causes, free of the VM's sp
 
 * ``alone``: no upload (measured right before every upload);
 * ``plain``: background threads as nice as the daemon, no cap (what spotd did before item 5);
-* ``default``: what spotd does unconfigured (``store.background_nice = 0``: threads at nice 0, as nice as
-  a trainer started plainly, below the daemon's -5);
+* ``default``: what spotd does unconfigured: threads at nice 0 (``store.background_nice``: as nice as a
+  trainer started plainly, below the daemon's -5), giving way to the training loop's process
+  (``store.yield_to_trainer = 0.05``: fewer parts at once while the loop waits for a core);
+* ``noyield``: at nice 0 without giving way (``store.yield_to_trainer = 0``: spotd's default before it);
 * ``nice5``: at nice 5 (10 nicer than the daemon: spotd's default before item 5 was worked);
 * ``nice``: at nice 19 (``store.background_nice = 19``), no cap;
 * ``cap``: as nice as the daemon, and ``store.background_rate = --rate``;
@@ -74,8 +76,8 @@ from benchlib import (  # noqa: E402
 from spotd.tools.testing import LineReader, start_moto  # noqa: E402
 
 BUCKET = "bench"
-CONFIGS = ("plain", "default", "nice5", "nice", "cap", "nice+cap", "idle")
-DEFAULT_CONFIGS = "plain,default,nice,cap"
+CONFIGS = ("plain", "default", "noyield", "nice5", "nice", "cap", "nice+cap", "idle")
+DEFAULT_CONFIGS = "plain,default,noyield,nice,cap"
 PLACEMENTS = {"shared": ("shared",), "pinned": ("pinned",), "both": ("shared", "pinned")}
 
 
@@ -93,6 +95,7 @@ def uploader_main(argv: list[str]) -> int:
     p.add_argument("--size-mb", type=int, required=True)
     p.add_argument("--rate", required=True)
     p.add_argument("--work", required=True)
+    p.add_argument("--trainer-pid", type=int, required=True)
     args = p.parse_args(argv)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, -5)  # spotd.service's Nice=-5
@@ -102,6 +105,7 @@ def uploader_main(argv: list[str]) -> int:
     from spotd.config import parse_rate
     from spotd.store.pacing import BACKGROUND_IDLE, BACKGROUND_NICE, CoreWait, Niceness
     from spotd.store.s3 import S3Store
+    from spotd.store.trainer_yield import YIELD_SLOWDOWN
 
     ckdir = Path(args.work) / "ckpt"
     (ckdir / "model").mkdir(parents=True, exist_ok=True)
@@ -112,15 +116,16 @@ def uploader_main(argv: list[str]) -> int:
     rate = parse_rate(args.rate)
 
     async def run() -> None:
-        # (nice, rate) of every configuration; "default" is what spotd does unconfigured.
-        settings: dict[str, tuple[Niceness | None, int | None]] = {
-            "plain": (None, None),
-            "default": (BACKGROUND_NICE, None),
-            "nice5": (5, None),
-            "nice": (19, None),
-            "nice+cap": (19, rate),
-            "cap": (None, rate),
-            "idle": (BACKGROUND_IDLE, None),
+        # (nice, rate, yield) of every configuration; "default" is what spotd does unconfigured.
+        settings: dict[str, tuple[Niceness | None, int | None, float | None]] = {
+            "plain": (None, None, None),
+            "default": (BACKGROUND_NICE, None, YIELD_SLOWDOWN),
+            "noyield": (BACKGROUND_NICE, None, None),
+            "nice5": (5, None, None),
+            "nice": (19, None, None),
+            "nice+cap": (19, rate, None),
+            "cap": (None, rate, None),
+            "idle": (BACKGROUND_IDLE, None, None),
         }
         stores = {
             name: S3Store(
@@ -129,19 +134,27 @@ def uploader_main(argv: list[str]) -> int:
                 endpoint_url=args.endpoint,
                 background_nice=nice,
                 background_rate=cap,
+                yield_to_trainer=yield_to,
             )
-            for name, (nice, cap) in settings.items()
+            for name, (nice, cap, yield_to) in settings.items()
         }
         print(json.dumps({"event": "ready", "daemon_nice": daemon_nice}), flush=True)
         step = 0
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, sys.stdin.readline):
-            config = line.split()[1]
+            verb, config = line.split()
+            store = stores[config]
+            if verb == "mark":
+                # As the daemon does when the trainer connects: what it waits from now on is its wait
+                # alone (the other configurations' uploads, in between here, are not its baseline).
+                store.set_trainers(())
+                store.set_trainers((args.trainer_pid,))
+                continue
             step += 1
             # A new file each time: unchanged-file detection would otherwise copy it server-side.
             await asyncio.to_thread(_touch, ckdir / "model" / "model.pt")
-            store = stores[config]
             started, cpu0, waited0 = time.monotonic(), _self_cpu(), store.core_wait_totals()
+            yielded0 = store.yielded_seconds()
             info = commit_info(step, final=False, job_id="bg", reason="periodic")
             lags: list[float] = []
             ticker = asyncio.ensure_future(_tick(lags))
@@ -161,6 +174,9 @@ def uploader_main(argv: list[str]) -> int:
                         # What the deadline estimate would use: the moving median of this store's uploads,
                         # their threads' wait for a core left out.
                         "core_wait": CoreWait.share(waited0, store.core_wait_totals()),
+                        "yielded": CoreWait.share(
+                            (waited0[0], yielded0), (store.core_wait_totals()[0], store.yielded_seconds())
+                        ),
                         "estimate_mbps": None if estimate is None else args.size_mb / estimate,
                         "loop_lag_p99": lags[int(len(lags) * 0.99)] if lags else 0.0,
                         "loop_lag_max": lags[-1] if lags else 0.0,
@@ -176,7 +192,7 @@ def uploader_main(argv: list[str]) -> int:
 
 
 #: How often the uploader's event loop is asked to wake during a commit (its lateness is the lag).
-TICK_S = 0.01
+TICK_S = 0.05
 
 
 async def _tick(lags: list[float]) -> None:
@@ -324,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     ).client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket=BUCKET)
     cmd = [sys.executable, __file__, "_upload", "--endpoint", endpoint, "--size-mb", str(args.size_mb)]
-    cmd += ["--rate", args.rate, "--work", str(work)]
+    cmd += ["--rate", args.rate, "--work", str(work), "--trainer-pid", str(os.getpid())]
     up = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env())
     assert up.stdin is not None and up.stdout is not None
     lines = LineReader(up.stdout)
@@ -362,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                 for config in configs[turn:] + configs[:turn]:
                     what = f"background: {placement} {config} rep {rep + 1}/{args.reps}"
                     progress(f"{what} started")
+                    up.stdin.write(f"mark {config}\n")
+                    up.stdin.flush()
                     # The loop alone right before each upload: the machine's other load moves both alike.
                     with Window() as quiet:
                         alone = statistics.median(trainer.steps_for(args.alone_steps))
@@ -388,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                         "upload_s": result["seconds"],
                         "upload_cpu": result["cpu"],
                         "core_wait": result["core_wait"],
+                        "yielded": result["yielded"],
                         "estimate_mbps": result["estimate_mbps"],
                         "loop_lag_p99": result["loop_lag_p99"],
                         "loop_lag_max": result["loop_lag_max"],
@@ -438,6 +457,7 @@ def report(doc: dict[str, Any]) -> str:
                     upload_s,
                     f"{params['size_mb'] / upload_s:.0f}",
                     f"{median(got, 'core_wait'):.0%}",
+                    f"{median(got, 'yielded'):.0%}",
                     f"{median(got, 'estimate_mbps'):.0f}",
                     f"{median(got, 'loop_lag_p99') * 1000:.0f} / {median(got, 'loop_lag_max') * 1000:.0f}",
                     median(got, "upload_cpu"),
@@ -456,6 +476,7 @@ def report(doc: dict[str, Any]) -> str:
         "upload s",
         "MB/s",
         "upload threads waiting for a core",
+        "upload threads giving way",
         "MB/s the deadline estimate uses",
         "uploader's event loop late, p99 / max ms",
         "uploader CPU s",
@@ -473,7 +494,8 @@ def report(doc: dict[str, Any]) -> str:
         f"{params['reps']}; "
         "ratio = median step during the upload / median step of the loop alone just before it (per "
         "repetition, then the median of those ratios). plain = "
-        "background threads as nice as the daemon; default = at nice 0 (spotd's default); nice5 / nice = "
+        "background threads as nice as the daemon; default = at nice 0, giving way to the loop (spotd's "
+        "default); noyield = at nice 0 without giving way; nice5 / nice = "
         "at nice 5 / 19; idle = SCHED_IDLE; cap = plain + store.background_rate, nice+cap = nice 19 + it, at "
         f"{params['rate']}. shared = every process on every core (moto, at nice "
         f"19, competes with the loop); pinned = {pinned}. Batch {doc['batch']}, torch threads "
@@ -482,6 +504,8 @@ def report(doc: dict[str, Any]) -> str:
         "on-CPU share ratio = (1 - waiting alone) / (1 - waiting during): the slowdown the upload's CPU "
         "explains, which the VM's own speed swings (the step ratio's noise) do not move. Upload threads "
         "waiting = the share of the background transfer threads' time they were runnable without a core; "
+        "giving way = the share they were held back while the loop waited for a core "
+        "(store.yield_to_trainer); "
         "MB/s the deadline estimate uses = the store's moving median after the upload, that wait left out "
         "(compare with plain's MB/s: an emergency upload runs at the daemon's priority). Event loop late = "
         f"how late the uploader's asyncio loop woke from {TICK_S * 1000:.0f} ms sleeps during the upload "

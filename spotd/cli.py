@@ -139,6 +139,8 @@ def render_status(s: dict[str, Any]) -> str:
                 verdict += " (rate measured under store.background_rate)"
             if upload.get("rate_cpu_starved"):
                 verdict += " (rate measured while the trainer held the cores)"
+            if upload.get("rate_yielded"):
+                verdict += " (rate measured while periodic uploads gave way to the trainer)"
             rows.append(
                 (
                     "upload",

@@ -122,6 +122,10 @@ class StoreConfig:
     #: The nice value (0-19) periodic transfer threads run at, or "idle" (SCHED_IDLE: a core only when
     #: nothing else wants one). Emergency uploads run at the daemon's own priority. s3:// only.
     background_nice: int | str = 0
+    #: How much slower periodic uploads may make a connected trainer: 0.05 lets its threads wait for a core
+    #: up to 5 % more of their time than before the upload; more, and fewer parts go at once
+    #: (spotd.store.trainer_yield). 0 turns it off. Emergency uploads never yield. s3:// only.
+    yield_to_trainer: float = 0.05
     #: Upload an emergency checkpoint's parts while the trainer writes it (it announces the file first):
     #: s3:// only; the commit still waits for ``saved`` and checks every byte against the final file.
     overlap: bool = True
@@ -442,6 +446,13 @@ def _validate(cfg: Config) -> None:
             "use 0 (the default: a plainly started trainer's), 10, 19 (the lowest that still runs), or "
             '"idle" (SCHED_IDLE)',
         ),
+    )
+    need(
+        0 <= cfg.store.yield_to_trainer < 1,
+        "store.yield_to_trainer",
+        f"{cfg.store.yield_to_trainer} is not a share from 0 to 1",
+        "use 0.05 (the default: a trainer at most 5 % slower while a periodic upload runs), or 0 to never "
+        "hold periodic uploads back",
     )
     for key, parse, value, fix in parsed:
         try:

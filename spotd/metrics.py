@@ -98,6 +98,7 @@ class Metrics:
 
     __slots__ = (
         "background_core_wait",
+        "background_yielded",
         "checkpoint_failures",
         "checkpoint_requests",
         "checkpoint_seconds",
@@ -239,6 +240,13 @@ class Metrics:
             "Share of the last background upload's transfer-thread time spent runnable without a core (a "
             "trainer keeping the cores busy; more at a high store.background_nice). "
             "spotd_upload_throughput_bytes_per_second leaves it out.",
+            registry=r,
+        )
+        self.background_yielded = Gauge(
+            "spotd_background_yielded_ratio",
+            "Share of the last background upload's transfer-thread time held back to give the trainers "
+            "their cores (store.yield_to_trainer). An upload held back 10% or more does not set "
+            "spotd_upload_throughput_bytes_per_second while others were not.",
             registry=r,
         )
         self.emergency_upload_estimate = Gauge(

@@ -48,6 +48,8 @@ def test_a_request_shows_whether_its_upload_fits():
     assert "110.0 s left: fits" in fits and "rate measured" not in fits
     held = render_status(status(**common, outstanding=["train"], upload={**upload, "rate_cpu_starved": True}))
     assert "AT RISK: will not fit (rate measured while the trainer held the cores)" in held
+    gave_way = render_status(status(**common, outstanding=["train"], upload={**upload, "rate_yielded": True}))
+    assert "AT RISK: will not fit (rate measured while periodic uploads gave way to the trainer)" in gave_way
     unknown = render_status(
         status(**common, outstanding=["train"], upload={**upload, "estimate_seconds": None})
     )

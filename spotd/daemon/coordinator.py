@@ -446,6 +446,7 @@ class Coordinator:
     async def on_ready(self, session: Session) -> None:
         if session.role == "trainer":
             self._placement(session)
+            self._trainers_changed()
         if session.role == "trainer" and not self._training_seen:
             self._training_seen = True
             self._sinks.emit(SessionEventKind.TRAINING, trainer=session.name)
@@ -457,6 +458,11 @@ class Coordinator:
         if session.id not in episode.asked:
             episode.asked[session.id] = session.name
         await self._ipc.send(session, episode.frame())
+
+    def _trainers_changed(self) -> None:
+        """Periodic uploads give way to the trainers connected now (``store.yield_to_trainer``)."""
+        if self._ipc is not None:
+            self._store.set_trainers(s.peer_pid for s in self._ipc.trainers if s.peer_pid)
 
     async def on_writing(self, session: Session, frame: dict[str, Any]) -> None:
         asked = (
@@ -642,6 +648,8 @@ class Coordinator:
 
     def on_disconnect(self, session: Session) -> None:
         self._overlap.drop(session)
+        if session.role == "trainer":
+            self._trainers_changed()
         episode = self.current
         if episode is None or session.id not in episode.asked:
             # Kept while an episode asked it: a shared save of its node may still answer for it.

@@ -56,6 +56,9 @@ class UploadEstimate:
     capped: bool = False
     #: The median share of their time the measured uploads' threads waited for a core (None: unknown).
     core_wait: float | None = None
+    #: Every measured upload was held back to give the trainer its cores (``store.yield_to_trainer``):
+    #: an emergency upload, which never is, may be faster than this says.
+    yielded: bool = False
 
     @property
     def cpu_starved(self) -> bool:
@@ -79,6 +82,7 @@ class UploadEstimate:
             "rate_capped": self.capped,
             "rate_core_wait": None if self.core_wait is None else round(self.core_wait, 3),
             "rate_cpu_starved": self.cpu_starved,
+            "rate_yielded": self.yielded,
         }
 
     def frame_fields(self) -> dict[str, Any]:
@@ -97,6 +101,7 @@ class UploadEstimate:
             "fits": self.fits,
             "rate_capped": self.capped,
             "rate_cpu_starved": self.cpu_starved,
+            "rate_yielded": self.yielded,
         }
 
 
@@ -150,6 +155,7 @@ class UploadBudget:
             bytes_per_second=rate,
             capped=bool(cap and rate and rate >= _CAPPED_SHARE * cap),
             core_wait=self._store.background_core_wait,
+            yielded=self._store.background_yielded,
         )
         if seconds is not None:
             self._metrics.request_upload_estimate.set(seconds)
@@ -172,6 +178,12 @@ class UploadBudget:
                 "their time (store.background_nice gives the trainer the cores first), and an emergency "
                 "upload runs at the daemon's priority: lower store.background_nice (0 is the default) if "
                 "this warning is wrong"
+            )
+        if estimate.yielded:
+            fix += (
+                "; the periodic uploads the rate comes from gave way to a busy trainer "
+                "(store.yield_to_trainer), which an emergency upload does not: this warning may be wrong, "
+                "and one periodic upload while the trainer waits on its GPU or its data measures the wire"
             )
         log.warning(
             "checkpoint.deadline_at_risk",

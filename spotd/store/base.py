@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +49,7 @@ from spotd.store.selection import (
     valid_name,
 )
 from spotd.store.tasks import gather_or_cancel
-from spotd.store.throughput import Throughput
+from spotd.store.throughput import HELD_SHARE, Throughput
 from spotd.store.transfer_pool import early_parts
 
 if TYPE_CHECKING:
@@ -93,6 +94,8 @@ class _Put:
     files_copied: int
     #: BACKGROUND only: the share of its transfer threads' time spent waiting for a core.
     core_wait: float | None = None
+    #: BACKGROUND only: the share of it they were held back to give a busy trainer its cores.
+    yielded: float | None = None
 
     def entries(self, files: Sequence[LocalFile]) -> tuple[FileEntry, ...]:
         """The manifest's entries of ``files``, with the checksums the put reported."""
@@ -108,6 +111,8 @@ class _Put:
         }
         if self.core_wait is not None:
             fields["core_wait"] = round(self.core_wait, 3)
+        if self.yielded is not None:
+            fields["yielded"] = round(self.yielded, 3)
         return fields
 
 
@@ -424,6 +429,34 @@ class BaseStore(ABC):
         12 MB/s estimated where an unstarved upload made 58)."""
         return self._throughput.core_wait()
 
+    @property
+    def background_yielded(self) -> bool:
+        """The rate :meth:`estimate_seconds` says was measured only from periodic uploads held back to give
+        a busy trainer its cores (``store.yield_to_trainer``), which an emergency upload is not: it may be
+        faster than the estimate. While some upload was not held back, the rate comes from those alone."""
+        return self._throughput.held()
+
+    async def hash_local(self, f: LocalFile, priority: Priority) -> tuple[int, str]:
+        """(size, checksum) of ``f`` as it is on disk, read for the unchanged-file check
+        (:meth:`run_reading`: a BACKGROUND one gives way to the trainer like the upload it may save)."""
+        return await self.run_reading(priority, functools.partial(hash_file, f.path, self.algo), f.size)
+
+    async def run_reading(self, priority: Priority, fn: Callable[[], T], nbytes: int) -> T:
+        """``fn()``, which reads ``nbytes`` of a checkpoint without sending them, on the store's executor;
+        a backend with background threads of its own runs a BACKGROUND one there."""
+        return await self.run(fn)
+
+    def yielded_seconds(self) -> float:
+        """Seconds background transfers were held back to give the trainers their cores so far, summed over
+        their threads (a part of :meth:`core_wait_totals`' busy time); 0 for a backend that never is."""
+        return 0.0
+
+    def set_trainers(self, pids: Iterable[int]) -> None:
+        """The trainers connected now (their pids, from SO_PEERCRED): periodic transfers give way to them
+        where the backend can (``store.yield_to_trainer``); the daemon calls it as they come and go. A
+        backend without background threads of its own holds nothing back."""
+        return None
+
     def core_wait_totals(self) -> tuple[float, float]:
         """(busy, waited) seconds of background transfers so far, summed over their threads: wall time, and
         the part of it spent runnable without a core (:class:`~spotd.store.pacing.CoreWait`). (0, 0) for a
@@ -718,7 +751,7 @@ class BaseStore(ABC):
                     return streamed_sum, False
             same_size = by_size.get(f.size)
             if same_size:
-                size, checksum = await self.run(hash_file, f.path, self.algo)
+                size, checksum = await self.hash_local(f, priority)
                 src = same_size.get(checksum) if size == f.size else None
                 if src is not None and await self._copied(src, key, f, checksum, priority):
                     if progress is not None:
@@ -726,23 +759,26 @@ class BaseStore(ABC):
                     return checksum, True
             return await self.upload_file(f, key, priority, progress, siblings=len(files)), False
 
-        started, waited0 = time.monotonic(), self.core_wait_totals()
+        started, waited0, yielded0 = time.monotonic(), self.core_wait_totals(), self.yielded_seconds()
         done = await gather_or_cancel([one(f) for f in files])
         copied = [f for f, (_, c) in zip(files, done, strict=True) if c]
         nbytes = sum(f.size for f in files)
         ncopied = sum(f.size for f in copied)
         if any(f.size in by_size for f in files):
             self._copy_paid[kind] = bool(copied)
-        core_wait = None
+        core_wait = yielded = None
         if priority is Priority.BACKGROUND:
-            core_wait = CoreWait.share(waited0, self.core_wait_totals())
-            self._measured(nbytes - ncopied, time.monotonic() - started, core_wait)
+            totals = self.core_wait_totals()
+            core_wait = CoreWait.share(waited0, totals)
+            yielded = CoreWait.share((waited0[0], yielded0), (totals[0], self.yielded_seconds()))
+            self._measured(nbytes - ncopied, time.monotonic() - started, core_wait, yielded)
         return _Put(
             checksums=[c for c, _ in done],
             sent=nbytes - ncopied,
             copied=ncopied,
             files_copied=len(copied),
             core_wait=core_wait,
+            yielded=yielded,
         )
 
     async def _copied(self, src: str, key: str, f: LocalFile, checksum: str, priority: Priority) -> bool:
@@ -757,16 +793,20 @@ class BaseStore(ABC):
             return False
         return got is not None
 
-    def _measured(self, sent: int, seconds: float, core_wait: float) -> None:
+    def _measured(self, sent: int, seconds: float, core_wait: float, yielded: float = 0.0) -> None:
         """A background commit's files went out in ``seconds``, its transfer threads waiting for a core a
         ``core_wait`` share of their time: the rate without that waiting joins the moving median. At
         ``store.background_nice`` a trainer that keeps every core busy holds a periodic upload back, while an
         emergency one runs at the daemon's priority once the trainer has stopped to save; counting the wait
-        would make every estimate pessimistic. EMERGENCY commits are not measured: they take every slot and
-        preempt the rest, so they would overstate what a periodic gets."""
+        would make every estimate pessimistic. One held back to give the trainers their cores a ``yielded``
+        share of its threads' time (:data:`~spotd.store.throughput.HELD_SHARE` or more) is kept apart: it
+        measured the trainer, not the wire (:meth:`background_yielded`). EMERGENCY commits are not measured:
+        they take every slot and preempt the rest, so they would overstate what a periodic gets."""
         if self._metrics is not None:
             self._metrics.background_core_wait.set(core_wait)
-        if self._throughput.record(sent, seconds, core_wait) and self._metrics is not None:
+            self._metrics.background_yielded.set(yielded)
+        held = yielded >= HELD_SHARE
+        if self._throughput.record(sent, seconds, core_wait, held=held) and self._metrics is not None:
             rate = self._throughput.bytes_per_second()
             if rate is not None:
                 self._metrics.upload_throughput.set(rate)

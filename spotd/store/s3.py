@@ -12,10 +12,10 @@ priorities, checksum combining and the fault tests.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import botocore.exceptions
@@ -38,6 +38,7 @@ from spotd.store.pacing import BACKGROUND_NICE, Niceness
 from spotd.store.s3_transfer import BUFFER_CAP, S3_ALGORITHM, WHOLE_MAX, FileTransfers, read_all
 from spotd.store.selection import valid_name
 from spotd.store.stream import GrowingUpload
+from spotd.store.trainer_yield import YIELD_SLOWDOWN, TrainerYield
 from spotd.store.transfer_pool import TransferPool, early_parts
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from spotd.metrics import Metrics
 
 __all__ = ["S3Store"]
+
+T = TypeVar("T")
 
 log = get_logger("spotd.store")
 
@@ -73,13 +76,17 @@ class S3Store(BaseStore):
         read_timeout_s: float = 60.0,
         background_rate: int | None = None,
         background_nice: Niceness | None = BACKGROUND_NICE,
+        yield_to_trainer: float | None = YIELD_SLOWDOWN,
     ) -> None:
         """``request_attempts``: tries of one S3 request, botocore's retries included (the only request
         retry there is). ``body_read_attempts``: GETs of one object or range whose answer broke off
         mid-body (see :mod:`spotd.store.s3_transfer`). ``background_rate``: bytes/s all BACKGROUND
         transfers together may send (``store.background_rate``; None: no cap); EMERGENCY ones are never
         capped. ``background_nice``: the nice value background transfer threads run at
-        (``store.background_nice``; "idle": SCHED_IDLE; None: the daemon's own, which benchmarks compare)."""
+        (``store.background_nice``; "idle": SCHED_IDLE; None: the daemon's own, which benchmarks compare).
+        ``yield_to_trainer``: how much slower periodic transfers may make the trainers :meth:`set_trainers`
+        names (``store.yield_to_trainer``, see :mod:`spotd.store.trainer_yield`; None or 0: they do not
+        give way)."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc:
             raise StoreError(
@@ -103,6 +110,7 @@ class S3Store(BaseStore):
             thread_name="spotd-s3",
             background_rate=background_rate,
             background_nice=background_nice,
+            yield_to_trainer=yield_to_trainer,
         )
         self._request_attempts = request_attempts
         self._client: Any = s3_client(
@@ -149,6 +157,7 @@ class S3Store(BaseStore):
             request_attempts=request_attempts_from_env(),
             background_rate=s.background_bytes_per_second,
             background_nice=s.background_niceness,
+            yield_to_trainer=s.yield_to_trainer,
         )
 
     def _full(self, key: str) -> str:
@@ -165,6 +174,23 @@ class S3Store(BaseStore):
 
     def core_wait_totals(self) -> tuple[float, float]:
         return self._pool.core_wait.totals()
+
+    async def run_reading(self, priority: Priority, fn: Callable[[], T], nbytes: int) -> T:
+        if priority is not Priority.BACKGROUND:
+            return await super().run_reading(priority, fn, nbytes)
+        return await self._pool.run(priority, fn, nbytes=nbytes, sends=False)
+
+    def yielded_seconds(self) -> float:
+        return 0.0 if self._pool.yielding is None else self._pool.yielding.yielded_s
+
+    def set_trainers(self, pids: Iterable[int]) -> None:
+        if self._pool.yielding is not None:
+            self._pool.yielding.trainers(pids)
+
+    @property
+    def yielding(self) -> TrainerYield | None:
+        """The window periodic transfers are held to while trainers wait for a core (None: no yielding)."""
+        return self._pool.yielding
 
     @property
     def pauses(self) -> int:

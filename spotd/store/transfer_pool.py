@@ -5,11 +5,12 @@ most one part's time); a background upload resumes with its next part afterwards
 Emergency transfers have their own slots, so they never wait behind background ones.
 
 The two classes also run on threads of their own. Background threads are reniced once, when they start
-(:func:`~spotd.store.pacing.lower_thread_priority`), and paced by ``background_rate``
-(:class:`~spotd.store.pacing.RateLimit`) before each part: hashing and sending a periodic checkpoint give
-the training process the cores it wants. An emergency transfer never lands on one of those threads (an
-unprivileged thread cannot get its priority back), and is never paced. How long background transfers
-waited for a core is counted (:class:`~spotd.store.pacing.CoreWait`).
+(:func:`~spotd.store.pacing.lower_thread_priority`). Before each part they are held to the window that
+:class:`~spotd.store.trainer_yield.TrainerYield` sets from the trainers' own wait for a core, and paced by
+``background_rate`` (:class:`~spotd.store.pacing.RateLimit`): hashing and sending a periodic checkpoint
+give the training process the cores it wants. An emergency transfer never lands on one of those threads
+(an unprivileged thread cannot get its priority back), and is never held or paced. How long background
+transfers waited for a core is counted (:class:`~spotd.store.pacing.CoreWait`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Final, TypeVar
 from spotd.store.api import Priority
 from spotd.store.pacing import BACKGROUND_NICE, CoreWait, Niceness, RateLimit, lower_thread_priority
 from spotd.store.tasks import settle_on_cancel
+from spotd.store.trainer_yield import TrainerYield
 
 __all__ = ["EARLY_PARTS_PER_CORE", "TransferPool", "early_parts"]
 
@@ -47,8 +49,10 @@ def early_parts(limit: int, cores: int | None = None) -> int:
 class TransferPool:
     """Transfer slots with priorities, and the threads the transfers run on: emergency parts use their own
     ``limit`` slots and threads; background parts share what is left, start none while an emergency runs,
-    and run on ``limit`` threads of their own, reniced to ``background_nice`` and paced by
-    ``background_rate`` (bytes/s, None: no cap). The slot bookkeeping is single-threaded (event loop only)."""
+    and run on ``limit`` threads of their own, reniced to ``background_nice``, paced by ``background_rate``
+    (bytes/s, None: no cap) and, with ``yield_to_trainer`` (the slowdown a trainer may see; None: no
+    yielding), held to the window :attr:`yielding` sets. The slot bookkeeping is single-threaded (event loop
+    only)."""
 
     __slots__ = (
         "_bg",
@@ -61,6 +65,7 @@ class TransferPool:
         "emergencies",
         "pace",
         "pauses",
+        "yielding",
     )
 
     def __init__(
@@ -70,6 +75,7 @@ class TransferPool:
         thread_name: str = "spotd-transfer",
         background_rate: int | None = None,
         background_nice: Niceness | None = BACKGROUND_NICE,
+        yield_to_trainer: float | None = None,
     ) -> None:
         self._limit = limit
         self._em = 0
@@ -87,6 +93,9 @@ class TransferPool:
         )
         #: The background cap (None: none); its ``granted`` counts the bytes it let through.
         self.pace = None if background_rate is None else RateLimit(bytes_per_second=background_rate)
+        #: The window of background parts the trainers' wait for a core sets (None: not yielding); the
+        #: daemon tells it who the trainers are.
+        self.yielding = None if not yield_to_trainer else TrainerYield(slowdown=yield_to_trainer, limit=limit)
         #: Background transfers' wall time and the part of it their threads waited for a core.
         self.core_wait = CoreWait()
         self.emergencies = 0
@@ -136,9 +145,12 @@ class TransferPool:
         *,
         nbytes: int = 0,
         stop: threading.Event | None = None,
+        sends: bool = True,
     ) -> T:
         """``fn()`` on a transfer thread of ``priority`` once a slot of it is free; a background ``fn``
-        that sends ``nbytes`` first waits for them to fit under ``background_rate``. With ``stop`` (which
+        that handles ``nbytes`` first waits for the trainers' window (:attr:`yielding`) and, if it
+        ``sends`` them (rather than only reading them, as hashing does), for them to fit under
+        ``background_rate``. With ``stop`` (which
         ``fn`` watches), a cancellation waits for ``fn`` to return
         (:func:`~spotd.store.tasks.settle_on_cancel`), and the slot stays taken until then."""
         await self._acquire(priority)
@@ -147,16 +159,23 @@ class TransferPool:
             if priority is Priority.EMERGENCY:
                 fut = loop.run_in_executor(self._em_threads, fn)
             else:
-                paced = functools.partial(self._paced, fn, nbytes)
+                paced = functools.partial(self._paced, fn, nbytes, sends)
                 fut = loop.run_in_executor(self._bg_threads, self.core_wait.timed, paced)
             return await (fut if stop is None else settle_on_cancel(fut, stop))
         finally:
             self._release(priority)
 
-    def _paced(self, fn: Callable[[], T], nbytes: int) -> T:
-        if self.pace is not None and nbytes > 0:
-            self.pace.take(nbytes)
-        return fn()
+    def _paced(self, fn: Callable[[], T], nbytes: int, sends: bool) -> T:
+        if nbytes <= 0:
+            return fn()
+        started = None if self.yielding is None else self.yielding.enter()
+        try:
+            if self.pace is not None and sends:
+                self.pace.take(nbytes)
+            return fn()
+        finally:
+            if self.yielding is not None and started is not None:
+                self.yielding.exit(started)
 
     def detach(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on a background transfer thread without a slot and without waiting for it."""
@@ -173,5 +192,7 @@ class TransferPool:
 
     def shutdown(self) -> None:
         """Wait for the transfer threads to finish (blocking)."""
+        if self.yielding is not None:
+            self.yielding.close()
         self._em_threads.shutdown(wait=True)
         self._bg_threads.shutdown(wait=True)

@@ -180,6 +180,26 @@ async def test_a_rate_from_uploads_held_back_by_the_trainer_says_so(make):
     assert h.coordinator.status()["request"]["upload"]["rate_cpu_starved"] is True
 
 
+async def test_a_rate_from_uploads_that_gave_way_to_the_trainer_says_so(make):
+    """Every periodic upload the rate comes from gave way to a busy trainer (store.yield_to_trainer;
+    tests/store/test_trainer_yield.py makes that happen for real): the request says the rate is the
+    trainer's (log line, status), and the at-risk warning says an emergency upload does not give way."""
+    h = make()
+    trainer = h.channel.connect("rank0", rank=0)
+    await measured(h, trainer)
+    h.store._throughput._samples.clear()
+    for _ in range(2):
+        assert h.store._throughput.record(16 * 1024 * 1024, 30.0, held=True)
+    with structlog.testing.capture_logs() as logs:
+        episode = await h.coordinator.handle_notice(spot(h.time.wall(), in_s=3))
+    assert episode is not None and episode.upload is not None and episode.upload.yielded
+    (line,) = [e for e in logs if e["event"] == "checkpoint.requested"]
+    assert line["rate_yielded"] is True and line["rate_cpu_starved"] is False
+    (warning,) = [e for e in logs if e["event"] == "checkpoint.deadline_at_risk"]
+    assert "store.yield_to_trainer" in warning["fix"] and "does not" in warning["fix"]
+    assert h.coordinator.status()["request"]["upload"]["rate_yielded"] is True
+
+
 async def test_every_trainer_is_sized_by_its_own_newest_checkpoint(make):
     """Two ranks, each with a measured 16 MiB checkpoint: the request prices 32 MiB, what both will send."""
     h = make()

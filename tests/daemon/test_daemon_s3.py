@@ -113,3 +113,26 @@ def test_store_trouble_at_boot_is_waited_out(
     retries = d.logs.events("startup.store_retry")
     assert retries and all(r["error"] and r["fix"] for r in retries)
     assert d.proc.poll() is None and d.logs.events("daemon.ready")
+
+
+def test_periodic_uploads_give_way_to_the_trainers_connected(
+    imds_sim: Any, spotd_daemon: Any, trainer_procs: Any, s3_bucket: S3Bucket
+) -> None:
+    """The daemon tells its S3 store who the trainers are as they come and go (their pid from SO_PEERCRED),
+    so periodic uploads give way to them (store.yield_to_trainer); gone, nothing is held back."""
+    d = spotd_daemon(imds_sim.url, store_uri=s3_bucket.uri(), endpoint_url=s3_bucket.endpoint_url)
+    t = trainer_procs(d.socket, "solo", "--steps", "30", "--periodic-every", "20")
+    wait_until(
+        lambda: [e for e in d.logs.events("store.yielding_to") if e["pids"] == [t.proc.pid]],
+        timeout_s=20,
+        what="the store told the trainer's pid",
+    )
+    assert t.proc.wait(30) == 0
+    wait_until(
+        lambda: d.logs.events("store.yielding_to")[-1]["pids"] == [],
+        timeout_s=20,
+        what="the store told the trainer is gone",
+    )
+    (durable,) = t.events("durable")
+    assert durable["ok"] is True
+    assert d.proc.poll() is None

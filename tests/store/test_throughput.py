@@ -44,6 +44,22 @@ def test_time_spent_waiting_for_a_core_is_left_out() -> None:
     assert not t.record(100 * MIB, 1.0, core_wait=1.0)  # nothing left to measure over
 
 
+def test_uploads_held_back_for_the_trainer_are_kept_apart() -> None:
+    """An upload that gave way to the trainer measured the trainer, not the wire: while the window holds an
+    upload that did not, the rate and its core wait come from those alone; when every upload gave way, the
+    rate is theirs and :meth:`held` says so."""
+    t = Throughput()
+    assert not t.held()
+    t.record(16 * MIB, 8.0, 0.02, held=True)  # 2 MiB/s
+    assert t.held() and t.bytes_per_second() == pytest.approx(16 * MIB / 8.0 / 0.98)
+    t.record(16 * MIB, 0.5, 0.1)  # 32 MiB/s, not held
+    t.record(16 * MIB, 9.0, held=True)
+    assert not t.held()
+    assert t.bytes_per_second() == pytest.approx(16 * MIB / 0.45)
+    assert t.core_wait() == pytest.approx(0.1)
+    assert t.samples == 3
+
+
 async def test_background_commits_measure_emergency_ones_do_not(
     backend: Backend, ckdir: Path, tmp_path: Path
 ) -> None:
