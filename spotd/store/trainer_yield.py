@@ -9,9 +9,10 @@ So the daemon watches the trainers themselves. Their pids are known (SO_PEERCRED
 trainer), and the scheduler counts, for every thread, the time it ran and the time it was runnable without
 a core: ``/proc/<pid>/task/<tid>/schedstat``. :func:`trainer_cpu` sums them over the threads of each
 trainer process and of its children (DataLoader workers). The *wait share* of an interval is the part of a
-process's runnable time spent waiting. A process that waited a share ``b`` alone and ``s`` beside an upload
-ran ``(1 - b) / (1 - s)`` times slower (:func:`allowed_wait`); each is held to that against its own ``b``,
-and the most held-back one sets the window.
+process's runnable time spent waiting (of the interval, for one that mostly sleeps). A process that waited
+a share ``b`` alone and ``s`` beside an upload ran ``(1 - b) / (1 - s)`` times slower
+(:func:`allowed_wait`); each is held to that against its own ``b``, and the most held-back one sets the
+window.
 
 :class:`TrainerYield` sets how many background parts may be in flight, as TCP sets its congestion window,
 with that wait as the congestion signal:
@@ -22,8 +23,8 @@ with that wait as the congestion signal:
   more than ``slowdown`` (5 % by default). The wait they add grows with the share of the time parts run,
   so the cut aims at three quarters of the allowed wait at once: at least halved, at most to an eighth.
   The window grows by half if they were slowed by less than half the allowance (doubles under a
-  quarter), up to every transfer slot. A trainer that is hardly runnable (waiting on its GPU) is not
-  slowed.
+  quarter, quadruples under a tenth), up to every transfer slot. A trainer that is hardly runnable
+  (waiting on its GPU) is not slowed.
 * Below one part in flight, parts are spaced out: after a part that took ``t``, the next starts
   ``t * (1/level - 1)`` later (at most :data:`MAX_GAP_S`). Down to :data:`LEVEL_MIN` (one part in 32 of
   the time): a periodic upload still gets through beside a trainer that keeps every core busy.
@@ -71,10 +72,12 @@ IDLE_S: Final = 1.0
 MAX_GAP_S: Final = 10.0
 #: Trainers runnable less than this share of an interval (waiting on a GPU, on I/O) are not slowed by it.
 RUNNABLE_MIN: Final = 0.02
-#: The growth of the window per interval (fast: the trainer hardly slowed at all), the share of the allowed
-#: wait a cut aims at, and the least and most it is cut by.
+#: The growth of the window per interval (fast: the trainer hardly slowed; idle: not at all, e.g. waiting
+#: on its GPU, where a slow start would only delay the upload), the share of the allowed wait a cut aims
+#: at, and the least and most it is cut by.
 _GROW: Final = 1.5
 _GROW_FAST: Final = 2.0
+_GROW_IDLE: Final = 4.0
 _TARGET: Final = 0.75
 _CUT_LEAST: Final = 0.5
 _CUT_MOST: Final = 0.125
@@ -138,8 +141,9 @@ class _Sample:
 
 
 def _wait_shares(a: _Sample, b: _Sample) -> dict[int, float]:
-    """Each trainer process's wait share between two samples, of those runnable enough to be slowed (a
-    process hardly runnable, waiting on its GPU or on I/O, is not; nor one that came or went in between)."""
+    """Each trainer process's wait share between two samples: seconds waited over seconds runnable (or over
+    the span, if that is longer), of those runnable enough to be slowed (a process hardly runnable, waiting
+    on its GPU or on I/O, is not; nor one that came or went in between)."""
     span = b.at - a.at
     out: dict[int, float] = {}
     if span <= 0:
@@ -150,7 +154,10 @@ def _wait_shares(a: _Sample, b: _Sample) -> dict[int, float]:
         ran0, waited0 = a.procs[pid]
         ran, waited = max(0.0, ran1 - ran0), max(0.0, waited1 - waited0)
         if ran + waited >= RUNNABLE_MIN * span:
-            out[pid] = waited / (ran + waited)
+            # Of its runnable time, but never of less than the span: a process that mostly sleeps (on its
+            # GPU) and waits a little at each wake-up is slowed by that wait over the span, not over its
+            # few milliseconds of running.
+            out[pid] = waited / max(span, ran + waited)
     return out
 
 
@@ -356,6 +363,7 @@ class TrainerYield:
             self.level = max(LEVEL_MIN, self.level * cut)
             self.cuts += 1
         elif pressure < 0.5:
-            self.level = min(float(self._limit), self.level * (_GROW_FAST if pressure < 0.25 else _GROW))
+            grow = _GROW_IDLE if pressure < 0.1 else _GROW_FAST if pressure < 0.25 else _GROW
+            self.level = min(float(self._limit), self.level * grow)
             if self.level >= 1:
                 self._resume_at = 0.0
