@@ -374,6 +374,9 @@ class DirectoryUpload:
     def take(self) -> tuple[ClosedFile, ...]:
         """Stop watching; every file seen closed, for the commit to finish or abort (files not seen are
         uploaded by the commit as always)."""
+        if self._inotify is not None:
+            # Closes the event loop has not read yet (a busy machine): the saver is done, they are final.
+            self._read()
         self._stop_watching()
         files = tuple(self._files.values())
         self._files = {}

@@ -214,6 +214,22 @@ async def test_files_written_before_the_watch_began_count_as_closed(
     assert {f.path for f in m.files} == {"run/step-9/a.bin", "run/step-9/sub/b.bin"}
 
 
+async def test_closes_the_event_loop_has_not_read_yet_are_taken_at_saved(
+    store: CheckpointStore, ckdir: Path
+) -> None:
+    """On a busy machine `saved` can be handled before the event loop read the last closes from inotify:
+    they are read when the stream is taken, so those files count as seen too (the commit finishes them)."""
+    stream = await open_dir(store, ckdir, "run/step-4")
+    await write(ckdir / "run/step-4/a.bin", b"a" * 3000)
+    # No await between the write and take(): the loop has had no turn to read the close.
+    with open(ckdir / "run/step-4/b.bin", "wb") as f:  # noqa: ASYNC230 (blocking on purpose: see above)
+        f.write(b"b" * 3000)
+    taken = stream.take()
+    assert sorted(f.rel for f in taken) == ["run/step-4/a.bin", "run/step-4/b.bin"]
+    m = await store.commit(ckdir / "run/step-4", checkpoint_dir=ckdir, info=info(3), streams=taken)
+    assert {f.path for f in m.files} == {"run/step-4/a.bin", "run/step-4/b.bin"}
+
+
 async def test_until_saved_only_a_few_requests_carry_bytes_then_all_of_them(tmp_path: Path) -> None:
     """While the directory is written, at most ``early_files`` requests (parts) of its uploads run at once,
     however many files are closed; once the commit takes it (`saved`), the parts still waiting go at once."""
