@@ -17,7 +17,14 @@ from spotd.config import ConfigError, load_config
 from spotd.metrics import Metrics
 from spotd.store import Priority, trainer_yield
 from spotd.store.s3 import S3Store
-from spotd.store.trainer_yield import LEVEL_MIN, YIELD_SLOWDOWN, TrainerYield, allowed_wait, trainer_cpu
+from spotd.store.trainer_yield import (
+    LEVEL_MIN,
+    YIELD_SLOWDOWN,
+    TrainerYield,
+    allowed_wait,
+    trainer_cpu,
+    trainer_processes,
+)
 from tests.store.helpers import info
 from tests.util import wait_until
 
@@ -52,7 +59,7 @@ class Trainer:
 
 def make(limit: int = 8) -> tuple[TrainerYield, Clock, Trainer]:
     clock, trainer = Clock(), Trainer()
-    y = TrainerYield(slowdown=YIELD_SLOWDOWN, limit=limit, read=trainer.read, clock=clock)
+    y = TrainerYield(slowdown=YIELD_SLOWDOWN, limit=limit, read=trainer.read, family=list, clock=clock)
     return y, clock, trainer
 
 
@@ -228,7 +235,9 @@ def test_trainer_cpu_reads_a_trainer_and_its_children_never_this_process() -> No
         try:
             assert proc.stdout is not None
             child = int(proc.stdout.readline())
-            got = trainer_cpu([proc.pid, os.getpid()])
+            procs = trainer_processes([proc.pid, os.getpid()])
+            assert sorted(procs) == sorted([proc.pid, child])
+            got = trainer_cpu(procs)
             assert got is not None and set(got) == {proc.pid, child}
             assert all(ran > 0 and waited >= 0 for ran, waited in got.values())
         finally:
