@@ -184,8 +184,9 @@ class S3Store(BaseStore):
         return 0.0 if self._pool.yielding is None else self._pool.yielding.yielded_s
 
     def set_trainers(self, pids: Iterable[int]) -> None:
-        if self._pool.yielding is not None:
-            self._pool.yielding.trainers(pids)
+        yielding = self._pool.yielding
+        if yielding is not None and yielding.trainers(pids):
+            self._pool.detach(yielding.refresh)
 
     @property
     def yielding(self) -> TrainerYield | None:

@@ -192,8 +192,8 @@ def allowed_wait(alone: float, slowdown: float) -> float:
 
 class TrainerYield:
     """The window of background parts in flight, set from the trainers' wait for a core (see the module).
-    :meth:`enter` and :meth:`exit` run on the transfer threads around each part; :meth:`trainers` on the
-    event loop. Thread-safe."""
+    :meth:`enter` and :meth:`exit` run on the transfer threads around each part, :meth:`refresh` on one of
+    them; :meth:`trainers` on the event loop. Thread-safe."""
 
     __slots__ = (
         "_baseline",
@@ -260,21 +260,32 @@ class TrainerYield:
 
     # ---- the event loop
 
-    def trainers(self, pids: Iterable[int]) -> None:
-        """The trainers to give way to now (their pids); none: nothing is held."""
+    def trainers(self, pids: Iterable[int]) -> bool:
+        """The trainers to give way to now (their pids); none: nothing is held. True when they changed:
+        then :meth:`refresh` them, off the event loop."""
         new = frozenset(pids)
         with self._cond:
             if new == self._pids:
-                return
+                return False
             self._pids = new
-            self._procs = self._family(new) if new else []
+            self._procs = []
             log.info("store.yielding_to", pids=sorted(new), slowdown=self.slowdown)
-            self._mark = None
-            self._idle_mark = self._sample() if new else None
+            self._mark = self._idle_mark = None
             if not new:
                 self.level = float(self._limit)
                 self._resume_at = 0.0
             self._cond.notify_all()
+            return True
+
+    def refresh(self) -> None:
+        """Find the trainers' processes and start measuring their wait alone (blocking: it reads /proc, tens
+        of milliseconds for a large job; a transfer thread runs it)."""
+        with self._cond:
+            if not self._pids or self._closed:
+                return
+            self._procs = self._family(self._pids)
+            if self._in_flight + self._waiting == 0:
+                self._idle_mark = self._sample()
 
     def close(self) -> None:
         """Hold nothing from now on (the pool is shutting down)."""

@@ -65,7 +65,8 @@ def make(limit: int = 8) -> tuple[TrainerYield, Clock, Trainer]:
 
 def upload_begins(y: TrainerYield, clock: Clock, trainer: Trainer, *, waiting_alone: float) -> float:
     """The trainer connects and runs alone for 2 s, then a periodic upload lets its first part in."""
-    y.trainers([PID])
+    assert y.trainers([PID])
+    y.refresh()
     clock.now += 2.0
     trainer.runs(2.0, waiting=waiting_alone)
     return y.enter()
@@ -97,6 +98,24 @@ def test_no_trainer_no_holding_back() -> None:
             y.exit(s)
     assert y.level == 8 and y.yielded_s == 0 and y.cuts == 0
     assert not logs
+
+
+def test_naming_the_trainers_reads_nothing_refresh_does() -> None:
+    """The event loop names the trainers (reading /proc for a large job takes tens of milliseconds): that
+    reads nothing; :meth:`refresh`, on a transfer thread, finds the processes and starts the measure of
+    their wait alone. Naming the same trainers again changes nothing."""
+    reads: list[list[int]] = []
+    y = TrainerYield(
+        slowdown=YIELD_SLOWDOWN,
+        limit=8,
+        read=lambda procs: reads.append(list(procs)) or {PID: (0.0, 0.0)},
+        family=lambda pids: [*pids, 7],
+        clock=Clock(),
+    )
+    assert y.trainers([PID]) and reads == []
+    y.refresh()
+    assert reads == [[PID, 7]]
+    assert not y.trainers([PID])
 
 
 def test_a_trainer_slowed_cuts_the_window_by_how_much_and_spaces_the_parts() -> None:
@@ -190,6 +209,7 @@ def test_unreadable_trainers_hold_nothing_back_and_say_so_once() -> None:
     trainer.readable = False
     with structlog.testing.capture_logs() as logs:
         y.trainers([PID])
+        y.refresh()
         started = [y.enter() for _ in range(3)]
         for s in started:
             clock.now += 1
