@@ -386,6 +386,7 @@ class DirectoryUpload:
             rel=self.rel,
             name=self.name,
             files_seen=len(files),
+            seen=sorted(f.sub for f in files)[:20],
         )
         return files
 

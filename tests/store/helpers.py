@@ -3,9 +3,12 @@ inspect and damage, and file helpers. The fixtures built on them are in tests/st
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import filecmp
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,23 @@ from spotd.store import CheckpointStore, CommitInfo, Manifest
 from tests.fixtures.s3 import S3Bucket
 
 JOB = "job1"
+
+
+@contextlib.asynccontextmanager
+async def busy_core() -> AsyncIterator[int]:
+    """A trainer that keeps the daemon's core busy: a spinning process pinned to one core with the calling
+    thread (threads it starts inside, a store's among them, inherit the pinning); yields its pid."""
+    core = max(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+    try:
+        os.sched_setaffinity(spinner.pid, {core})
+        os.sched_setaffinity(0, {core})
+        yield spinner.pid
+    finally:
+        os.sched_setaffinity(0, mine)
+        spinner.kill()
+        await spinner.wait()
 
 
 def info(step: int | None = 1, *, rank: int | None = None, world_size: int | None = None) -> CommitInfo:

@@ -27,7 +27,7 @@ from spotd.store.pacing import (
 )
 from spotd.store.s3 import S3Store
 from spotd.store.transfer_pool import TransferPool
-from tests.store.helpers import info
+from tests.store.helpers import busy_core, info
 
 MIB = 1024 * 1024
 
@@ -204,13 +204,8 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
     ckdir = tmp_path / "ckpt"
     (ckdir / "a").mkdir(parents=True)
     (ckdir / "a" / "model.pt").write_bytes(os.urandom(9 * MIB))
-    core = max(os.sched_getaffinity(0))
-    mine = os.sched_getaffinity(0)
-    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
     metrics = Metrics()
-    try:
-        os.sched_setaffinity(spinner.pid, {core})
-        os.sched_setaffinity(0, {core})  # this thread; the store's threads, started below, inherit it
+    async with busy_core():
         store = S3Store(
             uri=s3_bucket.uri(), job_id="job1", endpoint_url=s3_bucket.endpoint_url, background_nice=19
         )
@@ -223,10 +218,6 @@ async def test_a_periodic_upload_held_back_by_a_busy_core_leaves_the_estimate_al
             held_back = store.background_core_wait
         finally:
             await store.close()
-    finally:
-        os.sched_setaffinity(0, mine)
-        spinner.kill()
-        await spinner.wait()
     waited = metrics.registry.get_sample_value("spotd_background_core_wait_ratio")
     assert waited is not None and waited > 0.5, f"the threads waited {waited} of their time"
     assert estimate is not None and estimate <= elapsed * (1 - waited) + 0.01, (estimate, elapsed, waited)

@@ -3,7 +3,6 @@ background parts in flight follows the trainers' own wait for a core, read from 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from spotd.store.trainer_yield import (
     trainer_cpu,
     trainer_processes,
 )
-from tests.store.helpers import info
+from tests.store.helpers import busy_core, info
 from tests.util import wait_until
 
 MIB = 1024 * 1024
@@ -293,19 +292,14 @@ async def test_a_periodic_upload_gives_way_to_a_busy_trainer_and_loses_nothing(
     (ckdir / "a").mkdir(parents=True)
     data = os.urandom(20 * MIB)
     (ckdir / "a" / "model.pt").write_bytes(data)
-    core = max(os.sched_getaffinity(0))
-    mine = os.sched_getaffinity(0)
-    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
     metrics = Metrics()
-    try:
-        os.sched_setaffinity(spinner.pid, {core})
-        os.sched_setaffinity(0, {core})  # this thread; the store's threads, started below, inherit it
+    async with busy_core() as trainer_pid:
         store = S3Store(
             uri=s3_bucket.uri(), job_id="job1", endpoint_url=s3_bucket.endpoint_url, part_size=5 * MIB
         )
         store._metrics = metrics  # type: ignore[attr-defined]
         try:
-            store.set_trainers([spinner.pid])
+            store.set_trainers([trainer_pid])
             assert store.yielding is not None
             with structlog.testing.capture_logs() as logs:
                 first = await store.commit(ckdir / "a", checkpoint_dir=ckdir, info=info(1))
@@ -319,10 +313,6 @@ async def test_a_periodic_upload_gives_way_to_a_busy_trainer_and_loses_nothing(
             restored = await store.restore(tmp_path / "restored", name=first.name)
         finally:
             await store.close()
-    finally:
-        os.sched_setaffinity(0, mine)
-        spinner.kill()
-        await spinner.wait()
     assert cuts >= 1 and held > 0
     yielded = metrics.registry.get_sample_value("spotd_background_yielded_ratio")
     assert yielded is not None and yielded > 0.1
