@@ -258,7 +258,9 @@ def test_trainer_cpu_reads_a_trainer_and_its_children_never_this_process() -> No
             assert sorted(procs) == sorted([proc.pid, child])
             got = trainer_cpu(procs)
             assert got is not None and set(got) == {proc.pid, child}
-            assert all(ran > 0 and waited >= 0 for ran, waited in got.values())
+            # The trainer has run an interpreter; its child, just started, may not have been charged yet.
+            assert got[proc.pid][0] > 0
+            assert all(ran >= 0 and waited >= 0 for ran, waited in got.values())
         finally:
             proc.kill()
             proc.wait(10)
