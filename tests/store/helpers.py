@@ -61,7 +61,9 @@ class Backend:
         key = f"{JOB}/checkpoints/{manifest.name}/{path}"
         if self.bucket is not None:
             body = self.bucket.client.get_object(Bucket=self.bucket.name, Key=f"pfx/{key}")["Body"].read()
-            self.bucket.client.put_object(Bucket=self.bucket.name, Key=f"pfx/{key}", Body=b"X" + body[1:])
+            # Its first byte flipped, as on disk below: b"X" + body[1:] left a body starting with X whole.
+            damaged = bytes([body[0] ^ 0xFF]) + body[1:]
+            self.bucket.client.put_object(Bucket=self.bucket.name, Key=f"pfx/{key}", Body=damaged)
         else:
             target = self.root / key
             data = bytearray(target.read_bytes())
