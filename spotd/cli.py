@@ -125,6 +125,10 @@ def render_status(s: dict[str, Any]) -> str:
     for t in trainers:
         rank = "" if t.get("rank") is None else f", rank {t['rank']}/{t.get('world_size')}"
         rows.append(("", f"{t.get('name')} (pid {t.get('pid')}{rank})"))
+    uploads = s.get("uploads")
+    if uploads:
+        for i, line in enumerate(_upload_lines(uploads)):
+            rows.append(("periodic uploads" if i == 0 else "", line))
     req = s.get("request")
     if req:
         state = _request_state(req)
@@ -159,6 +163,53 @@ def render_status(s: dict[str, Any]) -> str:
         rows.append(("last durable", "none yet"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _upload_lines(u: dict[str, Any]) -> list[str]:
+    """The periodic uploads: the rate an emergency upload is estimated at, the last one, and how they give
+    way to the trainers (``store.yield_to_trainer``)."""
+    rate = u.get("rate_bytes_per_second")
+    if rate is None:
+        lines = ["none measured yet (an emergency upload's time is estimated from them)"]
+    else:
+        n = u.get("samples", 0)
+        text = f"{rate / 1e6:.0f} MB/s measured, median of {n} upload{'s' if n != 1 else ''}"
+        if u.get("cap_bytes_per_second"):
+            text += f", capped at {u['cap_bytes_per_second'] / 1e6:.0f} MB/s (store.background_rate)"
+        if u.get("rate_yielded"):
+            text += ", all held back for the trainer (an emergency upload may be faster)"
+        lines = [text]
+    last = u.get("last")
+    if last:
+        mb, seconds = last.get("bytes", 0) / 1e6, last.get("seconds", 0)
+        text = f"last: {mb:.0f} MB in {seconds:.1f} s, {_ago(last.get('time'))}"
+        if (last.get("yielded") or 0) >= 0.01:
+            text += f", held back {last['yielded']:.0%} of its time to give the trainer its cores"
+        if (last.get("core_wait") or 0) >= 0.01:
+            text += f", waited for a core {last['core_wait']:.0%} of it"
+        lines.append(text)
+    y = u.get("yielding")
+    if y:
+        allowed = f"store.yield_to_trainer {y.get('slowdown'):g}"
+        if y.get("unreadable"):
+            lines.append(
+                f"not giving way ({allowed}): the trainers' /proc/<pid>/task/*/schedstat cannot be read; run "
+                'spotd in their PID namespace, or set store.background_rate (e.g. "20MB")'
+            )
+        elif not y.get("trainers"):
+            lines.append(f"give way to the trainers when they connect ({allowed})")
+        else:
+            window, slots = y.get("window", 0), y.get("slots", 0)
+            if window < 1:
+                held = f"one part in flight {window:.0%} of the time"
+            else:
+                held = f"{int(window)} of {slots} parts in flight"
+            pids = ", ".join(str(p) for p in y["trainers"])
+            text = f"giving way to pid {pids}: {held}"
+            if y.get("pressure") is not None:
+                text += f"; the trainer was last slowed {y['pressure']:.1f} x what {allowed} allows"
+            lines.append(text)
+    return lines
 
 
 def _request_state(req: dict[str, Any]) -> str:

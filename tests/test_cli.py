@@ -56,6 +56,47 @@ def test_a_request_shows_whether_its_upload_fits():
     assert "upload" not in unknown.replace("uploading", "")
 
 
+def test_status_shows_the_periodic_uploads_and_how_they_give_way():
+    """The periodic uploads' rate (what an emergency upload is estimated at), the last one and how much of
+    it was held back for the trainer, and the window they are held to now."""
+    uploads = {
+        "rate_bytes_per_second": 57e6,
+        "samples": 5,
+        "rate_yielded": False,
+        "core_wait": 0.02,
+        "cap_bytes_per_second": None,
+        "last": {
+            "bytes": 256e6,
+            "seconds": 26.5,
+            "core_wait": 0.04,
+            "yielded": 0.84,
+            "time": format_time(datetime.now(UTC) - timedelta(minutes=4)),
+        },
+        "yielding": {"trainers": [4242], "slowdown": 0.05, "window": 0.25, "slots": 16, "pressure": 0.8},
+    }
+    text = render_status({**status(), "uploads": uploads})
+    assert "periodic uploads  57 MB/s measured, median of 5 uploads" in text
+    assert (
+        "last: 256 MB in 26.5 s, 4 min ago, held back 84% of its time to give the trainer its cores" in text
+    )
+    assert "waited for a core 4% of it" in text
+    assert "giving way to pid 4242: one part in flight 25% of the time" in text
+    assert "slowed 0.8 x what store.yield_to_trainer 0.05 allows" in text
+    wide = {**uploads["yielding"], "window": 16.0, "pressure": None}
+    assert "16 of 16 parts in flight" in render_status({**status(), "uploads": {**uploads, "yielding": wide}})
+    held = {**uploads, "rate_yielded": True, "cap_bytes_per_second": 20e6}
+    text = render_status({**status(), "uploads": held})
+    assert "capped at 20 MB/s (store.background_rate)" in text
+    assert "all held back for the trainer (an emergency upload may be faster)" in text
+    fresh = {**uploads, "rate_bytes_per_second": None, "samples": 0, "last": None, "yielding": None}
+    text = render_status({**status(), "uploads": fresh})
+    assert "none measured yet" in text and "last:" not in text and "giving way" not in text
+    blind = {**uploads, "yielding": {**uploads["yielding"], "unreadable": True}}
+    text = render_status({**status(), "uploads": blind})
+    assert "not giving way" in text and "store.background_rate" in text
+    assert "periodic uploads" not in render_status(status())  # a daemon from before says nothing of them
+
+
 def test_until_says_ago_for_a_passed_deadline():
     """A deadline already passed reads '20s ago'; hours read as 2h05m."""
     now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

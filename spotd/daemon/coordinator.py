@@ -677,6 +677,8 @@ class Coordinator:
         )
         # Multi-rank steps some local rank has not reported yet (their ranks and nodes commit them as one).
         view["waiting_for_ranks"] = self._parts.pending()
+        # The periodic uploads: the rate the deadline estimate uses, the last one, how they give way.
+        view["uploads"] = self._store.background_view()
         return view
 
     # -- lifecycle -------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from spotd.errors import CommitError, StoreError
-from spotd.events import InterruptionRecord
+from spotd.events import InterruptionRecord, format_time
 from spotd.logs import get_logger
 from spotd.store.api import DirStream, FileStream, Gate, PartResult, PartState, Priority, RestoreResult
 from spotd.store.checksums import choose_checksum, hash_file
@@ -231,6 +231,7 @@ class BaseStore(ABC):
         "_executor",
         "_inflight",
         "_keep",
+        "_last_background",
         "_metrics",
         "_newest",
         "_owns_executor",
@@ -266,6 +267,8 @@ class BaseStore(ABC):
         #: multi-node ones): what unchanged files are copied from, without listing the store again.
         self._newest: dict[tuple[object, ...], Manifest] = {}
         self._throughput = Throughput()
+        #: The last measured periodic upload, as ``spotd status`` shows it (None before one).
+        self._last_background: dict[str, Any] | None = None
         #: Per kind (as ``_newest``): whether the last commit that hashed candidates first copied any. When
         #: it copied none (every same-size file had changed: fixed-size shards of a full fine-tune), an
         #: EMERGENCY commit skips the extra read (~0.35 s/GB from page cache) and uploads straight away;
@@ -435,6 +438,19 @@ class BaseStore(ABC):
         a busy trainer its cores (``store.yield_to_trainer``), which an emergency upload is not: it may be
         faster than the estimate. While some upload was not held back, the rate comes from those alone."""
         return self._throughput.held()
+
+    def background_view(self) -> dict[str, Any]:
+        """What ``spotd status`` says of the periodic uploads: the rate an emergency upload is estimated at
+        (and from how many uploads, whether they were capped, starved or held back), and the last one."""
+        return {
+            "rate_bytes_per_second": self._throughput.bytes_per_second(),
+            "samples": self._throughput.samples,
+            "rate_yielded": self.background_yielded,
+            "core_wait": self.background_core_wait,
+            "cap_bytes_per_second": self.background_rate,
+            "last": None if self._last_background is None else dict(self._last_background),
+            "yielding": None,
+        }
 
     async def hash_local(self, f: LocalFile, priority: Priority) -> tuple[int, str]:
         """(size, checksum) of ``f`` as it is on disk, read for the unchanged-file check
@@ -806,6 +822,13 @@ class BaseStore(ABC):
             self._metrics.background_core_wait.set(core_wait)
             self._metrics.background_yielded.set(yielded)
         held = yielded >= HELD_SHARE
+        self._last_background = {
+            "bytes": sent,
+            "seconds": round(seconds, 3),
+            "core_wait": round(core_wait, 3),
+            "yielded": round(yielded, 3),
+            "time": format_time(datetime.now(UTC)),
+        }
         if self._throughput.record(sent, seconds, core_wait, held=held) and self._metrics is not None:
             rate = self._throughput.bytes_per_second()
             if rate is not None:

@@ -188,6 +188,13 @@ class S3Store(BaseStore):
         if yielding is not None and yielding.trainers(pids):
             self._pool.detach(yielding.refresh)
 
+    def background_view(self) -> dict[str, Any]:
+        view = super().background_view()
+        yielding = self._pool.yielding
+        if yielding is not None:
+            view["yielding"] = yielding.view()
+        return view
+
     @property
     def yielding(self) -> TrainerYield | None:
         """The window periodic transfers are held to while trainers wait for a core (None: no yielding)."""

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from spotd.logs import get_logger
 
@@ -292,6 +292,20 @@ class TrainerYield:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def view(self) -> dict[str, Any]:
+        """For ``spotd status``: whom periodic parts give way to, and the window now (``window``: parts in
+        flight allowed, below 1 the share of the time one part is; ``slots``: every transfer slot)."""
+        with self._cond:
+            return {
+                "trainers": sorted(self._pids),
+                "slowdown": self.slowdown,
+                "window": round(self.level, 3),
+                "slots": self._limit,
+                "pressure": None if self.pressure is None else round(self.pressure, 2),
+                "cuts": self.cuts,
+                "unreadable": self._unreadable,
+            }
 
     @property
     def baseline(self) -> dict[int, float]:

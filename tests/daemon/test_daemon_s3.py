@@ -119,20 +119,36 @@ def test_periodic_uploads_give_way_to_the_trainers_connected(
     imds_sim: Any, spotd_daemon: Any, trainer_procs: Any, s3_bucket: S3Bucket
 ) -> None:
     """The daemon tells its S3 store who the trainers are as they come and go (their pid from SO_PEERCRED),
-    so periodic uploads give way to them (store.yield_to_trainer); gone, nothing is held back."""
+    so periodic uploads give way to them (store.yield_to_trainer); gone, nothing is held back. `spotd
+    status` says whom they give way to, and what the last periodic upload was."""
     d = spotd_daemon(imds_sim.url, store_uri=s3_bucket.uri(), endpoint_url=s3_bucket.endpoint_url)
-    t = trainer_procs(d.socket, "solo", "--steps", "30", "--periodic-every", "20")
+    t = trainer_procs(d.socket, "solo", "--steps", "200", "--step-sleep", "0.05", "--periodic-every", "60")
     wait_until(
         lambda: [e for e in d.logs.events("store.yielding_to") if e["pids"] == [t.proc.pid]],
         timeout_s=20,
         what="the store told the trainer's pid",
     )
+    connected = json.loads(d.cli("status", "--json").stdout)["uploads"]
+    assert connected["yielding"]["trainers"] == [t.proc.pid]
+    assert connected["yielding"]["slowdown"] == 0.05
+    assert f"giving way to pid {t.proc.pid}" in d.cli("status").stdout
+    last = wait_until(
+        lambda: json.loads(d.cli("status", "--json").stdout)["uploads"]["last"],
+        timeout_s=20,
+        interval_s=0.5,
+        what="status to show the first periodic upload",
+    )
+    assert last["bytes"] > 0 and last["seconds"] >= 0 and 0 <= last["yielded"] <= 1
     assert t.proc.wait(30) == 0
     wait_until(
         lambda: d.logs.events("store.yielding_to")[-1]["pids"] == [],
         timeout_s=20,
         what="the store told the trainer is gone",
     )
-    (durable,) = t.events("durable")
-    assert durable["ok"] is True
+    gone = json.loads(d.cli("status", "--json").stdout)["uploads"]
+    assert gone["yielding"]["trainers"] == []
+    text = d.cli("status").stdout
+    assert "periodic uploads" in text and "give way to the trainers when they connect" in text
+    durable = t.events("durable")
+    assert len(durable) == 3 and all(e["ok"] for e in durable)
     assert d.proc.poll() is None

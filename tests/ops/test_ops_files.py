@@ -159,6 +159,28 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
+def test_dashboard_charts_every_metric() -> None:
+    """Every metric spotd exports is on the dashboard (a new one without a panel is a platform person's
+    blind spot), but spotd_info: its labels only say which spotd runs, for the alerts."""
+    dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    families = {f.name for f in Metrics().registry.collect()}
+    missing = {
+        name for name in families - {"spotd_info"} if not re.search(rf"\b{name}(_total|_bucket)?\b", exprs)
+    }
+    assert not missing, f"no dashboard panel queries {sorted(missing)}"
+    boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+    for i, (a, g) in enumerate(boxes):
+        for b, h in boxes[i + 1 :]:
+            apart = (
+                g["x"] + g["w"] <= h["x"]
+                or h["x"] + h["w"] <= g["x"]
+                or g["y"] + g["h"] <= h["y"]
+                or h["y"] + h["h"] <= g["y"]
+            )
+            assert apart, f"panels {a!r} and {b!r} overlap"
+
+
 def test_launch_script_fills_user_data_and_asks_for_spot(tmp_path: Path) -> None:
     """launch-spot.sh passes persistent spot options and user-data with its variables filled in, and refuses an unpinned spotd."""
     bindir = tmp_path / "bin"

@@ -308,6 +308,7 @@ async def test_a_periodic_upload_gives_way_to_a_busy_trainer_and_loses_nothing(
             held = store.yielded_seconds()
             cuts = store.yielding.cuts
             rate_held = store.background_yielded
+            view = store.background_view()
             (ckdir / "b").mkdir()
             (ckdir / "b" / "model.pt").write_bytes(os.urandom(10 * MIB))
             await store.commit(ckdir / "b", checkpoint_dir=ckdir, info=info(2), priority=Priority.EMERGENCY)
@@ -321,5 +322,9 @@ async def test_a_periodic_upload_gives_way_to_a_busy_trainer_and_loses_nothing(
     (line,) = [e for e in logs if e["event"] == "store.committed"]
     assert line["yielded"] == pytest.approx(yielded, abs=0.001)
     assert rate_held is True
+    # What `spotd status` shows: the last periodic upload as the log line says it, and whom it gives way to.
+    assert view["last"]["yielded"] == line["yielded"] and view["last"]["bytes"] == 20 * MIB
+    assert view["rate_yielded"] is True and view["samples"] == 1
+    assert view["yielding"]["trainers"] == [trainer_pid] and view["yielding"]["cuts"] == cuts
     assert restored.files == 1
     assert (tmp_path / "restored" / "a" / "model.pt").read_bytes() == data
