@@ -297,19 +297,41 @@ class DirectoryUpload:
                 continue
             sub = f"{parent}/{event.name}" if parent else event.name
             if event.mask & _ISDIR:
-                if event.mask & _CREATE:
-                    self._watch_subdir(sub)
+                if event.mask & (_CREATE | _MOVED_TO):
+                    self._new_subdir(sub)
                 continue
             if event.mask & _CLOSE_WRITE and in_progress_name(event.name):
                 continue
             if event.mask & (_CLOSE_WRITE | _MOVED_TO):
                 self._closed(sub)
 
-    def _watch_subdir(self, sub: str) -> None:
+    def _watch_subdir(self, sub: str) -> Path | None:
+        """Watch the subdirectory ``sub``; the path it was watched at (None: it is gone)."""
         for root in self._paths:
             with contextlib.suppress(OSError):
                 self._subdirs[self._inotify.add_watch(root / sub, _MASK)] = sub
-                return
+                return root / sub
+        return None
+
+    def _new_subdir(self, sub: str) -> None:
+        """A subdirectory created (or moved) into the directory. Its watch begins only now, when the loop
+        reads the event: on a busy machine the writer may have closed files in it already (DeepSpeed's
+        ``global_stepN/``), or made subdirectories of its own. What it holds now counts as closed, as at
+        :meth:`start`; what is closed from now on the watch reports. A fresh directory holds a few entries:
+        listed here, on the loop, so none is lost to a ``take`` in between."""
+        path = self._watch_subdir(sub)
+        if path is None:
+            return
+        try:
+            subdirs, files = _walk(path)
+        except OSError:
+            return
+        for nested in subdirs:
+            self._watch_subdir(f"{sub}/{nested}")
+        for rel in files:
+            name = f"{sub}/{rel}"
+            if name not in self._files and not in_progress_name(PurePosixPath(rel).name):
+                self._closed(name)
 
     def _closed(self, sub: str) -> None:
         entry = self._files.get(sub)

@@ -230,6 +230,33 @@ async def test_closes_the_event_loop_has_not_read_yet_are_taken_at_saved(
     assert {f.path for f in m.files} == {"run/step-4/a.bin", "run/step-4/b.bin"}
 
 
+async def test_a_new_subdirectory_s_files_closed_before_its_watch_count_as_seen(
+    store: CheckpointStore, ckdir: Path
+) -> None:
+    """A subdirectory's watch begins when the loop reads its creation; on a busy machine the writer has
+    closed files in it by then (DeepSpeed's global_stepN/ inside an HF checkpoint), or moved a whole
+    directory in. Those files count as seen, nested ones too; a temp name does not."""
+    stream = await open_dir(store, ckdir, "hf/checkpoint-5")
+    root = ckdir / "hf/checkpoint-5"
+    # No await in between (blocking on purpose): the loop reads none of these events before take().
+    (root / "global_step5/inner").mkdir(parents=True)
+    (root / "global_step5/model_states.pt").write_bytes(b"m" * 3000)
+    (root / "global_step5/inner/optim_states.pt").write_bytes(b"o" * 3000)
+    (root / "global_step5/.x.tmp-1").write_bytes(b"x")
+    (ckdir / "elsewhere/moved").mkdir(parents=True)
+    (ckdir / "elsewhere/moved/tokenizer.json").write_bytes(b"{}")
+    os.rename(ckdir / "elsewhere/moved", root / "moved")
+    taken = stream.take()
+    assert sorted(f.rel for f in taken) == [
+        "hf/checkpoint-5/global_step5/inner/optim_states.pt",
+        "hf/checkpoint-5/global_step5/model_states.pt",
+        "hf/checkpoint-5/moved/tokenizer.json",
+    ]
+    (root / "global_step5/.x.tmp-1").unlink()
+    m = await store.commit(root, checkpoint_dir=ckdir, info=info(3), streams=taken)
+    assert {f.path for f in m.files} == {f.rel for f in taken}
+
+
 async def test_until_saved_only_a_few_requests_carry_bytes_then_all_of_them(tmp_path: Path) -> None:
     """While the directory is written, at most ``early_files`` requests (parts) of its uploads run at once,
     however many files are closed; once the commit takes it (`saved`), the parts still waiting go at once."""
