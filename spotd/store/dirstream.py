@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
@@ -259,23 +260,33 @@ class DirectoryUpload:
         Raises OSError when neither path is a directory."""
         assert inotify_simple is not None
         self._inotify = inotify_simple.INotify(nonblocking=True)
+        top = None
         try:
-            top = None
             for path in self._paths:  # the temp name first: it may have been renamed into place meanwhile
                 try:
-                    self._subdirs[self._inotify.add_watch(path, _MASK | _ONLYDIR)] = ""
+                    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
-                top = path
+                # Watched and listed through the open directory, not its name: the writer may rename it
+                # into place at any moment, and the listing (a thread, later) must still see its files.
+                try:
+                    wd = self._inotify.add_watch(f"/proc/self/fd/{top}", _MASK | _ONLYDIR)
+                except OSError:  # no /proc: by its name
+                    wd = self._inotify.add_watch(path, _MASK | _ONLYDIR)
+                self._subdirs[wd] = ""
                 break
             if top is None:
                 raise FileNotFoundError(f"none of {[str(p) for p in self._paths]} is a directory")
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._inotify.fileno(), self._read)
-            subdirs, files = await asyncio.to_thread(_walk, top)
+            listing, top = top, None  # the thread closes it, even if this is cancelled meanwhile
+            subdirs, files = await asyncio.to_thread(_walk_closing, listing)
         except BaseException:
             self._stop_watching()
             raise
+        finally:
+            if top is not None:
+                os.close(top)
         for sub in subdirs:
             self._watch_subdir(sub)
         for sub in files:
@@ -427,12 +438,26 @@ class DirectoryUpload:
             self._on_close()
 
 
-def _walk(top: Path) -> tuple[list[str], list[str]]:
-    """The subdirectories and regular files under ``top``, as posix paths relative to it. Blocking."""
+def _walk_closing(fd: int) -> tuple[list[str], list[str]]:
+    """:func:`_walk` of the open directory ``fd``, which it closes. Blocking."""
+    try:
+        return _walk(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk(top: Path | int) -> tuple[list[str], list[str]]:
+    """The subdirectories and regular files under ``top`` (a path, or an open directory's descriptor: what
+    it holds even after a rename), as posix paths relative to it. Blocking."""
     subdirs: list[str] = []
     files: list[str] = []
-    for root, dirnames, filenames in os.walk(top):
-        rel = Path(root).relative_to(top)
+    start = "." if isinstance(top, int) else top
+    walk = os.fwalk(".", dir_fd=top) if isinstance(top, int) else os.fwalk(top)
+    for root, dirnames, filenames, dirfd in walk:
+        rel = PurePosixPath(os.path.relpath(root, start))
         subdirs += [(rel / d).as_posix() for d in dirnames]
-        files += [(rel / f).as_posix() for f in filenames if (Path(root) / f).is_file()]
+        for f in filenames:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if stat.S_ISREG(os.stat(f, dir_fd=dirfd).st_mode):
+                    files.append((rel / f).as_posix())
     return subdirs, files

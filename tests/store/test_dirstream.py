@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spotd.errors import StoreError
-from spotd.store import CheckpointStore, DirStream, Priority
+from spotd.store import CheckpointStore, DirStream, Priority, dirstream
 from spotd.store.api import Gate
 from spotd.store.localfs import LocalFile
 from spotd.store.s3 import S3Store
@@ -255,6 +255,35 @@ async def test_a_new_subdirectory_s_files_closed_before_its_watch_count_as_seen(
     (root / "global_step5/.x.tmp-1").unlink()
     m = await store.commit(root, checkpoint_dir=ckdir, info=info(3), streams=taken)
     assert {f.path for f in m.files} == {f.rel for f in taken}
+
+
+async def test_a_directory_renamed_into_place_while_it_is_listed_keeps_its_files(
+    store: CheckpointStore, ckdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer may rename its temp directory into place (Accelerate's .tmp-step-N/ -> step-N/) after
+    spotd watched it and before its listing ran (a thread: on a busy machine, much later): the files it
+    held when watched are still found, through the open directory rather than its old name."""
+    temp, final = ckdir / "run/.tmp-step-6", ckdir / "run/step-6"
+    await write(temp / "model.safetensors", b"m" * 3000)
+    await write(temp / "optimizer.bin", b"o" * 3000)
+    real = dirstream._walk
+
+    def renamed_first(top: Path | int) -> tuple[list[str], list[str]]:
+        if temp.exists():
+            os.rename(temp, final)
+        return real(top)
+
+    monkeypatch.setattr(dirstream, "_walk", renamed_first)
+    stream = await store.open_dir_stream(
+        watch=[temp, final], rel="run/step-6", trainer="train", step=3, rank=None
+    )
+    assert stream is not None and final.is_dir() and not temp.exists()
+    await write(final / "spotd-node-0.json", b"{}")  # closed after the watch began: reported by it
+    taken = stream.take()
+    want = ["run/step-6/model.safetensors", "run/step-6/optimizer.bin", "run/step-6/spotd-node-0.json"]
+    assert sorted(f.rel for f in taken) == want
+    m = await store.commit(final, checkpoint_dir=ckdir, info=info(3), streams=taken)
+    assert sorted(f.path for f in m.files) == want
 
 
 async def test_until_saved_only_a_few_requests_carry_bytes_then_all_of_them(tmp_path: Path) -> None:
