@@ -76,6 +76,10 @@ COPY_PART: Final = 1024**3
 _STREAM_CHUNK: Final = 256 * 1024
 #: Smallest ranged GET on restore.
 _MIN_RANGE: Final = 64 * 1024 * 1024
+#: A download has the kernel start writing what it received to disk every this many bytes (see
+#: :func:`_drain`): 16 ranges of 64 MiB in parallel each end near the end of the whole download, so a
+#: write-back started per range left the disk idle until then.
+_WRITEBACK_STEP: Final = 8 * 1024 * 1024
 #: Largest file sent whole, in one PutObject, when a commit has files enough to keep every transfer slot busy
 #: (``upload(..., whole_max=)``): the parallelism is across its files then, and each multipart upload is two
 #: more requests (and, on S3-compatible servers, a concatenation of its parts).
@@ -502,7 +506,6 @@ class FileTransfers:
             try:
                 got, crc = _drain(resp, fd, 0, algo if hash_here else None, stop)
                 _check_size(what, resp.get("ContentLength"), size, got, size)
-                start_writeback(fd, 0, got)
             finally:
                 os.close(fd)
             return crc
@@ -519,7 +522,6 @@ class FileTransfers:
                     _check_size(what, total, size, 0, part.length)
                 got, crc = _drain(resp, fd, part.offset, algo if hash_here else None, stop)
                 _check_size(what, total, size, got, part.length)
-                start_writeback(fd, part.offset, got)
                 return crc
 
             crc = await self._get(f"{what} (part {part.number}/{len(parts)})", get, stop)
@@ -576,10 +578,16 @@ def _drain(
 ) -> tuple[int, int | None]:
     """Write a GetObject answer's body to ``fd`` at ``offset`` and CRC it (``algo``, None: no CRC) in
     :data:`_STREAM_CHUNK` pieces; returns (bytes written, CRC). Each piece is received, hashed and written
-    while it is in the CPU cache: a body read whole is copied through main memory three times."""
+    while it is in the CPU cache: a body read whole is copied through main memory three times. Every
+    :data:`_WRITEBACK_STEP` bytes, and at the end, the kernel is asked to start writing them to disk
+    (:func:`~spotd.store.localfs.start_writeback`): the disk works while the network does, and the
+    restore's fsync finds less left. Where the disk is slower than the network it is the time either way
+    (this VM: 1 GiB from s3rver in 4.3 s instead of 4.6, medians of 5; 2.9 s instead of 3.9 in a run
+    where the disk kept up)."""
     body = resp["Body"]
     crc = 0
     got = 0
+    flushed = 0  # bytes of this body whose write-back has been started
     try:
         while True:
             try:
@@ -594,8 +602,13 @@ def _drain(
                 crc = crc_update(algo, chunk, crc)
             _pwrite_all(fd, chunk, offset + got)
             got += len(chunk)
+            if got - flushed >= _WRITEBACK_STEP:
+                start_writeback(fd, offset + flushed, got - flushed)
+                flushed = got
     finally:
         body.close()
+    if got > flushed:
+        start_writeback(fd, offset + flushed, got - flushed)
     return got, (crc if algo is not None else None)
 
 

@@ -310,3 +310,45 @@ async def test_files_enough_to_fill_every_slot_go_whole_and_a_few_go_in_parts(
     assert sum("/s1/shard" in p for p in whole) == 4 and not any("/s1/" in p for p in parts)
     assert sum("/s2/shard" in p for p in parts) == 4 and not any("/s2/shard" in p for p in whole)
     assert sorted(p.name for p in (restored / "s2").iterdir()) == ["shard0.bin", "shard1.bin"]
+
+
+async def test_a_restore_starts_writing_to_disk_while_each_body_arrives(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel is asked to write a download to disk every few MiB of each body, not once per ranged GET
+    (16 ranges in parallel all end near the end, leaving the disk idle until then): every byte's
+    write-back is started once, within each range as it arrives, for whole-object and ranged GETs alike."""
+    from spotd.store import s3_transfer
+
+    started: list[tuple[int, int, int]] = []
+    real = s3_transfer.start_writeback
+
+    def record(fd: int, offset: int, length: int) -> None:
+        started.append((os.fstat(fd).st_size, offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(s3_transfer, "start_writeback", record)
+    monkeypatch.setattr(s3_transfer, "_WRITEBACK_STEP", 2 * MIB)
+    monkeypatch.setattr(s3_transfer, "_MIN_RANGE", 8 * MIB)  # the 20 MiB file in ranges of 8, 8 and 4 MiB
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.pt").write_bytes(os.urandom(20 * MIB))
+    (src / "small.pt").write_bytes(os.urandom(5 * MIB + 123))  # one GET
+    store = make(s3_bucket)
+    try:
+        await store.commit(src, checkpoint_dir=src, info=info())
+        await store.restore(tmp_path / "r")
+    finally:
+        await store.close()
+    for name in ("big.pt", "small.pt"):
+        assert (tmp_path / "r" / name).read_bytes() == (src / name).read_bytes()
+        size = (src / name).stat().st_size
+        spans = sorted((offset, length) for file_size, offset, length in started if file_size == size)
+        covered = 0
+        for offset, length in spans:  # contiguous, no byte twice, none left out
+            assert offset == covered and length > 0, spans
+            covered += length
+        assert covered == size
+        assert max(length for _, length in spans) <= 2 * MIB + 256 * 1024  # a step and at most one piece
+    big = [s for s in started if s[0] == 20 * MIB]
+    assert len(big) >= 10  # within each of the three ranges, not once per range
