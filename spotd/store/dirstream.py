@@ -280,7 +280,7 @@ class DirectoryUpload:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._inotify.fileno(), self._read)
             listing, top = top, None  # the thread closes it, even if this is cancelled meanwhile
-            subdirs, files = await asyncio.to_thread(_walk_closing, listing)
+            subdirs, files = await asyncio.to_thread(_list_closing, listing)
         except BaseException:
             self._stop_watching()
             raise
@@ -334,7 +334,7 @@ class DirectoryUpload:
         if path is None:
             return
         try:
-            subdirs, files = _walk(path)
+            subdirs, files = _list_closing(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         except OSError:
             return
         for nested in subdirs:
@@ -438,26 +438,19 @@ class DirectoryUpload:
             self._on_close()
 
 
-def _walk_closing(fd: int) -> tuple[list[str], list[str]]:
-    """:func:`_walk` of the open directory ``fd``, which it closes. Blocking."""
-    try:
-        return _walk(fd)
-    finally:
-        os.close(fd)
-
-
-def _walk(top: Path | int) -> tuple[list[str], list[str]]:
-    """The subdirectories and regular files under ``top`` (a path, or an open directory's descriptor: what
-    it holds even after a rename), as posix paths relative to it. Blocking."""
+def _list_closing(fd: int) -> tuple[list[str], list[str]]:
+    """The subdirectories and regular files under the open directory ``fd`` (what it holds even after a
+    rename), as posix paths relative to it; closes ``fd``. Blocking."""
     subdirs: list[str] = []
     files: list[str] = []
-    start = "." if isinstance(top, int) else top
-    walk = os.fwalk(".", dir_fd=top) if isinstance(top, int) else os.fwalk(top)
-    for root, dirnames, filenames, dirfd in walk:
-        rel = PurePosixPath(os.path.relpath(root, start))
-        subdirs += [(rel / d).as_posix() for d in dirnames]
-        for f in filenames:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                if stat.S_ISREG(os.stat(f, dir_fd=dirfd).st_mode):
-                    files.append((rel / f).as_posix())
+    try:
+        for root, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=fd):
+            rel = PurePosixPath(root)
+            subdirs += [(rel / d).as_posix() for d in dirnames]
+            for f in filenames:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    if stat.S_ISREG(os.stat(f, dir_fd=dirfd).st_mode):
+                        files.append((rel / f).as_posix())
+    finally:
+        os.close(fd)
     return subdirs, files

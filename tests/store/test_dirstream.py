@@ -266,14 +266,14 @@ async def test_a_directory_renamed_into_place_while_it_is_listed_keeps_its_files
     temp, final = ckdir / "run/.tmp-step-6", ckdir / "run/step-6"
     await write(temp / "model.safetensors", b"m" * 3000)
     await write(temp / "optimizer.bin", b"o" * 3000)
-    real = dirstream._walk
+    real = dirstream._list_closing
 
-    def renamed_first(top: Path | int) -> tuple[list[str], list[str]]:
+    def renamed_first(fd: int) -> tuple[list[str], list[str]]:
         if temp.exists():
             os.rename(temp, final)
-        return real(top)
+        return real(fd)
 
-    monkeypatch.setattr(dirstream, "_walk", renamed_first)
+    monkeypatch.setattr(dirstream, "_list_closing", renamed_first)
     stream = await store.open_dir_stream(
         watch=[temp, final], rel="run/step-6", trainer="train", step=3, rank=None
     )
